@@ -1,0 +1,1169 @@
+"""Parameter Golf: train a small GPT in 10 minutes, quantize it to int6 + zstd, score it in bits per byte.
+
+Run with `torchrun --standalone --nproc_per_node=8 train_gpt.py` (or plain `python train_gpt.py`); every knob is an
+environment variable named after a Hyperparameters field (see README.md). CUDA gets bf16 autocast, torch.compile and
+NCCL; CPU gets float32, no compile and gloo. Phases: config -> distributed -> data -> model -> optimizers -> training
+(with QAT and weight averaging) -> int6 artifact -> round-trip evaluation -> report (log, summary JSON, submission).
+"""
+from __future__ import annotations
+
+import contextlib, copy, dataclasses, difflib, glob, hashlib, io, json, math, os, platform, sys, time, uuid, zlib
+from dataclasses import dataclass
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import zstandard
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+ARTIFACT_CAP_BYTES = 16_000_000  # decimal: code bytes + compressed model bytes
+BOS_ID = 1  # every document starts with BOS (upstream export rule)
+
+
+class UserError(ValueError):
+    """A mistake in the run's inputs: main() prints it as one line naming the problem and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class Hyperparameters:
+    # Field defaults are the upstream baseline's; PRESETS below hold the named stacks. Env var = field name uppercased.
+    preset: str = "default"
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    run_id: str = ""
+    seed: int = 1337
+    log_dir: str = "logs"
+    submission_json: str = "submission.json"
+    data_label: str = ""  # what the data is, for the summary and submission (default: DATA_PATH's folder name)
+    author: str = ""
+    github_id: str = ""
+    name: str = ""
+    # validation and logging
+    val_batch_size: int = 524288
+    val_loss_every: int = 1000
+    train_log_every: int = 200
+    val_max_tokens: int = 0  # 0 = the whole validation set; >0 truncates it (smoke runs only; the log says so)
+    eval_seq_len: int = 0  # 0 = TRAIN_SEQ_LEN
+    eval_stride: int = 64  # sliding-window stride of the final eval; 0 = non-overlapping windows
+    eval_batch_seqs: int = 64
+    # schedule and batch
+    iterations: int = 20000
+    warmdown_iters: int = 1200
+    warmdown_frac: float = 0.0  # >0: warm down over this fraction of the run (wall clock or iterations), not iters
+    warmup_steps: int = 20  # compile-priming steps; their effect on weights, optimizers and data is undone
+    lr_warmup_steps: int = 0
+    train_batch_tokens: int = 524288
+    train_seq_len: int = 1024
+    max_wallclock_seconds: float = 600.0
+    grad_accum_steps: int = 0  # 0 = 8 // WORLD_SIZE, so the global batch is the same on 1 or 8 ranks
+    compile: int = -1  # -1 = on for CUDA, off for CPU
+    # model
+    vocab_size: int = 1024
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 2.0
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    tied_embed_init_std: float = 0.005
+    smear_gate: bool = False
+    bigram_buckets: int = 0  # 0 = no BigramHash
+    bigram_dim: int = 128
+    ortho_init: bool = False
+    mtp_heads: int = 0
+    mtp_weight: float = 0.0
+    # optimizers
+    embed_lr: float = 0.6
+    head_lr: float = 0.008
+    tied_embed_lr: float = 0.05
+    matrix_lr: float = 0.04
+    scalar_lr: float = 0.04
+    muon_momentum: float = 0.95
+    muon_backend_steps: int = 5
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_wd: float = 0.0
+    normuon: bool = False
+    normuon_beta2: float = 0.95
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    adam_wd: float = 0.0
+    grad_clip_norm: float = 0.0
+    # quantization-aware training and weight averaging
+    qat: bool = False
+    qat_start_frac: float = 0.0
+    swa: bool = False
+    swa_every: int = 50
+    swa_frac: float = 0.0  # 0 = collect during the warmdown; >0 = during the last SWA_FRAC of training
+    ema_decay: float = 0.0
+    # export
+    quant_attn_bits: int = 6
+    quant_mlp_bits: int = 6
+    quant_other_bits: int = 8
+    quant_group_size: int = 0  # 0 = one scale per row; >0 = one scale per group of this many columns
+    quant_clip_search: bool = True
+    fp16_keep_patterns: str = "tok_emb"
+    control_tensor_patterns: str = "attn_scale,mlp_scale,resid_mix,q_gain,skip_weight,smear"
+    compressor: str = "zstd"
+    compress_level: int = 22
+
+    @classmethod
+    def from_env(cls, env=None) -> "Hyperparameters":
+        env = dict(os.environ if env is None else env)
+        known = {f.name.upper(): f for f in dataclasses.fields(cls)}
+        reject_unknown_env(env, known)
+        preset = env.get("PRESET", "default")
+        if preset not in PRESETS:
+            raise UserError(f"PRESET={preset!r} is unknown; use one of {', '.join(PRESETS)}")
+        values = dict(PRESETS[preset], preset=preset)
+        for key, f in known.items():
+            if key in env:
+                values[f.name] = parse_env_value(key, env[key], type(f.default))
+        args = cls(**values)
+        args.validate()
+        return args
+
+    def validate(self):
+        def need(ok, var, why):
+            if not ok:
+                raise UserError(f"{var}={getattr(self, var.lower())!r}: {why}")
+        need(self.model_dim % self.num_heads == 0, "NUM_HEADS", "must divide MODEL_DIM")
+        need(self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS", "must divide NUM_HEADS")
+        need((self.model_dim // self.num_heads) % 2 == 0, "MODEL_DIM", "head dim (MODEL_DIM/NUM_HEADS) must be even")
+        need(self.num_layers >= 1, "NUM_LAYERS", "must be >= 1")
+        need(not (self.swa and self.ema_decay > 0), "EMA_DECAY", "use SWA or EMA, not both (set SWA=0 or EMA_DECAY=0)")
+        need(0 <= self.ema_decay < 1, "EMA_DECAY", "must be in [0, 1)")
+        need(self.compressor in ("zstd", "zlib"), "COMPRESSOR", "must be zstd or zlib")
+        for var in ("QUANT_ATTN_BITS", "QUANT_MLP_BITS", "QUANT_OTHER_BITS"):
+            need(2 <= getattr(self, var.lower()) <= 8, var, "must be between 2 and 8")
+        need(self.iterations > 0, "ITERATIONS", "must be > 0")
+        need(self.train_seq_len > 0 and self.train_batch_tokens > 0, "TRAIN_SEQ_LEN", "and TRAIN_BATCH_TOKENS must be > 0")
+        need(self.bigram_buckets == 0 or self.bigram_buckets >= 2, "BIGRAM_BUCKETS", "must be 0 (off) or >= 2")
+        need(self.eval_stride >= 0 and self.eval_batch_seqs > 0, "EVAL_STRIDE", "must be >= 0 (EVAL_BATCH_SEQS > 0)")
+
+
+# Named stacks. Explicit env vars always win; fields not named keep the upstream baseline defaults above.
+SEED162 = dict(  # records/.../2026-03-20_Int6_MLP3x_SmearGate_BigramHash_MuonWD_SWA (PR #162)
+    mlp_mult=3.0, train_seq_len=2048, train_batch_tokens=786432, warmdown_iters=3000,
+    matrix_lr=0.02, scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.99, muon_momentum_warmup_start=0.92,
+    muon_momentum_warmup_steps=1500, muon_wd=0.04, adam_wd=0.01, grad_clip_norm=0.3, smear_gate=True,
+    bigram_buckets=4096, bigram_dim=128, ortho_init=True, swa=True, swa_every=50, swa_frac=0.2, eval_batch_seqs=32,
+    fp16_keep_patterns="tok_emb,blocks.8.attn.c_k")
+PRESETS = {
+    # upstream NaiveBaseline: 9x512, MLP 2x, int8 + zlib export, no sliding window
+    "baseline": dict(eval_stride=0, quant_attn_bits=8, quant_mlp_bits=8, quant_clip_search=False,
+                     fp16_keep_patterns="", compressor="zlib", compress_level=9),
+    "seed162": SEED162,
+    # our stack: 11 layers (the 1.1233 record's depth) on #162's techniques, EMA instead of SWA, late int6 QAT
+    "default": dict(SEED162, num_layers=11, bigram_buckets=2048, matrix_lr=0.025, scalar_lr=0.025,
+                    tied_embed_lr=0.035, adam_wd=0.04, warmdown_frac=0.5, swa=False, ema_decay=0.997, qat=True,
+                    qat_start_frac=0.8, eval_batch_seqs=64, fp16_keep_patterns="tok_emb"),
+}
+
+# Families of our variables: an unknown name in one of them is a typo, not someone else's variable.
+ENV_FAMILIES = ("NUM_", "MODEL_", "MLP_", "TRAIN_", "VAL_", "EVAL_", "MUON_", "NORMUON", "ADAM_", "QAT", "SWA",
+                "EMA_", "BIGRAM_", "SMEAR", "MTP_", "QUANT_", "WARMDOWN", "WARMUP", "LR_WARMUP", "TIED_", "EMBED_",
+                "MATRIX_", "SCALAR_", "ROPE_", "QK_", "LOGIT_", "VOCAB_", "GRAD_", "ORTHO", "ITERATION", "COMPRESS")
+
+
+def reject_unknown_env(env, known):
+    for key in env:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.85)
+        if close or key.startswith(ENV_FAMILIES):
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"unknown environment variable {key}{hint}; fix its name or unset it")
+
+
+def parse_env_value(key, text, kind):
+    try:
+        if kind is bool:
+            low = text.strip().lower()
+            if low not in ("0", "1", "true", "false"):
+                raise ValueError
+            return low in ("1", "true")
+        return kind(text)
+    except ValueError:
+        raise UserError(f"{key}={text!r} is not a valid {kind.__name__}; fix its value or unset it") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Distributed setup
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def setup_runtime() -> Runtime:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if 8 % world:
+        raise UserError(f"WORLD_SIZE={world}: must divide 8 so the global batch splits evenly")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(rank, world, device)
+
+
+class Logger:
+    """Prints on rank 0 and appends to the run's log file."""
+
+    def __init__(self, path, enabled):
+        self.path, self.enabled = path, enabled
+
+    def __call__(self, msg):
+        if self.enabled:
+            print(msg, flush=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: upstream shards (256 x int32 header: magic, version, token count; then uint16 tokens)
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES = 20240520, 1, 1024
+
+
+def load_shard(path, vocab_size) -> np.ndarray:
+    size = os.path.getsize(path)
+    header = np.fromfile(path, dtype="<i4", count=HEADER_BYTES // 4)
+    if header.size < HEADER_BYTES // 4 or header[0] != SHARD_MAGIC:
+        raise UserError(f"{path}: not a token shard (bad magic); regenerate it (data/make_sample.py or the upstream export)")
+    if header[1] != SHARD_VERSION:
+        raise UserError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}; regenerate it")
+    n = int(header[2])
+    if size != HEADER_BYTES + 2 * n:
+        raise UserError(f"{path}: {size} bytes but the header promises {n} tokens ({HEADER_BYTES + 2 * n} bytes); "
+                        "the shard is truncated or corrupt, regenerate it")
+    tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES)
+    if n and int(tokens.max()) >= vocab_size:
+        raise UserError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; "
+                        "the shards were made with another tokenizer, or VOCAB_SIZE is wrong")
+    return tokens
+
+
+def shard_files(data_path, split) -> list[str]:
+    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise UserError(f"no {split} shards match {pattern}; set DATA_PATH to a folder of shards "
+                        "(python data/make_sample.py builds an offline sample)")
+    return files
+
+
+class TokenStream:
+    """Shards in sorted order, back to back, wrapping around (upstream order, no shuffling)."""
+
+    def __init__(self, files, vocab_size):
+        self.files, self.vocab_size = files, vocab_size
+        self.file_idx, self.pos = 0, 0
+        self.tokens = load_shard(files[0], vocab_size)
+
+    def take(self, n) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos == len(self.tokens):
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.tokens, self.pos = load_shard(self.files[self.file_idx], self.vocab_size), 0
+            k = min(n, len(self.tokens) - self.pos)
+            parts.append(self.tokens[self.pos:self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return np.concatenate(parts)
+
+
+class TrainLoader:
+    """Each step reads one global span of world*accum micro-batches; micro-batch m*world + rank is this rank's m-th.
+    The union over ranks is the same for any world size, so 1 rank x 8 accum steps == 8 ranks x 1."""
+
+    def __init__(self, args, rt, accum):
+        micro = rt.world_size * accum
+        if args.train_batch_tokens % (micro * args.train_seq_len):
+            raise UserError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be a multiple of "
+                            f"WORLD_SIZE*accum*TRAIN_SEQ_LEN = {micro * args.train_seq_len}")
+        self.files, self.vocab_size = shard_files(args.data_path, "train"), args.vocab_size
+        self.reset()
+        self.rt, self.accum, self.micro, self.seq_len = rt, accum, micro, args.train_seq_len
+        self.local = args.train_batch_tokens // micro
+
+    def reset(self):
+        self.stream = TokenStream(self.files, self.vocab_size)
+
+    def next_batch(self) -> list[tuple[Tensor, Tensor]]:
+        span = torch.from_numpy(self.stream.take(self.micro * (self.local + 1)).astype(np.int64))
+        rows = span.view(self.micro, self.local + 1)
+        out = []
+        for m in range(self.accum):
+            row = rows[m * self.rt.world_size + self.rt.rank]
+            x, y = row[:-1].view(-1, self.seq_len), row[1:].view(-1, self.seq_len)
+            out.append((x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)))
+        return out
+
+
+def load_val_tokens(args) -> Tensor:
+    tokens = np.concatenate([load_shard(f, args.vocab_size) for f in shard_files(args.data_path, "val")])
+    if args.val_max_tokens:
+        tokens = tokens[:args.val_max_tokens + 1]
+    if len(tokens) < 2:
+        raise UserError(f"validation set under {args.data_path} holds {len(tokens)} tokens; need at least 2")
+    return torch.from_numpy(tokens.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bits per byte: bytes of each scored target, from the tokenizer's pieces (upstream build_sentencepiece_luts rule)
+
+def load_tokenizer(args):
+    if not os.path.isfile(args.tokenizer_path):
+        raise UserError(f"tokenizer {args.tokenizer_path} not found; set TOKENIZER_PATH to the SentencePiece .model")
+    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
+    if sp.vocab_size() != args.vocab_size:
+        raise UserError(f"tokenizer {args.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE="
+                        f"{args.vocab_size}; set VOCAB_SIZE={sp.vocab_size()} or use the matching tokenizer")
+    return sp
+
+
+def build_byte_luts(sp, vocab_size) -> tuple[Tensor, Tensor, Tensor]:
+    """(base_bytes, has_leading_space, is_boundary) per id. Control/unknown/unused ids count 0 bytes and are
+    boundaries; byte-fallback pieces count 1; a leading U+2581 is one space byte, counted only when the previous
+    token is not a boundary (so the first piece of a document gets no space)."""
+    n = max(sp.vocab_size(), vocab_size)
+    base = np.zeros(n, np.int64)
+    space = np.zeros(n, bool)
+    boundary = np.ones(n, bool)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary)
+
+
+def target_bytes(x: Tensor, y: Tensor, luts) -> Tensor:
+    base, space, boundary = luts
+    return base[y] + (space[y] & ~boundary[x]).long()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+
+def quantize_tensor(w: Tensor, bits: int, group: int = 0, clip_search: bool = False) -> tuple[Tensor, Tensor]:
+    """Symmetric quantization of a 2-D tensor to integers in [-qmax, qmax], one fp16 scale per row (or per group of
+    `group` columns). clip_search tries clipping each row at a few fractions of its max and keeps the lowest MSE."""
+    qmax = 2 ** (bits - 1) - 1
+    rows = w.float().reshape(-1, group) if group else w.float().reshape(w.shape[0], -1)
+    amax = rows.abs().amax(dim=1, keepdim=True)
+    best_q = best_s = best_err = None
+    for frac in ((1.0, 0.97, 0.94, 0.9, 0.85, 0.8) if clip_search else (1.0,)):
+        scale = (amax * frac / qmax).clamp_min(1e-6).half().float()  # the fp16 scale is what gets stored
+        q = (rows / scale).round().clamp(-qmax, qmax)
+        if best_q is None:
+            best_q, best_s = q, scale
+            if clip_search:
+                best_err = (q * scale - rows).square().sum(1, keepdim=True)
+            continue
+        err = (q * scale - rows).square().sum(1, keepdim=True)
+        better = err < best_err
+        best_q, best_s, best_err = torch.where(better, q, best_q), torch.where(better, scale, best_s), torch.minimum(err, best_err)
+    return best_q.to(torch.int8).reshape(w.shape), best_s.half()
+
+
+def dequantize_tensor(q: Tensor, scale: Tensor, group: int = 0) -> Tensor:
+    rows = q.float().reshape(-1, group) if group else q.float().reshape(q.shape[0], -1)
+    return (rows * scale.float()).reshape(q.shape)
+
+
+class CastedLinear(nn.Linear):
+    """Bias-free linear with an fp32 master weight. With qat=True the forward uses the weight's fake quantization
+    at its export width (qat_bits, set by GPT from export_bits; 0 = exported as fp16, left alone) and passes
+    gradients straight through (STE). qat is a forward argument, not a flag flipped later, so torch.compile guards
+    on it and keeps one graph per value instead of folding the branch away."""
+
+    def __init__(self, fan_in, fan_out, zero_init=False):
+        super().__init__(fan_in, fan_out, bias=False)
+        self.qat_bits, self.qat_group, self.zero_init = 0, 0, zero_init
+
+    def forward(self, x, qat=False):
+        w = self.weight
+        if qat and self.qat_bits:
+            q, s = quantize_tensor(w.detach(), self.qat_bits, self.qat_group)
+            w = w + (dequantize_tensor(q, s, self.qat_group) - w).detach()
+        return F.linear(x, w.to(x.dtype))
+
+
+def rotary(x: Tensor, base: float) -> Tensor:
+    """RoPE on the last dim of x [B, H, T, D] (half-split layout)."""
+    T, D = x.size(-2), x.size(-1)
+    inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+    angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        dim, self.heads, self.kv_heads = args.model_dim, args.num_heads, args.num_kv_heads
+        self.head_dim, self.rope_base = dim // self.heads, args.rope_base
+        self.c_q = CastedLinear(dim, dim)
+        self.c_k = CastedLinear(dim, self.kv_heads * self.head_dim)
+        self.c_v = CastedLinear(dim, self.kv_heads * self.head_dim)
+        self.proj = CastedLinear(dim, dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((self.heads,), args.qk_gain_init))
+
+    def forward(self, x, qat):
+        B, T, C = x.shape
+        q = self.c_q(x, qat).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.c_k(x, qat).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x, qat).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = rotary(F.rms_norm(q, (self.head_dim,)), self.rope_base) * self.q_gain.to(q.dtype)[None, :, None, None]
+        k = rotary(F.rms_norm(k, (self.head_dim,)), self.rope_base)
+        y = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, is_causal=True,
+                                           enable_gqa=self.kv_heads != self.heads)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C), qat)
+
+
+class MLP(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        hidden = int(args.mlp_mult * args.model_dim)
+        self.fc = CastedLinear(args.model_dim, hidden)
+        self.proj = CastedLinear(hidden, args.model_dim, zero_init=True)
+
+    def forward(self, x, qat):
+        return self.proj(F.relu(self.fc(x, qat)).square(), qat)
+
+
+class Block(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        dim = args.model_dim
+        self.attn, self.mlp = Attention(args), MLP(args)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # mixes in the embedding x0
+
+    def forward(self, x, x0, qat):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)), qat)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)), qat)
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1-g) x_t + g x_{t-1} with a learned per-dim gate g = sigmoid(w), w = 0 at init (PR #162). Where token t
+    is BOS the previous position is dropped, so no document sees the one before it (the SOTA's BOS fix)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x, tokens):
+        g = torch.sigmoid(self.gate).to(x.dtype)
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * (tokens != BOS_ID).unsqueeze(-1).to(x.dtype)
+        return (1 - g) * x + g * prev
+
+
+class BigramHash(nn.Module):
+    """Embeds a hash of (previous input token, current input token) into `buckets` rows, projected to the model width
+    by a zero-initialised matrix (PR #162's hash). Position 0 and BOS positions get the reserved last bucket, so
+    the key never spans a row start or a document boundary; targets are never part of the key."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.buckets = args.bigram_buckets
+        self.embed = nn.Embedding(args.bigram_buckets, args.bigram_dim)
+        self.proj = CastedLinear(args.bigram_dim, args.model_dim, zero_init=True)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def bucket_ids(self, tokens: Tensor) -> Tensor:
+        cur = tokens.long()
+        prev = F.pad(cur[:, :-1], (1, 0))
+        h = torch.bitwise_xor(36313 * cur, 27191 * prev) % (self.buckets - 1)
+        no_prev = cur == BOS_ID
+        no_prev[:, 0] = True
+        return torch.where(no_prev, self.buckets - 1, h)
+
+    def forward(self, tokens, qat):
+        return self.proj(self.embed(self.bucket_ids(tokens)), qat)
+
+
+class GPT(nn.Module):
+    """U-Net GPT (upstream baseline): the first half of the blocks push skips that the second half pops, scaled by
+    learned skip weights. Tied embedding, logits soft-capped by c*tanh(z/c)."""
+
+    def __init__(self, args):
+        super().__init__()
+        dim, self.args = args.model_dim, args
+        self.tok_emb = nn.Embedding(args.vocab_size, dim)
+        self.bigram = BigramHash(args) if args.bigram_buckets else None
+        self.smear = SmearGate(dim) if args.smear_gate else None
+        self.num_encoder = args.num_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, args.num_layers - self.num_encoder), dim))
+        self.blocks = nn.ModuleList(Block(args) for _ in range(args.num_layers))
+        self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, zero_init=True)
+        # multi-token prediction: head k predicts the token k+1 ahead; training only, never exported
+        self.mtp_heads = nn.ModuleList(CastedLinear(dim, dim, zero_init=True) for _ in range(args.mtp_heads))
+        for name, m in self.named_modules():
+            if isinstance(m, CastedLinear) and not name.startswith("mtp_heads."):
+                m.qat_bits = export_bits(name + ".weight", m.weight, args)
+                m.qat_group = export_group(m.weight, args)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Embedding N(0, TIED_EMBED_INIT_STD) when tied. Linears: PyTorch default, with output projections (block
+        outputs, bigram, untied head, MTP) zero. ORTHO_INIT: block matrices orthogonal, the blocks' output
+        projections scaled by 1/sqrt(2*num_layers) instead of zero (muP-style, #162)."""
+        args = self.args
+        if args.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
+        for name, m in self.named_modules():
+            if not isinstance(m, CastedLinear):
+                continue
+            in_block = name.startswith("blocks.")
+            if args.ortho_init and in_block:
+                nn.init.orthogonal_(m.weight)
+                if m.zero_init:
+                    m.weight.mul_(1 / math.sqrt(2 * args.num_layers))
+            elif m.zero_init:
+                nn.init.zeros_(m.weight)
+
+    def hidden(self, idx: Tensor, qat: bool) -> Tensor:
+        x = self.tok_emb(idx)
+        if self.bigram is not None:
+            x = x + self.bigram(idx, qat)
+        x = F.rms_norm(x, (x.size(-1),))
+        if self.smear is not None:
+            x = self.smear(x, idx)
+        x0, skips = x, []
+        for i, block in enumerate(self.blocks):
+            j = i - self.num_encoder
+            if j >= 0 and skips:
+                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
+            x = block(x, x0, qat)
+            if j < 0:
+                skips.append(x)
+        return F.rms_norm(x, (x.size(-1),))
+
+    def logits(self, h: Tensor, qat: bool = False) -> Tensor:
+        z = self.lm_head(h, qat) if self.lm_head is not None else F.linear(h, self.tok_emb.weight.to(h.dtype))
+        cap = self.args.logit_softcap
+        return cap * torch.tanh(z.float() / cap)
+
+    def forward(self, idx: Tensor, targets: Tensor, qat: bool = False, per_token: bool = False) -> Tensor:
+        h = self.hidden(idx, qat)
+        if per_token:  # evaluation: nats per target [B, T]
+            return F.cross_entropy(self.logits(h).flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        loss = F.cross_entropy(self.logits(h, qat).flatten(0, 1), targets.flatten())
+        for k, head in enumerate(self.mtp_heads, start=1):
+            hk = F.rms_norm(h[:, :-k] + head(h[:, :-k], qat), (h.size(-1),))
+            loss = loss + self.args.mtp_weight * F.cross_entropy(self.logits(hk, qat).flatten(0, 1), targets[:, k:].flatten())
+        return loss
+
+
+def train_flops_per_token(args, model) -> float:
+    """Forward+backward matmul FLOPs per training token: 6 per matmul weight (the head included, lookups excluded)
+    plus attention scores and values, 12 * layers * dim * seq_len (PaLM's MFU convention)."""
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "emb" not in n and "skip" not in n
+                 and "resid_mix" not in n)
+    head = args.vocab_size * args.model_dim if args.tie_embeddings else 0
+    return 6.0 * (matmul + head) + 12.0 * args.num_layers * args.model_dim * args.train_seq_len
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Optimizers
+
+def newton_schulz(G: Tensor, steps: int) -> Tensor:
+    """Approximate U V^T of each matrix in G [..., m, n] with Muon's quintic Newton-Schulz iteration (Jordan et al.
+    2024, coefficients (3.4445, -4.7750, 2.0315)); bf16 on CUDA, fp32 on CPU."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum whose per-matrix update is orthogonalised (Muon), with decoupled weight decay
+    p <- p (1 - lr*wd) and optional NorMuon (Li et al. 2025): each row of the orthogonalised update is divided by the
+    root of its running mean square, then the update is rescaled to its pre-normalisation Frobenius norm (so
+    MATRIX_LR keeps its meaning). Rank r orthogonalises every world-th matrix of each shape, batched; one all-reduce
+    of a flat buffer then shares all updates."""
+
+    def __init__(self, params, lr, momentum, steps, wd=0.0, normuon=False, beta2=0.95, rank=0, world=1,
+                 orthogonalize=newton_schulz):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, wd=wd))
+        self.steps, self.normuon, self.beta2 = steps, normuon, beta2
+        self.rank, self.world, self.orthogonalize = rank, world, orthogonalize
+
+    def _update(self, p, grad, momentum):
+        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        buf.mul_(momentum).add_(grad)
+        return grad.add(buf, alpha=momentum)
+
+    def _normalize_rows(self, p, u: Tensor) -> Tensor:
+        v = self.state[p].setdefault("row_sq", torch.zeros(u.size(0), device=u.device, dtype=torch.float32))
+        u = u.float()
+        v.lerp_(u.square().mean(dim=1), 1 - self.beta2)
+        un = u / (v.sqrt() + 1e-8)[:, None]
+        return un * (u.norm() / (un.norm() + 1e-12))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            sizes = [p.numel() for p in params]
+            offsets = np.cumsum([0] + sizes).tolist()
+            flat = torch.zeros(offsets[-1], device=params[0].device,
+                               dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
+            by_shape: dict[tuple, list[int]] = {}
+            for i, p in enumerate(params):
+                by_shape.setdefault(tuple(p.shape), []).append(i)
+            for shape, idxs in by_shape.items():
+                mine = [i for k, i in enumerate(idxs) if k % self.world == self.rank and params[i].grad is not None]
+                if not mine:
+                    continue
+                G = torch.stack([self._update(params[i], params[i].grad, group["momentum"]) for i in mine])
+                U = self.orthogonalize(G, self.steps)
+                for u, i in zip(U, mine):
+                    if self.normuon:
+                        u = self._normalize_rows(params[i], u)
+                    u = u.float() * max(1.0, shape[0] / shape[1]) ** 0.5
+                    flat[offsets[i]:offsets[i + 1]] = u.flatten()
+            if self.world > 1:
+                dist.all_reduce(flat)
+            for i, p in enumerate(params):
+                p.mul_(1 - group["lr"] * group["wd"])
+                p.add_(flat[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype), alpha=-group["lr"])
+
+
+def matches_any(name, patterns: str) -> bool:
+    return any(pat and pat in name for pat in patterns.split(","))
+
+
+def route_params(model, args) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """embed: token (and bigram) tables; head: untied head; matrix: other 2-D weights (Muon); scalar: the rest.
+    Every parameter lands in exactly one group."""
+    groups = {"embed": [], "head": [], "matrix": [], "scalar": []}
+    for name, p in model.named_parameters():
+        if name in ("tok_emb.weight", "bigram.embed.weight"):
+            groups["embed"].append((name, p))
+        elif name == "lm_head.weight":
+            groups["head"].append((name, p))
+        elif p.ndim == 2 and not matches_any(name, args.control_tensor_patterns):
+            groups["matrix"].append((name, p))
+        else:
+            groups["scalar"].append((name, p))
+    assert sum(map(len, groups.values())) == len(list(model.parameters())), "parameter routed twice or not at all"
+    return groups
+
+
+def build_optimizers(model, args, rt) -> list[torch.optim.Optimizer]:
+    groups = route_params(model, args)
+    adam_groups = [dict(params=[p for _, p in groups["embed"]], lr=args.tied_embed_lr if args.tie_embeddings else args.embed_lr),
+                   dict(params=[p for _, p in groups["head"]], lr=args.head_lr),
+                   dict(params=[p for _, p in groups["scalar"]], lr=args.scalar_lr)]
+    adam_groups = [g for g in adam_groups if g["params"]]
+    adam = torch.optim.AdamW(adam_groups, betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.adam_wd,
+                             fused=rt.device.type == "cuda")
+    ortho = torch.compile(newton_schulz) if use_compile(args, rt) else newton_schulz
+    muon = Muon([p for _, p in groups["matrix"]], args.matrix_lr, args.muon_momentum, args.muon_backend_steps,
+                args.muon_wd, args.normuon, args.normuon_beta2, rt.rank, rt.world_size, ortho)
+    optimizers = [adam, muon]
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return optimizers
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Schedule
+
+def progress(args, step, elapsed_ms) -> float:
+    """Fraction of the run done: by iterations or by the wall-clock cap, whichever is further along."""
+    p = step / args.iterations
+    if args.max_wallclock_seconds > 0:
+        p = max(p, elapsed_ms / (1000 * args.max_wallclock_seconds))
+    return min(p, 1.0)
+
+
+def lr_scale(args, step, elapsed_ms) -> float:
+    """Linear warmup over LR_WARMUP_STEPS, then constant, then linear warmdown to 0: over the last WARMDOWN_FRAC of
+    progress, or else over the last WARMDOWN_ITERS steps, projected onto the wall clock with the mean step time
+    when there is a cap (upstream rule)."""
+    warm = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0
+    if args.warmdown_frac > 0:
+        return warm * min(1.0, (1 - progress(args, step, elapsed_ms)) / args.warmdown_frac)
+    if args.warmdown_iters <= 0:
+        return warm
+    if args.max_wallclock_seconds <= 0:
+        return warm * min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
+    warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
+    remaining_ms = max(1000 * args.max_wallclock_seconds - elapsed_ms, 0.0)
+    by_iters = max(args.iterations - step, 0) / args.warmdown_iters
+    return warm * min(1.0, remaining_ms / max(warmdown_ms, 1e-9), by_iters)
+
+
+def set_schedule(optimizers, args, step, scale):
+    frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
+    momentum = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * scale
+            if isinstance(opt, Muon):
+                g["momentum"] = momentum
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+def use_compile(args, rt) -> bool:
+    return bool(args.compile) if args.compile >= 0 else rt.device.type == "cuda"
+
+
+def build_model(args, rt, mtp=True):
+    margs = args if mtp else dataclasses.replace(args, mtp_heads=0)
+    base = GPT(margs).to(rt.device)
+    compiled = torch.compile(base, dynamic=False, fullgraph=True) if use_compile(args, rt) else base
+    return base, compiled
+
+
+def train_step(model, batches, optimizers, args, rt, qat) -> Tensor:
+    """One optimizer step over this rank's micro-batches; returns the mean loss (a tensor, no host sync)."""
+    total = torch.zeros((), device=rt.device)
+    for i, (x, y) in enumerate(batches):
+        if isinstance(model, DDP):
+            model.require_backward_grad_sync = i == len(batches) - 1
+        with rt.autocast():
+            loss = model(x, y, qat=qat)
+        (loss / len(batches)).backward()
+        total += loss.detach()
+    if args.grad_clip_norm > 0:
+        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return total / len(batches)
+
+
+def prime_compile(model, base, optimizers, loader, args, rt, log):
+    """Run WARMUP_STEPS steps so every graph variant (QAT off and on) is compiled before the clock starts, then put
+    weights, optimizer state and data order back exactly as they were."""
+    if args.warmup_steps <= 0:
+        return
+    weights = copy.deepcopy(base.state_dict())
+    states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    variants = [False, True] if args.qat and args.qat_start_frac > 0 else [args.qat]
+    for i in range(args.warmup_steps):
+        train_step(model, loader.next_batch(), optimizers, args, rt, qat=variants[i % len(variants)])
+        log(f"warmup_step:{i + 1}/{args.warmup_steps}")
+    base.load_state_dict(weights)
+    for opt, state in zip(optimizers, states):
+        opt.load_state_dict(state)
+    loader.reset()
+
+
+def build_averager(args, base):
+    if args.ema_decay > 0:
+        return AveragedModel(base, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
+    if args.swa:
+        return AveragedModel(base)
+    return None
+
+
+def swa_window(args, p, scale) -> bool:
+    return p >= 1 - args.swa_frac if args.swa_frac > 0 else scale < 1.0
+
+
+@torch.no_grad()
+def apply_average(base, averager):
+    for p, avg in zip(base.parameters(), averager.module.parameters()):
+        p.copy_(avg)
+
+
+def all_reduce_max(flag: bool, rt) -> bool:
+    if not rt.distributed:
+        return flag
+    t = torch.tensor(float(flag), device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def mean_over_ranks(t: Tensor, rt) -> float:
+    if rt.distributed:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= rt.world_size
+    return float(t.item())
+
+
+def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
+    averager = build_averager(args, base)
+    max_ms = 1000 * args.max_wallclock_seconds
+    step, train_ms, swa_count, losses, stop = 0, 0.0, 0, [], False
+    qat_step = None
+    rt.sync()
+    t0 = time.perf_counter()
+    while True:
+        last = step == args.iterations or stop
+        if last or (args.val_loss_every > 0 and step > 0 and step % args.val_loss_every == 0):
+            rt.sync()
+            train_ms += 1000 * (time.perf_counter() - t0)  # the clock stops during validation
+            if args.val_loss_every > 0 and step > 0:
+                r = eval_fn()
+                log(f"step:{step}/{args.iterations} val_loss:{r['val_loss']:.4f} val_bpb:{r['val_bpb']:.4f} "
+                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / step:.2f}ms")
+            if last:
+                break
+            rt.sync()
+            t0 = time.perf_counter()
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        p, scale = progress(args, step, elapsed), lr_scale(args, step, elapsed)
+        qat = args.qat and p >= args.qat_start_frac
+        if qat and qat_step is None:
+            qat_step = step
+            log(f"qat:on step:{step} progress:{p:.3f}")
+        set_schedule(optimizers, args, step, scale)
+        loss = train_step(model, loader.next_batch(), optimizers, args, rt, qat)
+        step += 1
+        if averager is not None and (args.ema_decay > 0 or (swa_window(args, p, scale) and step % args.swa_every == 0)):
+            averager.update_parameters(base)
+            swa_count += 1
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        if args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0):
+            value = mean_over_ranks(loss, rt)
+            if not math.isfinite(value):
+                raise UserError(f"train loss is {value} at step {step}; lower the learning rates (MATRIX_LR, "
+                                "SCALAR_LR, TIED_EMBED_LR) or set GRAD_CLIP_NORM")
+            losses.append((step, value))
+            log(f"step:{step}/{args.iterations} train_loss:{value:.4f} train_time:{elapsed:.0f}ms "
+                f"step_avg:{elapsed / step:.2f}ms")
+        stop = all_reduce_max(max_ms > 0 and elapsed >= max_ms, rt)
+    if stop and step < args.iterations:
+        log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
+    if averager is not None and swa_count > 0:
+        apply_average(base, averager)
+        log(f"averaging: applied {'EMA' if args.ema_decay > 0 else 'SWA'} over {swa_count} updates")
+    return dict(steps=step, train_time_ms=train_ms, losses=losses, qat_start_step=qat_step, averaged_updates=swa_count)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+def sliding_windows(num_targets: int, seq_len: int, stride: int) -> Tensor:
+    """Windows [start, start+L) over the targets with the part [lo, hi) each one scores: the first scores all L, each
+    later one the `stride` targets after its predecessor's end, the last ends exactly at num_targets. Every target is
+    scored exactly once; stride = L (or 0) gives non-overlapping windows. Returns [n, 3] (start, lo, hi)."""
+    L = min(seq_len, num_targets)
+    stride = min(stride or L, L)
+    n = 1 + -(-(num_targets - L) // stride)
+    starts = torch.clamp(torch.arange(n) * stride, max=num_targets - L)
+    hi = starts + L
+    lo = torch.cat((torch.zeros(1, dtype=hi.dtype), hi[:-1]))
+    return torch.stack((starts, lo, hi), dim=1)
+
+
+@torch.no_grad()
+def evaluate(model, val: Tensor, luts, args, rt, stride: int) -> dict:
+    """Sum of target nats and target bytes over all validation targets, each scored once, split across ranks."""
+    t0 = time.perf_counter()
+    seq_len = args.eval_seq_len or args.train_seq_len
+    windows = sliding_windows(val.numel() - 1, seq_len, stride)
+    mine = windows.tensor_split(rt.world_size)[rt.rank]
+    L = int(windows[0, 2] - windows[0, 0])
+    val_d, luts_d = val.to(rt.device), [t.to(rt.device) for t in luts]
+    sums = torch.zeros(3, device=rt.device, dtype=torch.float64)  # nats, targets, bytes
+    pos = torch.arange(L, device=rt.device)
+    for batch in mine.to(rt.device).split(args.eval_batch_seqs):
+        pad = args.eval_batch_seqs - batch.size(0)  # keep one static shape for compile; padded rows score nothing
+        if pad:
+            batch = torch.cat((batch, batch[-1:].repeat(pad, 1) * torch.tensor([1, 0, 0], device=rt.device)))
+        idx = batch[:, :1] + pos  # [B, L] target positions
+        x, y = val_d[idx], val_d[idx + 1]
+        with rt.autocast():
+            nll = model(x, y, per_token=True).double()
+        scored = (idx >= batch[:, 1:2]) & (idx < batch[:, 2:3])
+        sums[0] += nll[scored].sum()
+        sums[1] += scored.sum()
+        sums[2] += target_bytes(x, y, luts_d)[scored].sum()
+    if rt.distributed:
+        dist.all_reduce(sums)
+    nats, tokens, nbytes = sums.tolist()
+    val_loss = nats / tokens
+    return dict(val_loss=val_loss, val_bpb=nats / math.log(2) / nbytes, tokens=int(tokens), bytes=int(nbytes),
+                eval_time_s=time.perf_counter() - t0, stride=stride or L)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Artifact: quantized state dict, JSON header + raw arrays, compressed
+
+def export_bits(name, t: Tensor, args) -> int:
+    """0 = keep as fp16 (small, control or FP16_KEEP_PATTERNS tensors); else the integer width for this tensor."""
+    if t.ndim != 2 or t.numel() <= 65536 or matches_any(name, args.fp16_keep_patterns) \
+            or matches_any(name, args.control_tensor_patterns):
+        return 0
+    if ".mlp." in name:
+        return args.quant_mlp_bits
+    return args.quant_attn_bits if ".attn." in name else args.quant_other_bits
+
+
+def export_group(t: Tensor, args) -> int:
+    g = args.quant_group_size
+    return g if g and t.ndim == 2 and t.shape[1] % g == 0 else 0
+
+
+def export_state(model) -> dict[str, Tensor]:
+    """What evaluation needs: the training-only MTP heads are left out."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("mtp_heads.")}
+
+
+def quantize_state(state, args) -> dict[str, dict]:
+    out = {}
+    for name, t in state.items():
+        bits = export_bits(name, t, args) if t.is_floating_point() else 0
+        if bits:
+            group = export_group(t, args)
+            q, s = quantize_tensor(t, bits, group, args.quant_clip_search)
+            out[name] = dict(q=q, scale=s, bits=bits, group=group)
+        else:
+            out[name] = dict(raw=t.half() if t.is_floating_point() else t)
+    return out
+
+
+def dequantize_state(qstate) -> dict[str, Tensor]:
+    return {k: dequantize_tensor(e["q"], e["scale"], e["group"]) if "q" in e else e["raw"].float()
+            for k, e in qstate.items()}
+
+
+def pack(qstate, args) -> bytes:
+    header, chunks, offset = [], [], 0
+    for name, e in qstate.items():
+        arrays = [e["q"], e["scale"]] if "q" in e else [e["raw"]]
+        meta = dict(name=name, bits=e.get("bits", 0), group=e.get("group", 0), arrays=[])
+        for a in arrays:
+            raw = a.contiguous().numpy().tobytes()
+            meta["arrays"].append(dict(dtype=str(a.dtype).removeprefix("torch."), shape=list(a.shape), offset=offset))
+            chunks.append(raw)
+            offset += len(raw)
+        header.append(meta)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    blob = len(head).to_bytes(4, "little") + head + b"".join(chunks)
+    if args.compressor == "zlib":
+        return zlib.compress(blob, args.compress_level)
+    return zstandard.ZstdCompressor(level=args.compress_level).compress(blob)
+
+
+def unpack(data: bytes) -> dict[str, dict]:
+    blob = zlib.decompress(data) if data[:1] == b"\x78" else zstandard.ZstdDecompressor().decompress(data)
+    n = int.from_bytes(blob[:4], "little")
+    header, body = json.loads(blob[4:4 + n]), memoryview(blob)[4 + n:]
+    out = {}
+    for meta in header:
+        arrays = []
+        for a in meta["arrays"]:
+            dtype = getattr(torch, a["dtype"])
+            count = math.prod(a["shape"])
+            nbytes = count * torch.empty((), dtype=dtype).element_size()
+            arrays.append(torch.frombuffer(bytearray(body[a["offset"]:a["offset"] + nbytes]), dtype=dtype).reshape(a["shape"]))
+        if meta["bits"]:
+            out[meta["name"]] = dict(q=arrays[0], scale=arrays[1], bits=meta["bits"], group=meta["group"])
+        else:
+            out[meta["name"]] = dict(raw=arrays[0])
+    return out
+
+
+def artifact_label(args) -> str:
+    bits = max(args.quant_attn_bits, args.quant_mlp_bits)
+    return f"int{bits}_{args.compressor}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+
+def hardware_name(rt) -> str:
+    if rt.device.type == "cuda":
+        return f"{rt.world_size}x {torch.cuda.get_device_name(rt.device)}"
+    return f"{rt.world_size}x CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def write_reports(args, rt, summary, log):
+    os.makedirs(args.log_dir, exist_ok=True)
+    path = os.path.join(args.log_dir, f"{args.run_id}.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)
+    final = summary["final"]
+    submission = dict(
+        name=args.name or f"{args.preset} stack", author=args.author, github_id=args.github_id,
+        blurb=f"train_gpt.py PRESET={args.preset}; {summary['hardware']}; data: {summary['data']}",
+        date=time.strftime("%Y-%m-%d"), track="10min_16mb", hardware=summary["hardware"], data=summary["data"],
+        val_loss=final["val_loss"], val_bpb=final["val_bpb"],
+        pre_quant_val_loss=summary["pre_quant"]["val_loss"], pre_quant_val_bpb=summary["pre_quant"]["val_bpb"],
+        step_stop=summary["steps"], wallclock_seconds=summary["train_time_ms"] / 1000,
+        eval_time_seconds=final["eval_time_s"], bytes_total=summary["bytes_total"], bytes_code=summary["bytes_code"],
+        bytes_model=summary["bytes_model"], artifact_valid=summary["artifact_valid"], seed=args.seed,
+        pytorch_version=torch.__version__, run_id=args.run_id)
+    if args.submission_json:
+        with open(args.submission_json, "w") as f:
+            json.dump(submission, f, indent=2)
+    log(f"summary:{path} submission:{args.submission_json or '-'}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+
+def start_log(args, rt) -> Logger:
+    if not args.run_id:
+        ids = [uuid.uuid4().hex[:12]]
+        if rt.distributed:  # every rank must name the same log and artifact
+            dist.broadcast_object_list(ids, src=0)
+        args.run_id = ids[0]
+    os.makedirs(args.log_dir, exist_ok=True)
+    log = Logger(os.path.join(args.log_dir, f"{args.run_id}.txt"), rt.is_main)
+    code = open(__file__, "rb").read()
+    log(f"run_id:{args.run_id} code_bytes:{len(code)} code_sha256:{hashlib.sha256(code).hexdigest()[:16]}")
+    log(f"torch:{torch.__version__} cuda:{torch.version.cuda} python:{platform.python_version()} "
+        f"hardware:{hardware_name(rt)}")
+    log("config:" + json.dumps(dataclasses.asdict(args), sort_keys=True))
+    return log
+
+
+def finish(args, rt, base, val, luts, log) -> dict:
+    """Serialize the trained weights, reload them from disk into a fresh model and score that model."""
+    label = artifact_label(args)
+    path = os.path.join(args.log_dir, f"{args.run_id}.{label}.ptz")
+    if rt.is_main:
+        with open(path, "wb") as f:
+            f.write(pack(quantize_state(export_state(base), args), args))
+    if rt.distributed:
+        dist.barrier()
+    bytes_code, bytes_model = os.path.getsize(__file__), os.path.getsize(path)
+    total = bytes_code + bytes_model
+    log(f"Serialized model {label}: {bytes_model} bytes  Code size: {bytes_code} bytes  Total submission size: {total} bytes")
+    if total > ARTIFACT_CAP_BYTES:
+        log(f"ARTIFACT OVER CAP: {total} bytes is {total - ARTIFACT_CAP_BYTES} over {ARTIFACT_CAP_BYTES}; "
+            "this run is not a valid submission")
+    fresh, fresh_compiled = build_model(args, rt, mtp=False)
+    with open(path, "rb") as f:
+        fresh.load_state_dict(dequantize_state(unpack(f.read())), strict=True)
+    standard = evaluate(fresh_compiled, val, luts, args, rt, stride=0)
+    log(f"final_{label}_roundtrip val_loss:{standard['val_loss']:.4f} val_bpb:{standard['val_bpb']:.4f} "
+        f"eval_time:{1000 * standard['eval_time_s']:.0f}ms")
+    final = evaluate(fresh_compiled, val, luts, args, rt, stride=args.eval_stride) if args.eval_stride else standard
+    if not math.isfinite(final["val_loss"]):
+        raise UserError(f"final val_loss is {final['val_loss']}; the model diverged, lower the learning rates")
+    log(f"final_{label}_roundtrip_exact val_loss:{final['val_loss']:.8f} val_bpb:{final['val_bpb']:.8f} "
+        f"scored_tokens:{final['tokens']} scored_bytes:{final['bytes']} stride:{final['stride']} "
+        f"eval_time:{1000 * final['eval_time_s']:.0f}ms")
+    return dict(roundtrip=standard, final=final, bytes_code=bytes_code, bytes_model=bytes_model, bytes_total=total,
+                artifact_valid=total <= ARTIFACT_CAP_BYTES, artifact_path=path)
+
+
+def run(args: Hyperparameters, rt: Runtime) -> dict:
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    log = start_log(args, rt)
+    sp = load_tokenizer(args)
+    luts = build_byte_luts(sp, args.vocab_size)
+    val = load_val_tokens(args)
+    accum = args.grad_accum_steps or 8 // rt.world_size
+    loader = TrainLoader(args, rt, accum)
+    log(f"train_loader:dataset:{args.data_path} train_shards:{len(loader.stream.files)} "
+        f"val_tokens:{val.numel() - 1}{' (VAL_MAX_TOKENS: truncated)' if args.val_max_tokens else ''}")
+    base, compiled = build_model(args, rt)
+    model = DDP(compiled, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.distributed else compiled
+    optimizers = build_optimizers(base, args, rt)
+    n_params = sum(p.numel() for k, p in base.state_dict().items() if not k.startswith("mtp_heads."))
+    log(f"model_params:{n_params} world_size:{rt.world_size} grad_accum_steps:{accum} "
+        f"groups:{ {k: len(v) for k, v in route_params(base, args).items()} }")
+    prime_compile(model, base, optimizers, loader, args, rt, log)
+
+    result = train(args, rt, model, base, optimizers, loader, lambda: evaluate(compiled, val, luts, args, rt, 0), log)
+    pre = evaluate(compiled, val, luts, args, rt, stride=0)
+    log(f"pre_quant val_loss:{pre['val_loss']:.4f} val_bpb:{pre['val_bpb']:.4f} eval_time:{1000 * pre['eval_time_s']:.0f}ms")
+    peak = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.type == "cuda" else 0.0
+    log(f"peak memory allocated: {peak:.0f} MiB")
+    out = finish(args, rt, base, val, luts, log)
+    log(f"quant_gap_bpb:{out['roundtrip']['val_bpb'] - pre['val_bpb']:+.5f} (standard eval, post - pre)")
+    steps, train_s = result["steps"], result["train_time_ms"] / 1000
+    tokens = steps * args.train_batch_tokens
+    summary = dict(run_id=args.run_id, config=dataclasses.asdict(args), device=rt.device.type,
+                   hardware=hardware_name(rt), world_size=rt.world_size, torch_version=torch.__version__,
+                   cuda_version=torch.version.cuda, seed=args.seed, data=args.data_label or os.path.basename(
+                       os.path.normpath(args.data_path)), model_params=n_params,
+                   train_flops_per_token=train_flops_per_token(args, base), steps=steps,
+                   train_time_ms=result["train_time_ms"], step_avg_ms=result["train_time_ms"] / max(steps, 1),
+                   tokens_per_s=tokens / train_s if train_s > 0 else None, train_tokens=tokens, peak_mem_mib=peak,
+                   train_losses=result["losses"], qat_start_step=result["qat_start_step"],
+                   averaged_updates=result["averaged_updates"], pre_quant=pre,
+                   quant_gap_bpb=out["roundtrip"]["val_bpb"] - pre["val_bpb"], **out)
+    if rt.is_main:
+        write_reports(args, rt, summary, log)
+    return summary
+
+
+def main():
+    try:
+        args = Hyperparameters.from_env()
+        rt = setup_runtime()
+        try:
+            run(args, rt)
+        finally:
+            if rt.distributed:
+                dist.destroy_process_group()
+    except UserError as e:
+        sys.exit(f"train_gpt.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
