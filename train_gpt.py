@@ -922,11 +922,14 @@ def evaluate(model, val: Tensor, luts, args, rt, stride: int) -> dict:
     windows = sliding_windows(val.numel() - 1, seq_len, stride)
     mine = windows.tensor_split(rt.world_size)[rt.rank]
     L = int(windows[0, 2] - windows[0, 0])
+    # sliding windows go EVAL_BATCH_SEQS at a time; non-overlapping ones VAL_BATCH_SIZE tokens across all ranks
+    batch_seqs = args.eval_batch_seqs if 0 < stride < L else max(1, args.val_batch_size // (rt.world_size * L))
+    batch_seqs = min(batch_seqs, max(len(mine), 1))
     val_d, luts_d = val.to(rt.device), [t.to(rt.device) for t in luts]
     sums = torch.zeros(3, device=rt.device, dtype=torch.float64)  # nats, targets, bytes
     pos = torch.arange(L, device=rt.device)
-    for batch in mine.to(rt.device).split(args.eval_batch_seqs):
-        pad = args.eval_batch_seqs - batch.size(0)  # keep one static shape for compile; padded rows score nothing
+    for batch in mine.to(rt.device).split(batch_seqs):
+        pad = batch_seqs - batch.size(0)  # keep one static shape for compile; padded rows score nothing
         if pad:
             batch = torch.cat((batch, batch[-1:].repeat(pad, 1) * torch.tensor([1, 0, 0], device=rt.device)))
         idx = batch[:, :1] + pos  # [B, L] target positions
@@ -942,7 +945,7 @@ def evaluate(model, val: Tensor, luts, args, rt, stride: int) -> dict:
     nats, tokens, nbytes = sums.tolist()
     val_loss = nats / tokens
     return dict(val_loss=val_loss, val_bpb=nats / math.log(2) / nbytes, tokens=int(tokens), bytes=int(nbytes),
-                eval_time_s=time.perf_counter() - t0, stride=stride or L)
+                eval_time_s=time.perf_counter() - t0, stride=min(stride or L, L))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""Shared test helpers: tiny configurations, generated shards, the real challenge tokenizer from ../shared/proxy."""
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train_gpt  # noqa: E402
+from data.shards import write_shard  # noqa: E402
+
+PROXY = ROOT.parent / "shared" / "proxy"
+TOKENIZER = PROXY / "tokenizers" / "fineweb_1024_bpe.model"
+
+# A model small enough for CPU tests; everything else keeps the default stack so the tests exercise it.
+TINY = dict(NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=32,
+            TRAIN_BATCH_TOKENS=1024, BIGRAM_BUCKETS=64, BIGRAM_DIM=16, EVAL_BATCH_SEQS=8, WARMUP_STEPS=0,
+            MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0, COMPRESS_LEVEL=3)
+
+
+def tiny_env(**overrides) -> dict:
+    env = {k: str(v) for k, v in TINY.items()}
+    env.update({k.upper(): str(v) for k, v in overrides.items()})
+    return env
+
+
+def tiny_args(**overrides) -> "train_gpt.Hyperparameters":
+    return train_gpt.Hyperparameters.from_env(tiny_env(**overrides))
+
+
+def cpu_runtime() -> "train_gpt.Runtime":
+    import torch
+    return train_gpt.Runtime(rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def markov_tokens(n, vocab=64, seed=0, order=1, branching=2) -> np.ndarray:
+    """Tokens from a random sparse Markov source over ids [4, vocab): each context of `order` previous tokens has
+    `branching` equally likely successors, so the best achievable loss is ln(branching) nats."""
+    rng = np.random.default_rng(seed)
+    ids = np.arange(4, vocab)
+    table = {}
+    out = list(rng.choice(ids, size=order))
+    for _ in range(n - order):
+        ctx = tuple(out[-order:])
+        if ctx not in table:
+            table[ctx] = rng.choice(ids, size=branching, replace=False)
+        out.append(int(rng.choice(table[ctx])))
+    return np.array(out, dtype=np.uint16)
+
+
+@pytest.fixture
+def tokenizer_path():
+    if not TOKENIZER.exists():
+        pytest.skip(f"challenge tokenizer not found at {TOKENIZER}")
+    return str(TOKENIZER)
+
+
+@pytest.fixture
+def markov_data(tmp_path, tokenizer_path):
+    """A DATA_PATH with a generated train shard and val shard (vocab 1024 ids, BOS every 200 tokens)."""
+    def with_bos(tokens):
+        tokens = tokens.copy()
+        tokens[::200] = train_gpt.BOS_ID
+        return tokens
+    tokens = with_bos(markov_tokens(63000, seed=1))  # one source: train and val share its transition table
+    write_shard(tmp_path / "fineweb_train_000000.bin", tokens[:60000])
+    write_shard(tmp_path / "fineweb_val_000000.bin", tokens[60000:])
+    return dict(DATA_PATH=str(tmp_path), TOKENIZER_PATH=tokenizer_path, LOG_DIR=str(tmp_path / "logs"),
+                SUBMISSION_JSON=str(tmp_path / "submission.json"))
