@@ -26,8 +26,8 @@ def test_model_learns_well_below_unigram_entropy(markov_data):
     unigram_nats = float(-(freq * np.log(freq)).sum())  # ~4 nats; the source's own entropy is ln 2 = 0.69
     s = run_inprocess(markov_data, ITERATIONS=80, QAT=0, EMA_DECAY=0, MATRIX_LR=0.04, SCALAR_LR=0.04,
                       TIED_EMBED_LR=0.05, WARMDOWN_FRAC=0.3, TRAIN_LOG_EVERY=0)
-    # within 30% of the source's entropy (ln 2), several times below the unigram entropy
-    assert s["pre_quant"]["val_loss"] < 1.3 * math.log(2) < 0.25 * unigram_nats, (s["pre_quant"], unigram_nats)
+    # within 30% of the source's entropy (ln 2), over three times below the unigram entropy (~3.5 nats)
+    assert s["pre_quant"]["val_loss"] < 1.3 * math.log(2) < 0.3 * unigram_nats, (s["pre_quant"], unigram_nats)
     assert s["final"]["val_loss"] < 1.3 * math.log(2)
     assert s["final"]["tokens"] == len(val) - 1
 
