@@ -1018,7 +1018,8 @@ def unpack(data: bytes) -> dict[str, dict]:
             dtype = getattr(torch, a["dtype"])
             count = math.prod(a["shape"])
             nbytes = count * torch.empty((), dtype=dtype).element_size()
-            arrays.append(torch.frombuffer(bytearray(body[a["offset"]:a["offset"] + nbytes]), dtype=dtype).reshape(a["shape"]))
+            raw = bytearray(body[a["offset"]:a["offset"] + nbytes])
+            arrays.append(torch.frombuffer(raw, dtype=dtype).reshape(a["shape"]) if count else torch.empty(a["shape"], dtype=dtype))
         if meta["bits"]:
             out[meta["name"]] = dict(q=arrays[0], scale=arrays[1], bits=meta["bits"], group=meta["group"])
         else:
