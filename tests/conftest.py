@@ -40,13 +40,14 @@ def markov_tokens(n, vocab=64, seed=0, order=1, branching=2) -> np.ndarray:
     `branching` equally likely successors, so the best achievable loss is ln(branching) nats."""
     rng = np.random.default_rng(seed)
     ids = np.arange(4, vocab)
+    picks = rng.integers(branching, size=n)
     table = {}
-    out = list(rng.choice(ids, size=order))
-    for _ in range(n - order):
+    out = [int(t) for t in rng.choice(ids, size=order)]
+    for i in range(order, n):
         ctx = tuple(out[-order:])
         if ctx not in table:
-            table[ctx] = rng.choice(ids, size=branching, replace=False)
-        out.append(int(rng.choice(table[ctx])))
+            table[ctx] = rng.choice(ids, size=branching, replace=False).tolist()
+        out.append(table[ctx][picks[i]])
     return np.array(out, dtype=np.uint16)
 
 
