@@ -138,19 +138,19 @@ class Hyperparameters:
         def need(ok, var, why):
             if not ok:
                 raise UserError(f"{var}={getattr(self, var.lower())!r}: {why}")
+        for var in ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "ITERATIONS", "TRAIN_SEQ_LEN",
+                    "TRAIN_BATCH_TOKENS", "SWA_EVERY", "EVAL_BATCH_SEQS", "VAL_BATCH_SIZE", "VOCAB_SIZE"):
+            need(getattr(self, var.lower()) > 0, var, "must be > 0")
         need(self.model_dim % self.num_heads == 0, "NUM_HEADS", "must divide MODEL_DIM")
         need(self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS", "must divide NUM_HEADS")
         need((self.model_dim // self.num_heads) % 2 == 0, "MODEL_DIM", "head dim (MODEL_DIM/NUM_HEADS) must be even")
-        need(self.num_layers >= 1, "NUM_LAYERS", "must be >= 1")
         need(not (self.swa and self.ema_decay > 0), "EMA_DECAY", "use SWA or EMA, not both (set SWA=0 or EMA_DECAY=0)")
         need(0 <= self.ema_decay < 1, "EMA_DECAY", "must be in [0, 1)")
         need(self.compressor in ("zstd", "zlib"), "COMPRESSOR", "must be zstd or zlib")
         for var in ("QUANT_ATTN_BITS", "QUANT_MLP_BITS", "QUANT_OTHER_BITS"):
             need(2 <= getattr(self, var.lower()) <= 8, var, "must be between 2 and 8")
-        need(self.iterations > 0, "ITERATIONS", "must be > 0")
-        need(self.train_seq_len > 0 and self.train_batch_tokens > 0, "TRAIN_SEQ_LEN", "and TRAIN_BATCH_TOKENS must be > 0")
         need(self.bigram_buckets == 0 or self.bigram_buckets >= 2, "BIGRAM_BUCKETS", "must be 0 (off) or >= 2")
-        need(self.eval_stride >= 0 and self.eval_batch_seqs > 0, "EVAL_STRIDE", "must be >= 0 (EVAL_BATCH_SEQS > 0)")
+        need(self.eval_stride >= 0, "EVAL_STRIDE", "must be >= 0")
 
 
 # Named stacks. Explicit env vars always win; fields not named keep the upstream baseline defaults above.
@@ -172,9 +172,9 @@ PRESETS = {
 }
 
 # Families of our variables: an unknown name in one of them is a typo, not someone else's variable.
-ENV_FAMILIES = ("NUM_", "MODEL_", "MLP_", "TRAIN_", "VAL_", "EVAL_", "MUON_", "NORMUON", "ADAM_", "QAT", "SWA",
-                "EMA_", "BIGRAM_", "SMEAR", "MTP_", "QUANT_", "WARMDOWN", "WARMUP", "LR_WARMUP", "TIED_", "EMBED_",
-                "MATRIX_", "SCALAR_", "ROPE_", "QK_", "LOGIT_", "VOCAB_", "GRAD_", "ORTHO", "ITERATION", "COMPRESS")
+ENV_FAMILIES = ("NUM_", "MODEL_", "MLP_", "TRAIN_", "VAL_", "EVAL_", "MUON_", "NORMUON_", "ADAM_", "QAT_", "SWA_",
+                "EMA_", "BIGRAM_", "SMEAR_", "MTP_", "QUANT_", "WARMDOWN_", "WARMUP_", "LR_", "TIED_", "EMBED_",
+                "MATRIX_", "SCALAR_", "ROPE_", "QK_", "LOGIT_", "VOCAB_", "GRAD_", "ORTHO_", "COMPRESS_")
 
 
 def reject_unknown_env(env, known):
@@ -298,11 +298,16 @@ class TokenStream:
         self.tokens = load_shard(files[0], vocab_size)
 
     def take(self, n) -> np.ndarray:
-        parts = []
+        parts, empty_loads = [], 0
         while n > 0:
             if self.pos == len(self.tokens):
+                empty_loads += 1
+                if empty_loads > len(self.files):
+                    raise UserError(f"the train shards ({self.files[0]} ...) hold no tokens; regenerate them")
                 self.file_idx = (self.file_idx + 1) % len(self.files)
                 self.tokens, self.pos = load_shard(self.files[self.file_idx], self.vocab_size), 0
+                continue
+            empty_loads = 0
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
@@ -417,18 +422,18 @@ def dequantize_tensor(q: Tensor, scale: Tensor, group: int = 0) -> Tensor:
 
 class CastedLinear(nn.Linear):
     """Bias-free linear with an fp32 master weight. With qat=True the forward uses the weight's fake quantization
-    at its export width (qat_bits, set by GPT from export_bits; 0 = exported as fp16, left alone) and passes
-    gradients straight through (STE). qat is a forward argument, not a flag flipped later, so torch.compile guards
+    exactly as exported (width qat_bits, groups and clip search set by GPT from the export plan; 0 bits = exported
+    as fp16, left alone) and passes gradients straight through (STE). qat is a forward argument, not a flag flipped later, so torch.compile guards
     on it and keeps one graph per value instead of folding the branch away."""
 
     def __init__(self, fan_in, fan_out, zero_init=False):
         super().__init__(fan_in, fan_out, bias=False)
-        self.qat_bits, self.qat_group, self.zero_init = 0, 0, zero_init
+        self.qat_bits, self.qat_group, self.qat_clip_search, self.zero_init = 0, 0, False, zero_init
 
     def forward(self, x, qat=False):
         w = self.weight
         if qat and self.qat_bits:
-            q, s = quantize_tensor(w.detach(), self.qat_bits, self.qat_group)
+            q, s = quantize_tensor(w.detach(), self.qat_bits, self.qat_group, self.qat_clip_search)
             w = w + (dequantize_tensor(q, s, self.qat_group) - w).detach()
         return F.linear(x, w.to(x.dtype))
 
@@ -550,7 +555,7 @@ class GPT(nn.Module):
         for name, m in self.named_modules():
             if isinstance(m, CastedLinear) and not name.startswith("mtp_heads."):
                 m.qat_bits = export_bits(name + ".weight", m.weight, args)
-                m.qat_group = export_group(m.weight, args)
+                m.qat_group, m.qat_clip_search = export_group(m.weight, args), args.quant_clip_search
         self.init_weights()
 
     @torch.no_grad()
@@ -736,21 +741,25 @@ def progress(args, step, elapsed_ms) -> float:
     return min(p, 1.0)
 
 
-def lr_scale(args, step, elapsed_ms) -> float:
-    """Linear warmup over LR_WARMUP_STEPS, then constant, then linear warmdown to 0: over the last WARMDOWN_FRAC of
-    progress, or else over the last WARMDOWN_ITERS steps, projected onto the wall clock with the mean step time
-    when there is a cap (upstream rule)."""
-    warm = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0
+def warmdown_scale(args, step, elapsed_ms) -> float:
+    """1 until the warmdown, then linear to 0: over the last WARMDOWN_FRAC of progress, or else over the last
+    WARMDOWN_ITERS steps, projected onto the wall clock with the mean step time when there is a cap (upstream)."""
     if args.warmdown_frac > 0:
-        return warm * min(1.0, (1 - progress(args, step, elapsed_ms)) / args.warmdown_frac)
+        return min(1.0, (1 - progress(args, step, elapsed_ms)) / args.warmdown_frac)
     if args.warmdown_iters <= 0:
-        return warm
+        return 1.0
+    by_iters = max(args.iterations - step, 0) / args.warmdown_iters
     if args.max_wallclock_seconds <= 0:
-        return warm * min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
+        return min(1.0, by_iters)
     warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
     remaining_ms = max(1000 * args.max_wallclock_seconds - elapsed_ms, 0.0)
-    by_iters = max(args.iterations - step, 0) / args.warmdown_iters
-    return warm * min(1.0, remaining_ms / max(warmdown_ms, 1e-9), by_iters)
+    return min(1.0, remaining_ms / max(warmdown_ms, 1e-9), by_iters)
+
+
+def lr_scale(args, step, elapsed_ms) -> float:
+    """Linear warmup over LR_WARMUP_STEPS, then the warmdown schedule."""
+    warm = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0
+    return warm * warmdown_scale(args, step, elapsed_ms)
 
 
 def set_schedule(optimizers, args, step, scale):
@@ -822,8 +831,9 @@ def build_averager(args, base):
     return None
 
 
-def swa_window(args, p, scale) -> bool:
-    return p >= 1 - args.swa_frac if args.swa_frac > 0 else scale < 1.0
+def swa_window(args, p, warmdown) -> bool:
+    """SWA collects over the last SWA_FRAC of progress, or else while the LR warms down (warmdown = warmdown_scale)."""
+    return p >= 1 - args.swa_frac if args.swa_frac > 0 else warmdown < 1.0
 
 
 @torch.no_grad()
@@ -869,7 +879,7 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
             rt.sync()
             t0 = time.perf_counter()
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        p, scale = progress(args, step, elapsed), lr_scale(args, step, elapsed)
+        p, scale, warmdown = progress(args, step, elapsed), lr_scale(args, step, elapsed), warmdown_scale(args, step, elapsed)
         qat = args.qat and p >= args.qat_start_frac
         if qat and qat_step is None:
             qat_step = step
@@ -877,7 +887,7 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
         set_schedule(optimizers, args, step, scale)
         loss = train_step(model, loader.next_batch(), optimizers, args, rt, qat)
         step += 1
-        if averager is not None and (args.ema_decay > 0 or (swa_window(args, p, scale) and step % args.swa_every == 0)):
+        if averager is not None and (args.ema_decay > 0 or (swa_window(args, p, warmdown) and step % args.swa_every == 0)):
             averager.update_parameters(base)
             swa_count += 1
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)

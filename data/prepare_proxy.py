@@ -21,18 +21,20 @@ import sentencepiece as spm
 import zstandard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.shards import BOS_ID, write_split  # noqa: E402
+from data.shards import encode_docs, write_split  # noqa: E402
 
 TOKENIZER = "fineweb_1024_bpe.model"
 BATCH_DOCS = 256
+# The proxy's val split (SOURCES.md): 1,740 docs and 2,063,443 tokens from sp.encode, so 2,065,183 with the BOS.
+PROXY_VAL_DOCS, PROXY_VAL_TOKENS = 1740, 2_063_443 + 1740
 _sp = None  # one SentencePieceProcessor per worker process
 
 
 def read_docs(path, limit=None):
+    """The "text" of each JSON line of a .jsonl.zst file, streamed; at most `limit` of them."""
     with open(path, "rb") as f:
         reader = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8")
-        for line in itertools.islice(reader, limit):
-            yield json.loads(line)["text"]
+        yield from itertools.islice((json.loads(line)["text"] for line in reader if line.strip()), limit)
 
 
 def _init_worker(model_path):
@@ -40,8 +42,8 @@ def _init_worker(model_path):
     _sp = spm.SentencePieceProcessor(model_file=model_path)
 
 
-def _encode_batch(texts) -> np.ndarray:
-    return np.concatenate([np.array([BOS_ID] + ids, dtype=np.uint16) for ids in _sp.encode(texts)])
+def _encode_batch(texts) -> tuple[int, np.ndarray]:
+    return len(texts), encode_docs(_sp, texts)
 
 
 def batches(docs, size=BATCH_DOCS):
@@ -51,12 +53,38 @@ def batches(docs, size=BATCH_DOCS):
 
 
 def tokenize(pool, docs) -> tuple[np.ndarray, int]:
-    """[BOS] + ids per document, in document order."""
+    """[BOS] + ids per document, concatenated in document order (imap keeps the order); also the document count."""
     parts, n_docs = [], 0
-    for part in pool.imap(_encode_batch, batches(docs)):
-        parts.append(part)
-        n_docs += int((part == BOS_ID).sum())
+    for n, tokens in pool.imap(_encode_batch, batches(docs)):
+        parts.append(tokens)
+        n_docs += n
     return (np.concatenate(parts) if parts else np.zeros(0, np.uint16)), n_docs
+
+
+def check_val(n_docs, n_tokens) -> None:
+    """Compares a complete val split with the proxy's published counts; a mismatch means another tokenizer or
+    corpus version, whose scores are not comparable with runs on the real proxy."""
+    if n_docs != PROXY_VAL_DOCS:
+        print(f"val check skipped: {n_docs} docs, not the proxy's {PROXY_VAL_DOCS}")
+    elif n_tokens == PROXY_VAL_TOKENS:
+        print(f"val check ok: {n_tokens:,} tokens = {PROXY_VAL_TOKENS - PROXY_VAL_DOCS:,} + {PROXY_VAL_DOCS:,} BOS")
+    else:
+        sys.exit(f"prepare_proxy: val has {n_tokens:,} tokens, expected {PROXY_VAL_TOKENS:,}; "
+                 "the tokenizer or the corpus is not the proxy's")
+
+
+def source_files(src, n_train_files) -> tuple[str, list[str], str]:
+    """The tokenizer, train and val files under `src`; exits with a one-line message if any is missing."""
+    fix = "point --src at the proxy corpus folder (../shared/proxy, holding tokenizers/ and text/)"
+    model = os.path.join(src, "tokenizers", TOKENIZER)
+    train = sorted(glob.glob(os.path.join(src, "text", "docs_*.jsonl.zst")))[:n_train_files]
+    val = os.path.join(src, "text", "val_docs.jsonl.zst")
+    for path in (src, model, val):
+        if not os.path.exists(path):
+            sys.exit(f"prepare_proxy: {path} not found; {fix}")
+    if not train:
+        sys.exit(f"prepare_proxy: no docs_*.jsonl.zst in {os.path.join(src, 'text')}; {fix}")
+    return model, train, val
 
 
 def main():
@@ -68,23 +96,23 @@ def main():
     p.add_argument("--max-val-docs", type=int, default=None)
     p.add_argument("--workers", type=int, default=os.cpu_count())
     opts = p.parse_args()
-    model = os.path.join(opts.src, "tokenizers", TOKENIZER)
-    train_files = sorted(glob.glob(os.path.join(opts.src, "text", "docs_*.jsonl.zst")))[:opts.train_files]
-    val_file = os.path.join(opts.src, "text", "val_docs.jsonl.zst")
-    for path in (model, val_file, *train_files[:1]):
-        if not os.path.isfile(path):
-            sys.exit(f"prepare_proxy: {path} not found; point --src at the proxy corpus folder (../shared/proxy)")
-    if not train_files:
-        sys.exit(f"prepare_proxy: no docs_*.jsonl.zst under {opts.src}/text; point --src at the proxy corpus")
+    if opts.train_files is not None and opts.train_files < 1:
+        p.error("--train-files must be at least 1")
+    model, train_files, val_file = source_files(opts.src, opts.train_files)
     t0 = time.time()
     os.makedirs(opts.out, exist_ok=True)
     shutil.copyfile(model, os.path.join(opts.out, TOKENIZER))
-    train_docs = itertools.islice(itertools.chain.from_iterable(read_docs(f) for f in train_files), opts.max_train_docs)
+    train_docs = itertools.chain.from_iterable(read_docs(f) for f in train_files)
+    splits = (("val", read_docs(val_file, opts.max_val_docs)),
+              ("train", itertools.islice(train_docs, opts.max_train_docs)))
     with Pool(opts.workers, initializer=_init_worker, initargs=(model,)) as pool:
-        for split, docs in (("val", read_docs(val_file, opts.max_val_docs)), ("train", train_docs)):
+        for split, docs in splits:
             tokens, n_docs = tokenize(pool, docs)
             paths = write_split(opts.out, split, tokens)
-            print(f"{split}: {n_docs} docs, {len(tokens)} tokens (BOS included), {len(paths)} shard(s)")
+            print(f"{split}: {n_docs} docs, {len(tokens)} tokens (BOS included), {len(paths)} shard(s), "
+                  f"{time.time() - t0:.1f}s")
+            if split == "val" and opts.max_val_docs is None:
+                check_val(n_docs, len(tokens))
     print(f"wrote {opts.out} in {time.time() - t0:.1f}s")
 
 

@@ -8,7 +8,11 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 import train_gpt  # noqa: E402
+
+torch.set_num_threads(1)  # tiny models: one thread is as fast, and far faster when the cores are shared
 from data.shards import write_shard  # noqa: E402
 
 PROXY = ROOT.parent / "shared" / "proxy"
@@ -31,7 +35,6 @@ def tiny_args(**overrides) -> "train_gpt.Hyperparameters":
 
 
 def cpu_runtime() -> "train_gpt.Runtime":
-    import torch
     return train_gpt.Runtime(rank=0, world_size=1, device=torch.device("cpu"))
 
 

@@ -1,0 +1,157 @@
+"""Weight averaging: EMA and SWA against hand computations, the averaged weights are what gets serialised, the SWA
+window, and how many updates a real run averages."""
+import pytest
+import torch
+
+from conftest import cpu_runtime, tiny_args, tiny_env
+import train_gpt
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def dyadic(shape, gen):
+    """Multiples of 1/64 in [-4, 4]: EMA with decay 0.75 on these is exact in float32, in any evaluation order."""
+    return torch.randint(-256, 257, shape, generator=gen).float() / 64
+
+
+def averaged_run(decay, swa, updates=3):
+    """A model whose MLP matrices are exported as int6 (512x256 > 65536 elements); weights changed by hand between
+    averager updates. Returns the model, args, averager and the hand-computed average."""
+    args = tiny_args(MODEL_DIM=256, MLP_MULT=2, NUM_LAYERS=2, NUM_HEADS=4, NUM_KV_HEADS=2, VOCAB_SIZE=64, MTP_HEADS=0,
+                     EMA_DECAY=decay, SWA=int(swa))
+    model = train_gpt.GPT(args)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(dyadic(p.shape, g))
+    averager = train_gpt.build_averager(args, model)
+    assert isinstance(averager, torch.optim.swa_utils.AveragedModel)
+    names = [n for n, _ in model.named_parameters()]
+    snapshots = []
+    for k in range(updates):
+        if k:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(dyadic(p.shape, g))  # a known change between updates
+        snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        averager.update_parameters(model)
+    if swa:
+        hand = {n: sum(s[n] for s in snapshots) / len(snapshots) for n in names}
+    else:
+        hand = dict(snapshots[0])  # the first update copies the weights
+        for s in snapshots[1:]:
+            hand = {n: decay * hand[n] + (1 - decay) * s[n] for n in names}
+    return model, args, averager, hand, snapshots
+
+
+CASES = [pytest.param(0.9, False, id="ema0.9"), pytest.param(0.75, False, id="ema0.75-exact"),
+         pytest.param(0.0, True, id="swa")]
+
+
+@pytest.mark.parametrize("decay,swa", CASES)
+def test_averager_holds_the_hand_computed_average(decay, swa):
+    model, _, averager, hand, snapshots = averaged_run(decay, swa)
+    assert int(averager.n_averaged) == 3
+    for n, p in averager.module.named_parameters():
+        if decay == 0.75:
+            assert torch.equal(p, hand[n]), n
+        else:
+            assert torch.allclose(p, hand[n], rtol=1e-6, atol=1e-6), n
+        assert not torch.allclose(p, snapshots[-1][n]), n  # the average is not just the last weights
+    for n, p in model.named_parameters():  # updating the average leaves the model alone
+        assert torch.equal(p, snapshots[-1][n]), n
+
+
+@pytest.mark.parametrize("decay,swa", CASES)
+def test_applied_average_is_what_gets_serialised(decay, swa):
+    model, args, averager, hand, _ = averaged_run(decay, swa)
+    train_gpt.apply_average(model, averager)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, dict(averager.module.named_parameters())[n]), n
+    artifact = train_gpt.quantize_state(train_gpt.export_state(model), args)
+    assert artifact["blocks.0.mlp.fc.weight"]["bits"] == 6  # the check covers quantized and fp16-kept tensors
+    ours = train_gpt.dequantize_state(artifact)
+    theirs = train_gpt.dequantize_state(train_gpt.quantize_state(hand, args))
+    assert ours.keys() == theirs.keys() == hand.keys()
+    for n in ours:
+        if decay == 0.75:  # exact arithmetic: bit-identical artifacts
+            assert torch.equal(ours[n], theirs[n]), n
+        else:  # a value within float rounding of a rounding boundary may land one step away
+            step = artifact[n]["scale"].float().max() if "scale" in artifact[n] else 1e-3 * theirs[n].abs().max()
+            assert ((ours[n] - theirs[n]).abs() <= step * 1.001 + 1e-7).all(), n
+            assert (ours[n] == theirs[n]).float().mean() > 0.999, n
+
+
+def test_no_averager_without_ema_or_swa():
+    assert train_gpt.build_averager(tiny_args(EMA_DECAY=0, SWA=0), torch.nn.Linear(2, 2)) is None
+
+
+def test_swa_window():
+    during_warmdown = tiny_args(SWA=1, EMA_DECAY=0, SWA_FRAC=0)
+    for p in (0.0, 0.5, 0.99, 1.0):
+        assert not train_gpt.swa_window(during_warmdown, p, 1.0)
+        assert train_gpt.swa_window(during_warmdown, p, 0.999)
+        assert train_gpt.swa_window(during_warmdown, p, 0.0)
+    last_fifth = tiny_args(SWA=1, EMA_DECAY=0, SWA_FRAC=0.2)
+    for p, inside in [(0.0, False), (0.5, False), (0.79, False), (0.8, True), (0.95, True), (1.0, True)]:
+        for scale in (1.0, 0.3):  # the LR scale does not matter here
+            assert train_gpt.swa_window(last_fifth, p, scale) == inside, (p, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Through a real (tiny) run
+
+def run_tiny(data, **overrides):
+    env = dict(ITERATIONS=4, QAT=0, VAL_MAX_TOKENS=512, TRAIN_LOG_EVERY=0, EVAL_STRIDE=0, MTP_HEADS=0)
+    env.update(overrides)
+    args = train_gpt.Hyperparameters.from_env(tiny_env(**data, **env))
+    return train_gpt.run(args, cpu_runtime())
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (dict(SWA=1, EMA_DECAY=0, SWA_EVERY=1, SWA_FRAC=1.0), 4),
+    (dict(SWA=1, EMA_DECAY=0, SWA_EVERY=2, SWA_FRAC=1.0), 2),
+    (dict(SWA=0, EMA_DECAY=0.5), 4),
+    # WARMDOWN_FRAC=0.5 over 8 steps: the scale drops below 1 from step 5 (progress 5/8), so steps 5, 6, 7 collect
+    (dict(SWA=1, EMA_DECAY=0, SWA_EVERY=1, SWA_FRAC=0, WARMDOWN_FRAC=0.5, ITERATIONS=8), 3),
+    (dict(SWA=0, EMA_DECAY=0), 0),
+], ids=["swa-every-step", "swa-every-2", "ema", "swa-warmdown", "none"])
+def test_run_counts_averaged_updates(markov_data, overrides, expected):
+    s = run_tiny(markov_data, **overrides)
+    assert s["steps"] == overrides.get("ITERATIONS", 4)
+    assert s["averaged_updates"] == expected
+
+
+def test_swa_in_warmdown_mode_skips_the_lr_warmup(markov_data):
+    # as the case above (steps 5, 6, 7 are the warmdown), plus LR_WARMUP_STEPS=2: step 0 (scale 0.5) is warmup
+    s = run_tiny(markov_data, SWA=1, EMA_DECAY=0, SWA_EVERY=1, SWA_FRAC=0, WARMDOWN_FRAC=0.5, ITERATIONS=8,
+                 LR_WARMUP_STEPS=2)
+    assert s["averaged_updates"] == 3
+
+
+def test_run_serialises_the_averaged_weights(markov_data, monkeypatch):
+    seen = {}
+    real = train_gpt.apply_average
+
+    def spy(base, averager):
+        seen.update({n: p.detach().clone() for n, p in averager.module.named_parameters()})
+        seen["trained"] = {n: p.detach().clone() for n, p in base.named_parameters()}
+        real(base, averager)
+
+    monkeypatch.setattr(train_gpt, "apply_average", spy)
+    s = run_tiny(markov_data, SWA=0, EMA_DECAY=0.5)
+    trained = seen.pop("trained")
+    assert any(not torch.equal(trained[n], seen[n]) for n in seen)  # the average differs from the last weights
+    args = train_gpt.Hyperparameters(**s["config"])
+    with open(s["artifact_path"], "rb") as f:
+        stored = train_gpt.dequantize_state(train_gpt.unpack(f.read()))
+    expected = train_gpt.dequantize_state(train_gpt.quantize_state(seen, args))
+    assert stored.keys() == expected.keys()
+    for n in stored:
+        assert torch.equal(stored[n], expected[n]), n
