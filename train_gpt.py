@@ -7,7 +7,7 @@ NCCL; CPU gets float32, no compile and gloo. Phases: config -> distributed -> da
 """
 from __future__ import annotations
 
-import contextlib, copy, dataclasses, difflib, glob, hashlib, io, json, math, os, platform, sys, time, uuid, zlib
+import contextlib, copy, dataclasses, difflib, glob, hashlib, json, math, os, platform, sys, time, uuid, zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -248,6 +248,8 @@ class Logger:
 
     def __init__(self, path, enabled):
         self.path, self.enabled = path, enabled
+        if enabled:
+            open(path, "w").close()  # a rerun with the same RUN_ID starts a fresh log
 
     def __call__(self, msg):
         if self.enabled:
@@ -1051,6 +1053,21 @@ def hardware_name(rt) -> str:
     return f"{rt.world_size}x CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def build_summary(args, rt, base, n_params, result, pre, out) -> dict:
+    steps, train_s = result["steps"], result["train_time_ms"] / 1000
+    tokens = steps * args.train_batch_tokens
+    peak = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.type == "cuda" else 0.0
+    return dict(run_id=args.run_id, config=dataclasses.asdict(args), device=rt.device.type, hardware=hardware_name(rt),
+                world_size=rt.world_size, torch_version=torch.__version__, cuda_version=torch.version.cuda,
+                seed=args.seed, data=args.data_label or os.path.basename(os.path.normpath(args.data_path)),
+                model_params=n_params, train_flops_per_token=train_flops_per_token(args, base), steps=steps,
+                train_time_ms=result["train_time_ms"], step_avg_ms=result["train_time_ms"] / max(steps, 1),
+                tokens_per_s=tokens / train_s if train_s > 0 else None, train_tokens=tokens, peak_mem_mib=peak,
+                train_losses=result["losses"], qat_start_step=result["qat_start_step"],
+                averaged_updates=result["averaged_updates"], pre_quant=pre,
+                quant_gap_bpb=out["roundtrip"]["val_bpb"] - pre["val_bpb"], **out)
+
+
 def write_reports(args, rt, summary, log):
     os.makedirs(args.log_dir, exist_ok=True)
     path = os.path.join(args.log_dir, f"{args.run_id}.json")
@@ -1145,22 +1162,10 @@ def run(args: Hyperparameters, rt: Runtime) -> dict:
     result = train(args, rt, model, base, optimizers, loader, lambda: evaluate(compiled, val, luts, args, rt, 0), log)
     pre = evaluate(compiled, val, luts, args, rt, stride=0)
     log(f"pre_quant val_loss:{pre['val_loss']:.4f} val_bpb:{pre['val_bpb']:.4f} eval_time:{1000 * pre['eval_time_s']:.0f}ms")
-    peak = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.type == "cuda" else 0.0
-    log(f"peak memory allocated: {peak:.0f} MiB")
     out = finish(args, rt, base, val, luts, log)
-    log(f"quant_gap_bpb:{out['roundtrip']['val_bpb'] - pre['val_bpb']:+.5f} (standard eval, post - pre)")
-    steps, train_s = result["steps"], result["train_time_ms"] / 1000
-    tokens = steps * args.train_batch_tokens
-    summary = dict(run_id=args.run_id, config=dataclasses.asdict(args), device=rt.device.type,
-                   hardware=hardware_name(rt), world_size=rt.world_size, torch_version=torch.__version__,
-                   cuda_version=torch.version.cuda, seed=args.seed, data=args.data_label or os.path.basename(
-                       os.path.normpath(args.data_path)), model_params=n_params,
-                   train_flops_per_token=train_flops_per_token(args, base), steps=steps,
-                   train_time_ms=result["train_time_ms"], step_avg_ms=result["train_time_ms"] / max(steps, 1),
-                   tokens_per_s=tokens / train_s if train_s > 0 else None, train_tokens=tokens, peak_mem_mib=peak,
-                   train_losses=result["losses"], qat_start_step=result["qat_start_step"],
-                   averaged_updates=result["averaged_updates"], pre_quant=pre,
-                   quant_gap_bpb=out["roundtrip"]["val_bpb"] - pre["val_bpb"], **out)
+    summary = build_summary(args, rt, base, n_params, result, pre, out)
+    log(f"quant_gap_bpb:{summary['quant_gap_bpb']:+.5f} (standard eval, post - pre)")
+    log(f"peak memory allocated: {summary['peak_mem_mib']:.0f} MiB")
     if rt.is_main:
         write_reports(args, rt, summary, log)
     return summary

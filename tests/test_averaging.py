@@ -7,14 +7,6 @@ from conftest import cpu_runtime, tiny_args, tiny_env
 import train_gpt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def dyadic(shape, gen):
     """Multiples of 1/64 in [-4, 4]: EMA with decay 0.75 on these is exact in float32, in any evaluation order."""
     return torch.randint(-256, 257, shape, generator=gen).float() / 64

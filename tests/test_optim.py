@@ -7,14 +7,6 @@ from conftest import cpu_runtime, tiny_args
 import train_gpt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 

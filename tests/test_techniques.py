@@ -13,15 +13,6 @@ import train_gpt
 BOS = train_gpt.BOS_ID
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and spinning OpenMP workers crawl on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def randomize(module, seed=0, std=0.5):
     """Every parameter random and non-zero (zero-initialised projections would hide any dependence)."""
     g = torch.Generator().manual_seed(seed)

@@ -3,7 +3,6 @@ and every output file holds what the run measured."""
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
