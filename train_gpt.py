@@ -1077,7 +1077,8 @@ def write_reports(args, rt, summary, log):
     submission = dict(
         name=args.name or f"{args.preset} stack", author=args.author, github_id=args.github_id,
         blurb=f"train_gpt.py PRESET={args.preset}; {summary['hardware']}; data: {summary['data']}",
-        date=time.strftime("%Y-%m-%d"), track="10min_16mb", hardware=summary["hardware"], data=summary["data"],
+        date=time.strftime("%Y-%m-%d"), track="10min_16mb" if rt.device.type == "cuda" and rt.world_size == 8 else
+        "non-record", hardware=summary["hardware"], data=summary["data"],
         val_loss=final["val_loss"], val_bpb=final["val_bpb"],
         pre_quant_val_loss=summary["pre_quant"]["val_loss"], pre_quant_val_bpb=summary["pre_quant"]["val_bpb"],
         step_stop=summary["steps"], wallclock_seconds=summary["train_time_ms"] / 1000,
