@@ -396,6 +396,9 @@ def target_bytes(x: Tensor, y: Tensor, luts) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 # Model
 
+CLIP_FRACTIONS = (1.0, 0.97, 0.94, 0.9, 0.85, 0.8)  # of each row's max, tried by QUANT_CLIP_SEARCH
+
+
 def quantize_tensor(w: Tensor, bits: int, group: int = 0, clip_search: bool = False) -> tuple[Tensor, Tensor]:
     """Symmetric quantization of a 2-D tensor to integers in [-qmax, qmax], one fp16 scale per row (or per group of
     `group` columns). clip_search tries clipping each row at a few fractions of its max and keeps the lowest MSE."""
@@ -403,17 +406,16 @@ def quantize_tensor(w: Tensor, bits: int, group: int = 0, clip_search: bool = Fa
     rows = w.float().reshape(-1, group) if group else w.float().reshape(w.shape[0], -1)
     amax = rows.abs().amax(dim=1, keepdim=True)
     best_q = best_s = best_err = None
-    for frac in ((1.0, 0.97, 0.94, 0.9, 0.85, 0.8) if clip_search else (1.0,)):
+    for frac in CLIP_FRACTIONS if clip_search else (1.0,):
         scale = (amax * frac / qmax).clamp_min(1e-6).half().float()  # the fp16 scale is what gets stored
         q = (rows / scale).round().clamp(-qmax, qmax)
-        if best_q is None:
-            best_q, best_s = q, scale
-            if clip_search:
-                best_err = (q * scale - rows).square().sum(1, keepdim=True)
-            continue
         err = (q * scale - rows).square().sum(1, keepdim=True)
-        better = err < best_err
-        best_q, best_s, best_err = torch.where(better, q, best_q), torch.where(better, scale, best_s), torch.minimum(err, best_err)
+        if best_err is None:
+            best_q, best_s, best_err = q, scale, err
+        else:
+            better = err < best_err
+            best_q, best_s = torch.where(better, q, best_q), torch.where(better, scale, best_s)
+            best_err = torch.minimum(err, best_err)
     return best_q.to(torch.int8).reshape(w.shape), best_s.half()
 
 
@@ -425,8 +427,8 @@ def dequantize_tensor(q: Tensor, scale: Tensor, group: int = 0) -> Tensor:
 class CastedLinear(nn.Linear):
     """Bias-free linear with an fp32 master weight. With qat=True the forward uses the weight's fake quantization
     exactly as exported (width qat_bits, groups and clip search set by GPT from the export plan; 0 bits = exported
-    as fp16, left alone) and passes gradients straight through (STE). qat is a forward argument, not a flag flipped later, so torch.compile guards
-    on it and keeps one graph per value instead of folding the branch away."""
+    as fp16, left alone) and passes gradients straight through (STE). qat is a forward argument, not a flag flipped
+    later, so torch.compile guards on it and keeps one graph per value instead of folding the branch away."""
 
     def __init__(self, fan_in, fan_out, zero_init=False):
         super().__init__(fan_in, fan_out, bias=False)
@@ -652,13 +654,19 @@ class Muon(torch.optim.Optimizer):
         self.steps, self.normuon, self.beta2 = steps, normuon, beta2
         self.rank, self.world, self.orthogonalize = rank, world, orthogonalize
 
+    def _state(self, p, key, shape) -> Tensor:
+        state = self.state[p]
+        if key not in state:  # created once, not allocated (and dropped) every step
+            state[key] = torch.zeros(shape, device=p.device, dtype=torch.float32)
+        return state[key]
+
     def _update(self, p, grad, momentum):
-        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        buf = self._state(p, "momentum_buffer", p.shape)
         buf.mul_(momentum).add_(grad)
         return grad.add(buf, alpha=momentum)
 
     def _normalize_rows(self, p, u: Tensor) -> Tensor:
-        v = self.state[p].setdefault("row_sq", torch.zeros(u.size(0), device=u.device, dtype=torch.float32))
+        v = self._state(p, "row_sq", u.size(0))
         u = u.float()
         v.lerp_(u.square().mean(dim=1), 1 - self.beta2)
         un = u / (v.sqrt() + 1e-8)[:, None]
@@ -689,6 +697,8 @@ class Muon(torch.optim.Optimizer):
             if self.world > 1:
                 dist.all_reduce(flat)
             for i, p in enumerate(params):
+                if p.grad is None:
+                    continue
                 p.mul_(1 - group["lr"] * group["wd"])
                 p.add_(flat[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype), alpha=-group["lr"])
 
