@@ -7,7 +7,8 @@ NCCL; CPU gets float32, no compile and gloo. Phases: config -> distributed -> da
 """
 from __future__ import annotations
 
-import contextlib, copy, dataclasses, difflib, glob, hashlib, json, math, os, platform, sys, time, uuid, zlib
+import contextlib, copy, dataclasses, difflib, glob, hashlib, json, math, os, platform, signal, sys, tempfile, time
+import uuid, zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 import zstandard
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 ARTIFACT_CAP_BYTES = 16_000_000  # decimal: code bytes + compressed model bytes
 BOS_ID = 1  # every document starts with BOS (upstream export rule)
@@ -40,7 +41,7 @@ class Hyperparameters:
     run_id: str = ""
     seed: int = 1337
     log_dir: str = "logs"
-    submission_json: str = "submission.json"
+    submission_json: str = ""  # "" = LOG_DIR/<RUN_ID>.submission.json
     data_label: str = ""  # what the data is, for the summary and submission (default: DATA_PATH's folder name)
     author: str = ""
     github_id: str = ""
@@ -105,7 +106,8 @@ class Hyperparameters:
     qat_start_frac: float = 0.0
     swa: bool = False
     swa_every: int = 50
-    swa_frac: float = 0.0  # 0 = collect during the warmdown; >0 = during the last SWA_FRAC of training
+    swa_frac: float = 0.0  # >0: collect during the last SWA_FRAC of progress
+    swa_start_frac: float = 0.0  # >0: collect while the LR scale is below this (#162); neither: during the warmdown
     ema_decay: float = 0.0
     # export
     quant_attn_bits: int = 6
@@ -113,10 +115,13 @@ class Hyperparameters:
     quant_other_bits: int = 8
     quant_group_size: int = 0  # 0 = one scale per row; >0 = one scale per group of this many columns
     quant_clip_search: bool = True
+    quant_int8_upstream: bool = False  # 8-bit tensors use upstream's quantizer (quantile clip, scale floor 1/127)
     fp16_keep_patterns: str = "tok_emb"
+    int8_keep_float_fp32_name_patterns: str = ""  # small tensors kept in fp32 instead of fp16 (upstream baseline)
     control_tensor_patterns: str = "attn_scale,mlp_scale,resid_mix,q_gain,skip_weight,smear"
     compressor: str = "zstd"
     compress_level: int = 22
+    eval_artifact: str = ""  # path of a saved .ptz: skip training, score that artifact
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
@@ -127,30 +132,70 @@ class Hyperparameters:
         if preset not in PRESETS:
             raise UserError(f"PRESET={preset!r} is unknown; use one of {', '.join(PRESETS)}")
         values = dict(PRESETS[preset], preset=preset)
-        for key, f in known.items():
-            if key in env:
-                values[f.name] = parse_env_value(key, env[key], type(f.default))
-        args = cls(**values)
+        explicit = {f.name: parse_env_value(key, env[key], type(f.default)) for key, f in known.items() if key in env}
+        if explicit.get("eval_artifact"):  # the artifact's stored config sits between the preset and explicit vars
+            stored = read_artifact(explicit["eval_artifact"])[1]["config"]
+            for k in MODEL_FIELDS:
+                if k in explicit and explicit[k] != stored[k]:
+                    raise UserError(f"{k.upper()}={explicit[k]!r} but the artifact was trained with {stored[k]!r}; "
+                                    f"unset {k.upper()}")
+            values.update(stored)
+        args = cls(**dict(values, **explicit))
         args.validate()
         return args
 
     def validate(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in FIELD_RANGES and not in_interval(v, FIELD_RANGES[f.name]):
+                raise UserError(f"{f.name.upper()}={v!r}: must be in {FIELD_RANGES[f.name]}")
+            if f.name in FIELD_CHOICES and v not in FIELD_CHOICES[f.name]:
+                raise UserError(f"{f.name.upper()}={v!r}: must be one of {', '.join(map(str, FIELD_CHOICES[f.name]))}")
+
         def need(ok, var, why):
             if not ok:
                 raise UserError(f"{var}={getattr(self, var.lower())!r}: {why}")
-        for var in ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "ITERATIONS", "TRAIN_SEQ_LEN",
-                    "TRAIN_BATCH_TOKENS", "SWA_EVERY", "EVAL_BATCH_SEQS", "VAL_BATCH_SIZE", "VOCAB_SIZE"):
-            need(getattr(self, var.lower()) > 0, var, "must be > 0")
         need(self.model_dim % self.num_heads == 0, "NUM_HEADS", "must divide MODEL_DIM")
         need(self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS", "must divide NUM_HEADS")
         need((self.model_dim // self.num_heads) % 2 == 0, "MODEL_DIM", "head dim (MODEL_DIM/NUM_HEADS) must be even")
+        need(int(self.mlp_mult * self.model_dim) > 0, "MLP_MULT", "MLP_MULT*MODEL_DIM must be at least 1")
         need(not (self.swa and self.ema_decay > 0), "EMA_DECAY", "use SWA or EMA, not both (set SWA=0 or EMA_DECAY=0)")
-        need(0 <= self.ema_decay < 1, "EMA_DECAY", "must be in [0, 1)")
-        need(self.compressor in ("zstd", "zlib"), "COMPRESSOR", "must be zstd or zlib")
-        for var in ("QUANT_ATTN_BITS", "QUANT_MLP_BITS", "QUANT_OTHER_BITS"):
-            need(2 <= getattr(self, var.lower()) <= 8, var, "must be between 2 and 8")
         need(self.bigram_buckets == 0 or self.bigram_buckets >= 2, "BIGRAM_BUCKETS", "must be 0 (off) or >= 2")
-        need(self.eval_stride >= 0, "EVAL_STRIDE", "must be >= 0")
+        lo, hi = COMPRESS_LEVELS[self.compressor]
+        need(lo <= self.compress_level <= hi, "COMPRESS_LEVEL", f"{self.compressor} takes levels {lo}..{hi}")
+        seq = self.eval_seq_len or self.train_seq_len
+        need(self.eval_stride <= seq, "EVAL_STRIDE", f"must be <= the eval window ({seq}); lower EVAL_STRIDE or "
+             "raise EVAL_SEQ_LEN (0 = TRAIN_SEQ_LEN)")
+        need(set(self.run_id) <= set(RUN_ID_CHARS), "RUN_ID", "use letters, digits, '.', '_' and '-' only")
+
+
+def in_interval(v, spec: str) -> bool:
+    """spec in math notation: "[0, 1)" = 0 <= v < 1, "(0, inf)" = v > 0."""
+    lo, hi = (float(s) for s in spec[1:-1].split(","))
+    return (v >= lo if spec[0] == "[" else v > lo) and (v <= hi if spec[-1] == "]" else v < hi)
+
+
+# Every non-bool field has a range, a list of choices, or is free text (tests/test_config.py checks it).
+POS, NONNEG, UNIT, UNIT_OPEN = "[1, inf)", "[0, inf)", "[0, 1]", "[0, 1)"
+FIELD_RANGES = dict(
+    seed=f"[0, {2**32 - 1}]", val_batch_size=POS, val_loss_every=NONNEG, train_log_every=NONNEG,
+    val_max_tokens=NONNEG, eval_seq_len=NONNEG, eval_stride=NONNEG, eval_batch_seqs=POS, iterations=POS,
+    warmdown_iters=NONNEG, warmdown_frac=UNIT, warmup_steps=NONNEG, lr_warmup_steps=NONNEG, train_batch_tokens=POS,
+    train_seq_len=POS, max_wallclock_seconds=NONNEG, grad_accum_steps=NONNEG, compile="[-1, 1]",
+    vocab_size="[2, 65536]", num_layers=POS, model_dim=POS, num_heads=POS, num_kv_heads=POS, mlp_mult="(0, inf)",
+    rope_base="(0, inf)", logit_softcap="(0, inf)", qk_gain_init="(-inf, inf)", tied_embed_init_std=NONNEG,
+    bigram_buckets=NONNEG, bigram_dim=POS, mtp_heads=NONNEG, mtp_weight=NONNEG, embed_lr=NONNEG, head_lr=NONNEG,
+    tied_embed_lr=NONNEG, matrix_lr=NONNEG, scalar_lr=NONNEG, muon_momentum=UNIT_OPEN, muon_backend_steps=POS,
+    muon_momentum_warmup_start=UNIT_OPEN, muon_momentum_warmup_steps=NONNEG, muon_wd=NONNEG, normuon_beta2=UNIT_OPEN,
+    beta1=UNIT_OPEN, beta2=UNIT_OPEN, adam_eps="(0, inf)", adam_wd=NONNEG, grad_clip_norm=NONNEG, qat_start_frac=UNIT,
+    swa_every=POS, swa_frac=UNIT, swa_start_frac=UNIT, ema_decay=UNIT_OPEN, quant_attn_bits="[2, 8]",
+    quant_mlp_bits="[2, 8]", quant_other_bits="[2, 8]", quant_group_size=NONNEG, compress_level="[0, 22]")
+COMPRESS_LEVELS = dict(zstd=(1, 22), zlib=(0, 9))
+FIELD_CHOICES = dict(compressor=tuple(COMPRESS_LEVELS))  # PRESET is checked against PRESETS before this
+FREE_TEXT_FIELDS = ("preset", "data_path", "tokenizer_path", "run_id", "log_dir", "submission_json", "data_label",
+                    "author", "github_id", "name", "fp16_keep_patterns", "int8_keep_float_fp32_name_patterns",
+                    "control_tensor_patterns", "eval_artifact")
+RUN_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
 
 
 # Named stacks. Explicit env vars always win; fields not named keep the upstream baseline defaults above.
@@ -158,23 +203,25 @@ SEED162 = dict(  # records/.../2026-03-20_Int6_MLP3x_SmearGate_BigramHash_MuonWD
     mlp_mult=3.0, train_seq_len=2048, train_batch_tokens=786432, warmdown_iters=3000,
     matrix_lr=0.02, scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.99, muon_momentum_warmup_start=0.92,
     muon_momentum_warmup_steps=1500, muon_wd=0.04, adam_wd=0.01, grad_clip_norm=0.3, smear_gate=True,
-    bigram_buckets=4096, bigram_dim=128, ortho_init=True, swa=True, swa_every=50, swa_frac=0.2, eval_batch_seqs=32,
-    fp16_keep_patterns="tok_emb,blocks.8.attn.c_k")
+    bigram_buckets=4096, bigram_dim=128, ortho_init=True, swa=True, swa_every=50, swa_start_frac=0.5,
+    eval_batch_seqs=32, quant_clip_search=False, quant_int8_upstream=True, fp16_keep_patterns="tok_emb,blocks.8.attn.c_k")
 PRESETS = {
     # upstream NaiveBaseline: 9x512, MLP 2x, int8 + zlib export, no sliding window
     "baseline": dict(eval_stride=0, quant_attn_bits=8, quant_mlp_bits=8, quant_clip_search=False,
-                     fp16_keep_patterns="", compressor="zlib", compress_level=9),
+                     quant_int8_upstream=True, fp16_keep_patterns="", compressor="zlib", compress_level=9,
+                     int8_keep_float_fp32_name_patterns="attn_scale,mlp_scale,resid_mix,q_gain,skip_weight"),
     "seed162": SEED162,
     # our stack: 11 layers (the 1.1233 record's depth) on #162's techniques, EMA instead of SWA, late int6 QAT
     "default": dict(SEED162, num_layers=11, bigram_buckets=2048, matrix_lr=0.025, scalar_lr=0.025,
-                    tied_embed_lr=0.035, adam_wd=0.04, warmdown_frac=0.5, swa=False, ema_decay=0.997, qat=True,
-                    qat_start_frac=0.8, eval_batch_seqs=64, fp16_keep_patterns="tok_emb"),
+                    tied_embed_lr=0.035, adam_wd=0.04, warmdown_frac=0.5, swa=False, swa_start_frac=0.0,
+                    ema_decay=0.997, qat=True, qat_start_frac=0.8, eval_batch_seqs=64, quant_clip_search=True,
+                    quant_int8_upstream=False, fp16_keep_patterns="tok_emb"),
 }
 
 # Families of our variables: an unknown name in one of them is a typo, not someone else's variable.
 ENV_FAMILIES = ("NUM_", "MODEL_", "MLP_", "TRAIN_", "VAL_", "EVAL_", "MUON_", "NORMUON_", "ADAM_", "QAT_", "SWA_",
                 "EMA_", "BIGRAM_", "SMEAR_", "MTP_", "QUANT_", "WARMDOWN_", "WARMUP_", "LR_", "TIED_", "EMBED_",
-                "MATRIX_", "SCALAR_", "ROPE_", "QK_", "LOGIT_", "VOCAB_", "GRAD_", "ORTHO_", "COMPRESS_")
+                "MATRIX_", "SCALAR_", "ROPE_", "QK_", "LOGIT_", "VOCAB_", "GRAD_", "ORTHO_", "COMPRESS_", "INT8_")
 
 
 def reject_unknown_env(env, known):
@@ -207,6 +254,8 @@ class Runtime:
     rank: int
     world_size: int
     device: torch.device
+    stage: str = "setup"  # what an interrupt would cut short: setup, train, export, eval
+    step: int = 0
 
     @property
     def is_main(self):
@@ -244,18 +293,59 @@ def setup_runtime() -> Runtime:
 
 
 class Logger:
-    """Prints on rank 0 and appends to the run's log file."""
+    """Prints on rank 0 and appends to `path`.partial, renamed to `path` by close() however the run ends (a run killed
+    outright leaves the .partial file, marked as incomplete by its name)."""
 
     def __init__(self, path, enabled):
         self.path, self.enabled = path, enabled
         if enabled:
-            open(path, "w").close()  # a rerun with the same RUN_ID starts a fresh log
+            open(path + ".partial", "x").close()
 
-    def __call__(self, msg):
+    def __call__(self, msg, console=True):
         if self.enabled:
-            print(msg, flush=True)
-            with open(self.path, "a", encoding="utf-8") as f:
+            if console:
+                print(msg, flush=True)
+            with open(self.path + ".partial", "a", encoding="utf-8") as f:
                 f.write(msg + "\n")
+
+    def close(self):
+        if self.enabled:
+            os.replace(self.path + ".partial", self.path)
+
+
+def write_atomic(path, data: bytes):
+    """Write to a temporary file beside `path`, then rename it into place: a crash or a kill never leaves a
+    half-written file, and a file already at `path` stays whole until the new one is complete."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_writable_dir(path, var):
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise UserError(f"{var}: cannot write in {path} ({e.strerror}); point {var} to a writable folder") from None
+
+
+def check_outputs(args):
+    """Before anything is written: LOG_DIR and the submission's folder are writable, and this RUN_ID is new."""
+    check_writable_dir(args.log_dir, "LOG_DIR")
+    taken = sorted(glob.glob(os.path.join(glob.escape(args.log_dir), glob.escape(args.run_id) + ".*")))
+    if taken:
+        raise UserError(f"RUN_ID={args.run_id} already has files in {args.log_dir} "
+                        f"({', '.join(map(os.path.basename, taken))}); set a new RUN_ID or remove those files")
+    if os.path.isdir(args.submission_json):
+        raise UserError(f"SUBMISSION_JSON={args.submission_json} is a folder; give a file path")
+    check_writable_dir(os.path.dirname(args.submission_json) or ".", "SUBMISSION_JSON")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -264,7 +354,8 @@ class Logger:
 SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES = 20240520, 1, 1024
 
 
-def load_shard(path, vocab_size) -> np.ndarray:
+def shard_tokens(path) -> int:
+    """Checks a shard's header and size (reads 1 KB) and returns its token count."""
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype="<i4", count=HEADER_BYTES // 4)
     if header.size < HEADER_BYTES // 4 or header[0] != SHARD_MAGIC:
@@ -275,6 +366,11 @@ def load_shard(path, vocab_size) -> np.ndarray:
     if size != HEADER_BYTES + 2 * n:
         raise UserError(f"{path}: {size} bytes but the header promises {n} tokens ({HEADER_BYTES + 2 * n} bytes); "
                         "the shard is truncated or corrupt, regenerate it")
+    return n
+
+
+def load_shard(path, vocab_size) -> np.ndarray:
+    n = shard_tokens(path)
     tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES)
     if n and int(tokens.max()) >= vocab_size:
         raise UserError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; "
@@ -326,6 +422,8 @@ class TrainLoader:
             raise UserError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be a multiple of "
                             f"WORLD_SIZE*accum*TRAIN_SEQ_LEN = {micro * args.train_seq_len}")
         self.files, self.vocab_size = shard_files(args.data_path, "train"), args.vocab_size
+        if sum(shard_tokens(f) for f in self.files) == 0:  # every header checked now, not at minute 8
+            raise UserError(f"the train shards under {args.data_path} hold no tokens; regenerate them")
         self.reset()
         self.rt, self.accum, self.micro, self.seq_len = rt, accum, micro, args.train_seq_len
         self.local = args.train_batch_tokens // micro
@@ -344,13 +442,15 @@ class TrainLoader:
         return out
 
 
-def load_val_tokens(args) -> Tensor:
+def load_val_tokens(args) -> tuple[Tensor, bool]:
+    """The validation tokens (the first VAL_MAX_TOKENS targets when set) and whether that cut any off."""
     tokens = np.concatenate([load_shard(f, args.vocab_size) for f in shard_files(args.data_path, "val")])
-    if args.val_max_tokens:
+    truncated = 0 < args.val_max_tokens < len(tokens) - 1
+    if truncated:
         tokens = tokens[:args.val_max_tokens + 1]
     if len(tokens) < 2:
         raise UserError(f"validation set under {args.data_path} holds {len(tokens)} tokens; need at least 2")
-    return torch.from_numpy(tokens.astype(np.int64))
+    return torch.from_numpy(tokens.astype(np.int64)), truncated
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -359,7 +459,11 @@ def load_val_tokens(args) -> Tensor:
 def load_tokenizer(args):
     if not os.path.isfile(args.tokenizer_path):
         raise UserError(f"tokenizer {args.tokenizer_path} not found; set TOKENIZER_PATH to the SentencePiece .model")
-    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
+    except (RuntimeError, OSError):
+        raise UserError(f"tokenizer {args.tokenizer_path} is not a SentencePiece model; set TOKENIZER_PATH to the "
+                        ".model file that made the shards") from None
     if sp.vocab_size() != args.vocab_size:
         raise UserError(f"tokenizer {args.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE="
                         f"{args.vocab_size}; set VOCAB_SIZE={sp.vocab_size()} or use the matching tokenizer")
@@ -397,13 +501,21 @@ def target_bytes(x: Tensor, y: Tensor, luts) -> Tensor:
 # Model
 
 CLIP_FRACTIONS = (1.0, 0.97, 0.94, 0.9, 0.85, 0.8)  # of each row's max, tried by QUANT_CLIP_SEARCH
+UPSTREAM_INT8_CLIP_Q = 0.9999984  # upstream's INT8_CLIP_PERCENTILE / 100
 
 
-def quantize_tensor(w: Tensor, bits: int, group: int = 0, clip_search: bool = False) -> tuple[Tensor, Tensor]:
+def quantize_tensor(w: Tensor, bits: int, group: int = 0, clip_search: bool = False,
+                    upstream: bool = False) -> tuple[Tensor, Tensor]:
     """Symmetric quantization of a 2-D tensor to integers in [-qmax, qmax], one fp16 scale per row (or per group of
-    `group` columns). clip_search tries clipping each row at a few fractions of its max and keeps the lowest MSE."""
+    `group` columns). clip_search tries clipping each row at a few fractions of its max and keeps the lowest MSE.
+    upstream (8 bits only): upstream's int8 quantizer, clip at a quantile of |row|, scale floored at 1/127."""
     qmax = 2 ** (bits - 1) - 1
     rows = w.float().reshape(-1, group) if group else w.float().reshape(w.shape[0], -1)
+    if upstream and bits == 8 and rows.numel():
+        clip = torch.quantile(rows.abs(), UPSTREAM_INT8_CLIP_Q, dim=1, keepdim=True)
+        scale = (clip / qmax).clamp_min(1 / qmax)  # rounds with the fp32 scale, stores fp16 (as upstream)
+        q = (torch.minimum(torch.maximum(rows, -clip), clip) / scale).round().clamp(-qmax, qmax)
+        return q.to(torch.int8).reshape(w.shape), scale.half()
     amax = rows.abs().amax(dim=1, keepdim=True)
     best_q = best_s = best_err = None
     for frac in CLIP_FRACTIONS if clip_search else (1.0,):
@@ -432,12 +544,13 @@ class CastedLinear(nn.Linear):
 
     def __init__(self, fan_in, fan_out, zero_init=False):
         super().__init__(fan_in, fan_out, bias=False)
-        self.qat_bits, self.qat_group, self.qat_clip_search, self.zero_init = 0, 0, False, zero_init
+        self.qat_bits, self.qat_group, self.qat_clip_search, self.qat_upstream = 0, 0, False, False
+        self.zero_init = zero_init
 
     def forward(self, x, qat=False):
         w = self.weight
         if qat and self.qat_bits:
-            q, s = quantize_tensor(w.detach(), self.qat_bits, self.qat_group, self.qat_clip_search)
+            q, s = quantize_tensor(w.detach(), self.qat_bits, self.qat_group, self.qat_clip_search, self.qat_upstream)
             w = w + (dequantize_tensor(q, s, self.qat_group) - w).detach()
         return F.linear(x, w.to(x.dtype))
 
@@ -518,15 +631,18 @@ class SmearGate(nn.Module):
 
 class BigramHash(nn.Module):
     """Embeds a hash of (previous input token, current input token) into `buckets` rows, projected to the model width
-    by a zero-initialised matrix (PR #162's hash). Position 0 and BOS positions get the reserved last bucket, so
-    the key never spans a row start or a document boundary; targets are never part of the key."""
+    and scaled by a learned scalar (PR #162: table and projection start at zero, ORTHO_INIT then makes the projection
+    orthogonal). Position 0 and BOS positions get the reserved last bucket, so the key never spans a row start or a
+    document boundary; targets are never part of the key."""
 
     def __init__(self, args):
         super().__init__()
         self.buckets = args.bigram_buckets
         self.embed = nn.Embedding(args.bigram_buckets, args.bigram_dim)
-        self.proj = CastedLinear(args.bigram_dim, args.model_dim, zero_init=True)
-        nn.init.normal_(self.embed.weight, std=0.02)
+        self.proj = CastedLinear(args.bigram_dim, args.model_dim)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+        nn.init.zeros_(self.embed.weight)
+        nn.init.zeros_(self.proj.weight)
 
     def bucket_ids(self, tokens: Tensor) -> Tensor:
         cur = tokens.long()
@@ -537,7 +653,8 @@ class BigramHash(nn.Module):
         return torch.where(no_prev, self.buckets - 1, h)
 
     def forward(self, tokens, qat):
-        return self.proj(self.embed(self.bucket_ids(tokens)), qat)
+        h = self.proj(self.embed(self.bucket_ids(tokens)), qat)
+        return h * self.scale.to(h.dtype)
 
 
 class GPT(nn.Module):
@@ -560,26 +677,27 @@ class GPT(nn.Module):
             if isinstance(m, CastedLinear) and not name.startswith("mtp_heads."):
                 m.qat_bits = export_bits(name + ".weight", m.weight, args)
                 m.qat_group, m.qat_clip_search = export_group(m.weight, args), args.quant_clip_search
+                m.qat_upstream = args.quant_int8_upstream
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):
-        """Embedding N(0, TIED_EMBED_INIT_STD) when tied. Linears: PyTorch default, with output projections (block
-        outputs, bigram, untied head, MTP) zero. ORTHO_INIT: block matrices orthogonal, the blocks' output
-        projections scaled by 1/sqrt(2*num_layers) instead of zero (muP-style, #162)."""
+        """Embedding N(0, TIED_EMBED_INIT_STD) when tied. Linears: PyTorch default; zero_init ones (block output
+        projections, untied head, MTP) zero. ORTHO_INIT, as #162's code runs it: the zero check comes first, so those
+        stay zero; every other Linear with both dims >= 64 becomes orthogonal, and one named `*.proj` (only the
+        bigram projection) is scaled by 1/sqrt(2*num_layers)."""
         args = self.args
         if args.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
         for name, m in self.named_modules():
             if not isinstance(m, CastedLinear):
                 continue
-            in_block = name.startswith("blocks.")
-            if args.ortho_init and in_block:
-                nn.init.orthogonal_(m.weight)
-                if m.zero_init:
-                    m.weight.mul_(1 / math.sqrt(2 * args.num_layers))
-            elif m.zero_init:
+            if m.zero_init:
                 nn.init.zeros_(m.weight)
+            elif args.ortho_init and min(m.weight.shape) >= 64:
+                nn.init.orthogonal_(m.weight)
+                if name.endswith(".proj"):
+                    m.weight.mul_(1 / math.sqrt(2 * args.num_layers))
 
     def hidden(self, idx: Tensor, qat: bool) -> Tensor:
         x = self.tok_emb(idx)
@@ -835,16 +953,29 @@ def prime_compile(model, base, optimizers, loader, args, rt, log):
     loader.reset()
 
 
+def ema_with_warmup(decay):
+    """EMA whose decay ramps up as min(decay, (1+t)/(10+t)), t = updates so far: a fixed 0.997 would keep ~40% of
+    its weight on the first few hundred steps of a short run. The ramp stays on the device (no host sync)."""
+    def update(avg: list[Tensor], cur: list[Tensor], t: Tensor):
+        d = ((1 + t) / (10 + t)).clamp(max=decay).to(avg[0].dtype)
+        torch._foreach_mul_(avg, d)
+        torch._foreach_add_(avg, torch._foreach_mul(cur, 1 - d))
+    return update
+
+
 def build_averager(args, base):
     if args.ema_decay > 0:
-        return AveragedModel(base, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
+        return AveragedModel(base, multi_avg_fn=ema_with_warmup(args.ema_decay))
     if args.swa:
         return AveragedModel(base)
     return None
 
 
 def swa_window(args, p, warmdown) -> bool:
-    """SWA collects over the last SWA_FRAC of progress, or else while the LR warms down (warmdown = warmdown_scale)."""
+    """SWA collects while the warmdown scale is below SWA_START_FRAC (#162's rule), or over the last SWA_FRAC of
+    progress, or else during the whole warmdown (warmdown = warmdown_scale, which ignores the LR warmup)."""
+    if args.swa_start_frac > 0:
+        return warmdown < args.swa_start_frac
     return p >= 1 - args.swa_frac if args.swa_frac > 0 else warmdown < 1.0
 
 
@@ -875,6 +1006,7 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
     max_ms = 1000 * args.max_wallclock_seconds
     step, train_ms, swa_count, losses, stop = 0, 0.0, 0, [], False
     qat_step = None
+    rt.stage = "train"
     rt.sync()
     t0 = time.perf_counter()
     while True:
@@ -898,7 +1030,7 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
             log(f"qat:on step:{step} progress:{p:.3f}")
         set_schedule(optimizers, args, step, scale)
         loss = train_step(model, loader.next_batch(), optimizers, args, rt, qat)
-        step += 1
+        step = rt.step = step + 1
         if averager is not None and (args.ema_decay > 0 or (swa_window(args, p, warmdown) and step % args.swa_every == 0)):
             averager.update_parameters(base)
             swa_count += 1
@@ -914,6 +1046,9 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
         stop = all_reduce_max(max_ms > 0 and elapsed >= max_ms, rt)
     if stop and step < args.iterations:
         log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
+        if step < args.iterations / 2:
+            log(f"WARNING: MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds:g} stopped this run at step {step}, "
+                f"before half of ITERATIONS={args.iterations}: the schedule and the score reflect a cut run")
     if averager is not None and swa_count > 0:
         apply_average(base, averager)
         log(f"averaging: applied {'EMA' if args.ema_decay > 0 else 'SWA'} over {swa_count} updates")
@@ -999,10 +1134,13 @@ def quantize_state(state, args) -> dict[str, dict]:
         bits = export_bits(name, t, args) if t.is_floating_point() else 0
         if bits:
             group = export_group(t, args)
-            q, s = quantize_tensor(t, bits, group, args.quant_clip_search)
+            q, s = quantize_tensor(t, bits, group, args.quant_clip_search, args.quant_int8_upstream)
             out[name] = dict(q=q, scale=s, bits=bits, group=group)
+        elif t.is_floating_point():
+            fp32 = matches_any(name, args.int8_keep_float_fp32_name_patterns)
+            out[name] = dict(raw=t.float() if fp32 else t.half())
         else:
-            out[name] = dict(raw=t.half() if t.is_floating_point() else t)
+            out[name] = dict(raw=t)
     return out
 
 
@@ -1011,8 +1149,18 @@ def dequantize_state(qstate) -> dict[str, Tensor]:
             for k, e in qstate.items()}
 
 
+# What rebuilding and re-scoring a model needs, stored in the artifact (EVAL_ARTIFACT reads it back)
+MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
+                "rope_base", "logit_softcap", "smear_gate", "bigram_buckets", "bigram_dim")
+EVAL_FIELDS = ("train_seq_len", "eval_seq_len", "eval_stride", "val_max_tokens")
+ARTIFACT_VERSION = 1
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
 def pack(qstate, args) -> bytes:
-    header, chunks, offset = [], [], 0
+    """sha256(body) + body, compressed; body = 4-byte header length + JSON header (version, label, config, one entry
+    per tensor with its arrays' dtype, shape and offset) + the raw arrays."""
+    tensors, chunks, offset = [], [], 0
     for name, e in qstate.items():
         arrays = [e["q"], e["scale"]] if "q" in e else [e["raw"]]
         meta = dict(name=name, bits=e.get("bits", 0), group=e.get("group", 0), arrays=[])
@@ -1021,32 +1169,53 @@ def pack(qstate, args) -> bytes:
             meta["arrays"].append(dict(dtype=str(a.dtype).removeprefix("torch."), shape=list(a.shape), offset=offset))
             chunks.append(raw)
             offset += len(raw)
-        header.append(meta)
+        tensors.append(meta)
+    config = {k: getattr(args, k) for k in MODEL_FIELDS + EVAL_FIELDS}
+    header = dict(version=ARTIFACT_VERSION, label=artifact_label(args), config=config, tensors=tensors)
     head = json.dumps(header, separators=(",", ":")).encode()
-    blob = len(head).to_bytes(4, "little") + head + b"".join(chunks)
+    body = len(head).to_bytes(4, "little") + head + b"".join(chunks)
+    blob = hashlib.sha256(body).digest() + body
     if args.compressor == "zlib":
         return zlib.compress(blob, args.compress_level)
-    return zstandard.ZstdCompressor(level=args.compress_level).compress(blob)
+    return zstandard.ZstdCompressor(level=args.compress_level, write_checksum=True).compress(blob)
 
 
-def unpack(data: bytes) -> dict[str, dict]:
-    blob = zlib.decompress(data) if data[:1] == b"\x78" else zstandard.ZstdDecompressor().decompress(data)
-    n = int.from_bytes(blob[:4], "little")
-    header, body = json.loads(blob[4:4 + n]), memoryview(blob)[4 + n:]
+def unpack(data: bytes, path="artifact") -> tuple[dict[str, dict], dict]:
+    """(quantized state, header). Any truncation or altered byte is a one-line UserError naming the file."""
+    def bad(why):
+        return UserError(f"{path}: {why}; the file is truncated or corrupt, copy or regenerate it")
+    try:
+        blob = zstandard.ZstdDecompressor().decompress(data) if data[:4] == ZSTD_MAGIC else zlib.decompress(data)
+    except (zstandard.ZstdError, zlib.error) as e:
+        raise bad(f"cannot decompress ({e})") from None
+    body = blob[32:]
+    if len(blob) < 36 or hashlib.sha256(body).digest() != blob[:32]:
+        raise bad("checksum mismatch")
+    n = int.from_bytes(body[:4], "little")
+    header, arrays_at = json.loads(body[4:4 + n]), memoryview(body)[4 + n:]
+    if header.get("version") != ARTIFACT_VERSION:
+        raise UserError(f"{path}: artifact version {header.get('version')}, this script reads {ARTIFACT_VERSION}")
     out = {}
-    for meta in header:
+    for meta in header["tensors"]:
         arrays = []
         for a in meta["arrays"]:
             dtype = getattr(torch, a["dtype"])
-            count = math.prod(a["shape"])
-            nbytes = count * torch.empty((), dtype=dtype).element_size()
-            raw = bytearray(body[a["offset"]:a["offset"] + nbytes])
-            arrays.append(torch.frombuffer(raw, dtype=dtype).reshape(a["shape"]) if count else torch.empty(a["shape"], dtype=dtype))
+            nbytes = math.prod(a["shape"]) * torch.empty((), dtype=dtype).element_size()
+            raw = bytearray(arrays_at[a["offset"]:a["offset"] + nbytes])
+            arrays.append(torch.frombuffer(raw, dtype=dtype).reshape(a["shape"]) if nbytes else
+                          torch.empty(a["shape"], dtype=dtype))
         if meta["bits"]:
             out[meta["name"]] = dict(q=arrays[0], scale=arrays[1], bits=meta["bits"], group=meta["group"])
         else:
             out[meta["name"]] = dict(raw=arrays[0])
-    return out
+    return out, header
+
+
+def read_artifact(path) -> tuple[dict[str, dict], dict]:
+    if not os.path.isfile(path):
+        raise UserError(f"artifact {path} not found; set EVAL_ARTIFACT to a .ptz file written by train_gpt.py")
+    with open(path, "rb") as f:
+        return unpack(f.read(), path)
 
 
 def artifact_label(args) -> str:
@@ -1063,13 +1232,23 @@ def hardware_name(rt) -> str:
     return f"{rt.world_size}x CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def build_summary(args, rt, base, n_params, result, pre, out) -> dict:
+def smoke_reasons(args, steps, val_truncated) -> list[str]:
+    """Why a run's score is not a full measurement (such runs never get a record track)."""
+    reasons = [f"VAL_MAX_TOKENS={args.val_max_tokens} scored part of the validation set"] if val_truncated else []
+    if steps < 0.1 * args.iterations:
+        reasons.append(f"stopped at step {steps}, before 10% of ITERATIONS={args.iterations}")
+    return reasons
+
+
+def build_summary(args, rt, base, n_params, result, pre, out, val_truncated) -> dict:
     steps, train_s = result["steps"], result["train_time_ms"] / 1000
     tokens = steps * args.train_batch_tokens
     peak = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.type == "cuda" else 0.0
+    smoke = smoke_reasons(args, steps, val_truncated)
     return dict(run_id=args.run_id, config=dataclasses.asdict(args), device=rt.device.type, hardware=hardware_name(rt),
                 world_size=rt.world_size, torch_version=torch.__version__, cuda_version=torch.version.cuda,
                 seed=args.seed, data=args.data_label or os.path.basename(os.path.normpath(args.data_path)),
+                smoke=bool(smoke), smoke_reasons=smoke,
                 model_params=n_params, train_flops_per_token=train_flops_per_token(args, base), steps=steps,
                 train_time_ms=result["train_time_ms"], step_avg_ms=result["train_time_ms"] / max(steps, 1),
                 tokens_per_s=tokens / train_s if train_s > 0 else None, train_tokens=tokens, peak_mem_mib=peak,
@@ -1078,40 +1257,65 @@ def build_summary(args, rt, base, n_params, result, pre, out) -> dict:
                 quant_gap_bpb=out["roundtrip"]["val_bpb"] - pre["val_bpb"], **out)
 
 
+def write_json(path, obj):
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
 def write_reports(args, rt, summary, log):
-    os.makedirs(args.log_dir, exist_ok=True)
-    path = os.path.join(args.log_dir, f"{args.run_id}.json")
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2)
+    path = output_path(args, ".json")
+    write_json(path, summary)
     final = summary["final"]
+    record = rt.device.type == "cuda" and rt.world_size == 8 and not summary["smoke"] \
+        and 0 < args.max_wallclock_seconds <= 600
     submission = dict(
         name=args.name or f"{args.preset} stack", author=args.author, github_id=args.github_id,
         blurb=f"train_gpt.py PRESET={args.preset}; {summary['hardware']}; data: {summary['data']}",
-        date=time.strftime("%Y-%m-%d"), track="10min_16mb" if rt.device.type == "cuda" and rt.world_size == 8 else
-        "non-record", hardware=summary["hardware"], data=summary["data"],
-        val_loss=final["val_loss"], val_bpb=final["val_bpb"],
+        date=time.strftime("%Y-%m-%d"), track="10min_16mb" if record else "non-record", hardware=summary["hardware"],
+        data=summary["data"], smoke=summary["smoke"], val_loss=final["val_loss"], val_bpb=final["val_bpb"],
         pre_quant_val_loss=summary["pre_quant"]["val_loss"], pre_quant_val_bpb=summary["pre_quant"]["val_bpb"],
         step_stop=summary["steps"], wallclock_seconds=summary["train_time_ms"] / 1000,
         eval_time_seconds=final["eval_time_s"], bytes_total=summary["bytes_total"], bytes_code=summary["bytes_code"],
         bytes_model=summary["bytes_model"], artifact_valid=summary["artifact_valid"], seed=args.seed,
         pytorch_version=torch.__version__, run_id=args.run_id)
-    if args.submission_json:
-        with open(args.submission_json, "w") as f:
-            json.dump(submission, f, indent=2)
-    log(f"summary:{path} submission:{args.submission_json or '-'}")
+    write_json(args.submission_json, submission)
+    log(f"summary:{path} submission:{args.submission_json}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Main
 
-def start_log(args, rt) -> Logger:
+class Interrupted(Exception):
+    """SIGINT or SIGTERM, turned into one line that says what was and was not written."""
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def output_path(args, suffix) -> str:
+    return os.path.join(args.log_dir, args.run_id + suffix)
+
+
+def prepare(args, rt):
+    """Everything checked before the first output file exists: RUN_ID and output paths, tokenizer, every shard
+    header, the batch split. Returns (byte tables, val tokens, whether VAL_MAX_TOKENS cut them, train loader)."""
     if not args.run_id:
         ids = [uuid.uuid4().hex[:12]]
         if rt.distributed:  # every rank must name the same log and artifact
             dist.broadcast_object_list(ids, src=0)
         args.run_id = ids[0]
-    os.makedirs(args.log_dir, exist_ok=True)
-    log = Logger(os.path.join(args.log_dir, f"{args.run_id}.txt"), rt.is_main)
+    args.submission_json = args.submission_json or output_path(args, ".submission.json")
+    check_outputs(args)
+    luts = build_byte_luts(load_tokenizer(args), args.vocab_size)
+    val, truncated = load_val_tokens(args)
+    loader = None if args.eval_artifact else TrainLoader(args, rt, args.grad_accum_steps or 8 // rt.world_size)
+    if rt.distributed:
+        dist.barrier()  # no rank creates a file before every rank has checked
+    return luts, val, truncated, loader
+
+
+def start_log(args, rt) -> Logger:
+    log = Logger(output_path(args, ".txt"), rt.is_main)
     code = open(__file__, "rb").read()
     log(f"run_id:{args.run_id} code_bytes:{len(code)} code_sha256:{hashlib.sha256(code).hexdigest()[:16]}")
     log(f"torch:{torch.__version__} cuda:{torch.version.cuda} python:{platform.python_version()} "
@@ -1120,24 +1324,32 @@ def start_log(args, rt) -> Logger:
     return log
 
 
-def finish(args, rt, base, val, luts, log) -> dict:
-    """Serialize the trained weights, reload them from disk into a fresh model and score that model."""
-    label = artifact_label(args)
-    path = os.path.join(args.log_dir, f"{args.run_id}.{label}.ptz")
+def export_artifact(args, rt, base) -> str:
+    """Quantize and compress in memory, then write the file atomically (rank 0)."""
+    path = output_path(args, f".{artifact_label(args)}.ptz")
     if rt.is_main:
-        with open(path, "wb") as f:
-            f.write(pack(quantize_state(export_state(base), args), args))
+        write_atomic(path, pack(quantize_state(export_state(base), args), args))
     if rt.distributed:
         dist.barrier()
+    return path
+
+
+def score_artifact(args, rt, path, val, luts, log) -> dict:
+    """Load the artifact from disk into a fresh model and score it: the standard eval, then the final one."""
     bytes_code, bytes_model = os.path.getsize(__file__), os.path.getsize(path)
     total = bytes_code + bytes_model
+    qstate, header = read_artifact(path)
+    label = header["label"]
     log(f"Serialized model {label}: {bytes_model} bytes  Code size: {bytes_code} bytes  Total submission size: {total} bytes")
     if total > ARTIFACT_CAP_BYTES:
         log(f"ARTIFACT OVER CAP: {total} bytes is {total - ARTIFACT_CAP_BYTES} over {ARTIFACT_CAP_BYTES}; "
             "this run is not a valid submission")
     fresh, fresh_compiled = build_model(args, rt, mtp=False)
-    with open(path, "rb") as f:
-        fresh.load_state_dict(dequantize_state(unpack(f.read())), strict=True)
+    try:
+        fresh.load_state_dict(dequantize_state(qstate), strict=True)
+    except RuntimeError:
+        raise UserError(f"{path}: its tensors do not fit the model built from the config; was it written by "
+                        "another version of train_gpt.py?") from None
     standard = evaluate(fresh_compiled, val, luts, args, rt, stride=0)
     log(f"final_{label}_roundtrip val_loss:{standard['val_loss']:.4f} val_bpb:{standard['val_bpb']:.4f} "
         f"eval_time:{1000 * standard['eval_time_s']:.0f}ms")
@@ -1151,30 +1363,25 @@ def finish(args, rt, base, val, luts, log) -> dict:
                 artifact_valid=total <= ARTIFACT_CAP_BYTES, artifact_path=path)
 
 
-def run(args: Hyperparameters, rt: Runtime) -> dict:
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    log = start_log(args, rt)
-    sp = load_tokenizer(args)
-    luts = build_byte_luts(sp, args.vocab_size)
-    val = load_val_tokens(args)
-    accum = args.grad_accum_steps or 8 // rt.world_size
-    loader = TrainLoader(args, rt, accum)
-    log(f"train_loader:dataset:{args.data_path} train_shards:{len(loader.stream.files)} "
-        f"val_tokens:{val.numel() - 1}{' (VAL_MAX_TOKENS: truncated)' if args.val_max_tokens else ''}")
+def train_and_export(args, rt, loader, val, truncated, luts, log) -> dict:
+    log(f"train_loader:dataset:{args.data_path} train_shards:{len(loader.files)} "
+        f"val_tokens:{val.numel() - 1}{' (VAL_MAX_TOKENS: truncated)' if truncated else ''}")
     base, compiled = build_model(args, rt)
     model = DDP(compiled, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.distributed else compiled
     optimizers = build_optimizers(base, args, rt)
     n_params = sum(p.numel() for k, p in base.state_dict().items() if not k.startswith("mtp_heads."))
-    log(f"model_params:{n_params} world_size:{rt.world_size} grad_accum_steps:{accum} "
+    log(f"model_params:{n_params} world_size:{rt.world_size} grad_accum_steps:{loader.accum} "
         f"groups:{ {k: len(v) for k, v in route_params(base, args).items()} }")
     prime_compile(model, base, optimizers, loader, args, rt, log)
 
     result = train(args, rt, model, base, optimizers, loader, lambda: evaluate(compiled, val, luts, args, rt, 0), log)
     pre = evaluate(compiled, val, luts, args, rt, stride=0)
     log(f"pre_quant val_loss:{pre['val_loss']:.4f} val_bpb:{pre['val_bpb']:.4f} eval_time:{1000 * pre['eval_time_s']:.0f}ms")
-    out = finish(args, rt, base, val, luts, log)
-    summary = build_summary(args, rt, base, n_params, result, pre, out)
+    rt.stage = "export"
+    path = export_artifact(args, rt, base)
+    rt.stage = "eval"
+    out = score_artifact(args, rt, path, val, luts, log)
+    summary = build_summary(args, rt, base, n_params, result, pre, out, truncated)
     log(f"quant_gap_bpb:{summary['quant_gap_bpb']:+.5f} (standard eval, post - pre)")
     log(f"peak memory allocated: {summary['peak_mem_mib']:.0f} MiB")
     if rt.is_main:
@@ -1182,7 +1389,41 @@ def run(args: Hyperparameters, rt: Runtime) -> dict:
     return summary
 
 
+def rescore(args, rt, val, truncated, luts, log) -> dict:
+    """EVAL_ARTIFACT: the final evaluation of a saved artifact, no training; writes the log and a summary."""
+    out = score_artifact(args, rt, args.eval_artifact, val, luts, log)
+    summary = dict(run_id=args.run_id, mode="eval_artifact", config=dataclasses.asdict(args), hardware=hardware_name(rt),
+                   world_size=rt.world_size, torch_version=torch.__version__, val_truncated=truncated, **out)
+    if rt.is_main:
+        write_json(output_path(args, ".json"), summary)
+    return summary
+
+
+def run(args: Hyperparameters, rt: Runtime) -> dict:
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    luts, val, truncated, loader = prepare(args, rt)
+    log = start_log(args, rt)
+    try:
+        if args.eval_artifact:
+            return rescore(args, rt, val, truncated, luts, log)
+        return train_and_export(args, rt, loader, val, truncated, luts, log)
+    except KeyboardInterrupt:
+        msg = {"setup": "interrupted before training; no artifact written",
+               "train": f"interrupted at step {rt.step}; no artifact written",
+               "export": "interrupted during export; previous files untouched",
+               "eval": "interrupted during the final evaluation; artifact kept, no summary written"}[rt.stage]
+        log(msg, console=False)
+        raise Interrupted(msg) from None
+    except UserError as e:
+        log(f"error: {e}", console=False)
+        raise
+    finally:
+        log.close()
+
+
 def main():
+    signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         args = Hyperparameters.from_env()
         rt = setup_runtime()
@@ -1191,8 +1432,16 @@ def main():
         finally:
             if rt.distributed:
                 dist.destroy_process_group()
+        return
     except UserError as e:
-        sys.exit(f"train_gpt.py: error: {e}")
+        msg, code = f"error: {e}", 2
+    except Interrupted as e:
+        msg, code = str(e), 130
+    except KeyboardInterrupt:
+        msg, code = "interrupted before training; nothing written", 130
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one line is enough
+        print(f"train_gpt.py: {msg}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -307,7 +307,8 @@ def device_info(dry_run, nproc) -> tuple[str, int, float, dict]:
 def run_all(opts, configs, data_dir, meta, peak, cmd, stamp, t_start) -> list[dict]:
     """Each config in turn; reports are rewritten after every run, so a harness killed mid-way leaves its rows."""
     log_dir = os.path.join(os.path.abspath(opts.out), "runs")
-    os.makedirs(log_dir, exist_ok=True)
+    console_dir = os.path.join(os.path.abspath(opts.out), "console")  # not in LOG_DIR: train_gpt.py wants it fresh
+    os.makedirs(console_dir, exist_ok=True)
     extra = per_config_env(opts.config_env, [label for label, _ in configs])
     rows, longest = [], 0.0
     for label, preset in configs:
@@ -319,7 +320,7 @@ def run_all(opts, configs, data_dir, meta, peak, cmd, stamp, t_start) -> list[di
             result = dict(status="skipped", returncode=None, wall_s=0.0, error=f"budget: {left:.0f}s left")
         else:
             print(f"\n== {label} (PRESET={env.get('PRESET', 'none')}) run_id={run_id}", flush=True)
-            result = run_config(cmd, env, os.path.join(log_dir, f"{run_id}.out"), left)
+            result = run_config(cmd, env, os.path.join(console_dir, f"{run_id}.out"), left)
             longest = max(longest, result["wall_s"])
         summary = read_summary(os.path.join(env["LOG_DIR"], f"{env['RUN_ID']}.json"))
         if not opts.keep_artifacts:

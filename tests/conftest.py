@@ -27,6 +27,8 @@ TINY = dict(NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2,
 def tiny_env(**overrides) -> dict:
     env = {k: str(v) for k, v in TINY.items()}
     env.update({k.upper(): str(v) for k, v in overrides.items()})
+    # the default stride (64) exceeds tiny windows, which is an error: default to non-overlapping windows
+    env.setdefault("EVAL_STRIDE", str(int(env.get("EVAL_SEQ_LEN", 0)) or int(env["TRAIN_SEQ_LEN"])))
     return env
 
 

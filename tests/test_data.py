@@ -209,13 +209,15 @@ def test_validation_tokens_and_their_limit(tmp_path):
     write_shard(tmp_path / "fineweb_val_000001.bin", np.arange(100, 150))
     write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(100))
     write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(900, 1000))  # not validation
-    val = train_gpt.load_val_tokens(tiny_args(DATA_PATH=str(tmp_path)))
-    assert val.tolist() == list(range(150)) and val.dtype == torch.int64
-    # VAL_MAX_TOKENS counts scored targets, so it keeps one more token than that
+    val, cut = train_gpt.load_val_tokens(tiny_args(DATA_PATH=str(tmp_path)))
+    assert val.tolist() == list(range(150)) and val.dtype == torch.int64 and not cut
+    # VAL_MAX_TOKENS counts scored targets, so it keeps one more token than that; it only cuts below 149 targets
     def limited(n):
-        return train_gpt.load_val_tokens(tiny_args(DATA_PATH=str(tmp_path), VAL_MAX_TOKENS=n)).tolist()
-    assert limited(10) == list(range(11)) and limited(120) == list(range(121)) and limited(149) == list(range(150))
-    assert limited(10**6) == list(range(150))
+        val, cut = train_gpt.load_val_tokens(tiny_args(DATA_PATH=str(tmp_path), VAL_MAX_TOKENS=n))
+        return val.tolist(), cut
+    assert limited(10) == (list(range(11)), True) and limited(120) == (list(range(121)), True)
+    assert limited(148) == (list(range(149)), True)
+    assert limited(149) == (list(range(150)), False) and limited(10**6) == (list(range(150)), False)
 
 
 def test_validation_set_needs_two_tokens(tmp_path):

@@ -147,7 +147,7 @@ def test_every_parameter_is_routed_once_to_the_right_group():
                 for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")}
     assert g["matrix"] == matrices | {"bigram.proj.weight", "mtp_heads.0.weight"}
     scalars = {f"blocks.{i}.{s}" for i in range(2) for s in ("attn.q_gain", "attn_scale", "mlp_scale", "resid_mix")}
-    assert g["scalar"] == scalars | {"skip_weights", "smear.gate"}
+    assert g["scalar"] == scalars | {"skip_weights", "smear.gate", "bigram.scale"}
     tied = train_gpt.GPT(tiny_args(TIE_EMBEDDINGS=1))
     assert routed_names(tied, tied.args)["head"] == set() and tied.lm_head is None
 

@@ -115,7 +115,8 @@ def test_artifact_round_trip_is_bitwise(compressor, group, mlp_bits):
     q = train_gpt.quantize_state(train_gpt.export_state(model), args)
     blob = train_gpt.pack(q, args)
     assert blob[:4] == b"\x28\xb5\x2f\xfd" if compressor == "zstd" else blob[:1] == b"\x78"
-    unpacked = train_gpt.unpack(blob)
+    unpacked, header = train_gpt.unpack(blob)
+    assert header["version"] == train_gpt.ARTIFACT_VERSION and header["config"]["model_dim"] == args.model_dim
     assert list(unpacked) == list(q)
     for k, e in q.items():
         u = unpacked[k]
@@ -139,7 +140,7 @@ def test_round_trip_of_odd_tensors():
              "big": torch.randn(300, 256), "vec": torch.randn(7)}
     q = train_gpt.quantize_state(state, args)
     assert q["big"]["bits"] == 8 and q["ints"]["raw"].dtype == torch.int64
-    out = train_gpt.unpack(train_gpt.pack(q, args))
+    out = train_gpt.unpack(train_gpt.pack(q, args))[0]
     back = train_gpt.dequantize_state(out)
     assert back["empty"].shape == (0, 4) and back["scalar"].shape == () and float(back["scalar"]) == 2.5
     assert torch.equal(out["ints"]["raw"], state["ints"])
@@ -167,10 +168,14 @@ def make_val():
     return val
 
 
+def finish(args, rt, model, val, luts, log):
+    return train_gpt.score_artifact(args, rt, train_gpt.export_artifact(args, rt, model), val, luts, log)
+
+
 def test_finish_accounts_sizes_and_scores_what_is_on_disk(tmp_path, luts):
     model, args = model_and_args(LOG_DIR=str(tmp_path), RUN_ID="acc", EVAL_STRIDE=8, TRAIN_SEQ_LEN=16, MTP_HEADS=1)
     val, log = make_val(), Lines()
-    out = train_gpt.finish(args, cpu_runtime(), model, val, luts, log)
+    out = finish(args, cpu_runtime(), model, val, luts, log)
     path = tmp_path / "acc.int6_zstd.ptz"
     assert out["artifact_path"] == str(path)
     assert out["bytes_model"] == os.path.getsize(path) > 0
@@ -200,7 +205,7 @@ def test_finish_reports_an_artifact_over_the_cap(tmp_path, luts, monkeypatch):
                                  COMPRESSOR="zlib")
     val, log = make_val(), Lines()
     monkeypatch.setattr(train_gpt, "ARTIFACT_CAP_BYTES", 1000)
-    out = train_gpt.finish(args, cpu_runtime(), model, val, luts, log)
+    out = finish(args, cpu_runtime(), model, val, luts, log)
     assert out["artifact_valid"] is False and out["artifact_path"].endswith("big.int6_zlib.ptz")
     overshoot = out["bytes_total"] - 1000
     assert overshoot > 0
@@ -208,6 +213,6 @@ def test_finish_reports_an_artifact_over_the_cap(tmp_path, luts, monkeypatch):
     assert len(over) == 1 and f"{out['bytes_total']} bytes is {overshoot} over 1000" in over[0]
     monkeypatch.setattr(train_gpt, "ARTIFACT_CAP_BYTES", out["bytes_total"])  # exactly at the cap is valid
     log.clear()
-    again = train_gpt.finish(args, cpu_runtime(), model, val, luts, log)
+    again = finish(args, cpu_runtime(), model, val, luts, log)
     assert again["bytes_total"] == out["bytes_total"] and again["artifact_valid"] is True
     assert not any("OVER CAP" in line for line in log)
