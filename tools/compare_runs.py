@@ -57,7 +57,8 @@ def compare_summaries(paths, markdown) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description="\n\n".join(p for p in __doc__.split("\n\n") if not p.startswith("Usage")))
     ap.add_argument("runs", nargs="+", metavar="RUN", help="logs/<RUN_ID>.json or logs/<RUN_ID>.txt")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = ap.parse_args(argv)

@@ -68,12 +68,13 @@ def plot(runs, out, title=None):
         handles.append(Line2D([], [], color=c, lw=2, label=run_label(run)))
     for name, style in marked.items():
         if name == "x":
-            handles.append(Line2D([], [], color="k", marker="x", ls="", label="round trip, non-overlapping eval (as val_bpb)"))
+            handles.append(Line2D([], [], color="k", marker="x", ls="",
+                                  label="round trip, non-overlapping eval (as val_bpb)"))
         else:
             handles.append(Line2D([], [], color="k", ls=style, lw=1, label=f"{name} on"))
-    for ax, ylabel, xlabel in ((loss_t, "train loss", "train time (s, validation excluded)"),
-                               (loss_s, "train loss", "step"), (bpb_t, "val_bpb", "train time (s, validation excluded)"),
-                               (bpb_s, "val_bpb", "step")):
+    clock = "train time (s, validation excluded)"
+    for ax, ylabel, xlabel in ((loss_t, "train loss", clock), (loss_s, "train loss", "step"),
+                               (bpb_t, "val_bpb", clock), (bpb_s, "val_bpb", "step")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -89,7 +90,8 @@ def plot(runs, out, title=None):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description="\n\n".join(p for p in __doc__.split("\n\n") if not p.startswith("Usage")))
     ap.add_argument("runs", nargs="+", metavar="RUN", help="logs/<RUN_ID>.json or logs/<RUN_ID>.txt")
     ap.add_argument("--out", default="runs.png", help="PNG to write (default runs.png)")
     ap.add_argument("--title", help="figure title")

@@ -12,7 +12,8 @@ The log lines relied on (anything else is ignored, so older and newer logs both 
     pre_quant val_loss:<x> val_bpb:<x> eval_time:<ms>ms
     Serialized model <label>: <n> bytes  Code size: <n> bytes  Total submission size: <n> bytes
     final_<label>_roundtrip val_loss:<x> val_bpb:<x> eval_time:<ms>ms
-    final_<label>_roundtrip_exact val_loss:<x> val_bpb:<x> scored_tokens:<n> scored_bytes:<n> stride:<n> eval_time:<ms>ms
+    final_<label>_roundtrip_exact val_loss:<x> val_bpb:<x> scored_tokens:<n> scored_bytes:<n> stride:<n>
+        eval_time:<ms>ms                                                    (all on one line)
     quant_gap_bpb:<x> ...
 
 Steps are counted as in the log: `step:s` is logged after s optimizer steps, and `<name>:on step:s` means the switch
@@ -173,8 +174,16 @@ def bpb(d) -> float | None:
     return d.get("val_bpb") if isinstance(d, dict) else None
 
 
+def summary_of(path) -> dict:
+    """The summary at `path` in parse_log's terms."""
+    s = read_summary(path)
+    try:
+        return from_summary(s)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise RunError(f"a summary with malformed fields ({type(e).__name__}: {e})") from None
+
+
 def from_summary(s: dict) -> dict:
-    """The summary's keys in parse_log's terms."""
     final = s.get("final") or {}
     out = dict(run_id=s["run_id"], config=s["config"], steps=s.get("steps"), step_avg_ms=s.get("step_avg_ms"),
                pre_quant_bpb=bpb(s.get("pre_quant")), roundtrip_bpb=bpb(s.get("roundtrip")), final_bpb=bpb(final),
@@ -182,7 +191,8 @@ def from_summary(s: dict) -> dict:
                artifact_valid=s.get("artifact_valid"), eval_s=final.get("eval_time_s"),
                train=[(int(step), float(loss), None) for step, loss in s.get("train_losses") or []], val=[])
     if s.get("events") is not None:
-        out["events"] = [dict(name=e["name"], step=e["step"], train_time_ms=e.get("train_time_ms")) for e in s["events"]]
+        out["events"] = [dict(name=e["name"], step=int(e["step"]), train_time_ms=e.get("train_time_ms"))
+                         for e in s["events"]]
     elif s.get("qat_start_step") is not None:  # summaries written before the events list
         out["events"] = [dict(name="qat", step=s["qat_start_step"], train_time_ms=None)]
     return out
@@ -208,7 +218,7 @@ def load_run(path) -> Run:
     stem, ext = os.path.splitext(path)
     notes = []
     if ext == ".json":
-        summary, log = from_summary(read_summary(path)), None
+        summary, log = summary_of(path), None
         companion = stem + ".txt"
     else:
         summary, log = None, read_log(path)
@@ -218,15 +228,18 @@ def load_run(path) -> Run:
             if log is None:
                 log = read_log(companion)
             else:
-                summary = from_summary(read_summary(companion))
+                summary = summary_of(companion)
         except RunError as e:
             notes.append(f"ignored {companion}: {e}")
         else:
             ids = {summary["run_id"], log.get("run_id", summary["run_id"])}
             if len(ids) > 1:
-                notes.append(f"ignored {companion}: it is run {log.get('run_id')}, not {summary['run_id']}")
-                log = log if ext != ".json" else None
-                summary = summary if ext == ".json" else None
+                ours, theirs = (summary, log) if ext == ".json" else (log, summary)
+                notes.append(f"ignored {companion}: it is run {theirs['run_id']}, not {ours['run_id']}")
+                if ext == ".json":
+                    log = None
+                else:
+                    summary = None
     run = Run(path=path, run_id="")
     if log is not None:
         run.steps, run.step_avg_ms = steps_and_avg(log)
@@ -241,6 +254,9 @@ def load_run(path) -> Run:
             if hasattr(run, key):
                 setattr(run, key, value)
         run.times_estimated = log is None and bool(run.train)
+        if log is not None:  # the log's times with the summary's unrounded losses
+            exact = {step: loss for step, loss, _ in summary["train"]}
+            run.train = [(step, exact.get(step, loss), t) for step, loss, t in run.train]
     config = (summary or {}).get("config") or (log or {}).get("config") or {}
     run.preset = config.get("preset", "-")
     run.run_id = run.run_id or (log or {}).get("run_id") or config.get("run_id") or os.path.basename(stem)
