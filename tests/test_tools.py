@@ -90,6 +90,15 @@ def test_summary_alone_estimates_times_from_the_step_average(tmp_path):
     assert t == pytest.approx(step * run.step_avg_ms)
 
 
+def test_a_summary_without_times_still_plots_against_steps(tmp_path):
+    s = json.loads((EXAMPLES / "cpu_sample_wd50.json").read_text())
+    del s["step_avg_ms"]
+    path = write(tmp_path / "bare.json", json.dumps(s))
+    run = load_run(path)
+    assert run.train and all(t is None for *_, t in run.train)
+    assert plot_runs.main([path, "--out", str(tmp_path / "bare.png")]) == 0
+
+
 def test_a_companion_from_another_run_is_ignored(tmp_path):
     shutil.copy(EXAMPLES / "cpu_sample_wd50.json", tmp_path / "x.json")
     write(tmp_path / "x.txt", LOG)  # run abc

@@ -46,16 +46,17 @@ def plot(runs, out, title=None):
         c = colors[i % len(colors)]
         if run.train:
             steps, losses, times = zip(*run.train)
-            loss_t.plot([t / 1000 for t in times], losses, color=c, lw=1.2)
             loss_s.plot(steps, losses, color=c, lw=1.2)
+            if None not in times:  # None: a summary alone that lacks even its mean step time
+                loss_t.plot([t / 1000 for t in times], losses, color=c, lw=1.2)
         if run.val:
             steps, bpbs, times = zip(*run.val)
             bpb_t.plot([t / 1000 for t in times], bpbs, color=c, lw=1.2, marker=".")
             bpb_s.plot(steps, bpbs, color=c, lw=1.2, marker=".")
         if run.roundtrip_bpb is not None and run.steps:
-            end_s = (run.time_at(run.steps) or 0) / 1000
-            bpb_t.plot([end_s], [run.roundtrip_bpb], color=c, marker="x", ms=8, mew=2)
             bpb_s.plot([run.steps], [run.roundtrip_bpb], color=c, marker="x", ms=8, mew=2)
+            if (end_ms := run.time_at(run.steps)) is not None:
+                bpb_t.plot([end_ms / 1000], [run.roundtrip_bpb], color=c, marker="x", ms=8, mew=2)
             marked["x"] = True
         for e in run.events:
             style = event_style(e["name"], extra_styles)
