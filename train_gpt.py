@@ -1005,8 +1005,12 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
     averager = build_averager(args, base)
     max_ms = 1000 * args.max_wallclock_seconds
     step, train_ms, swa_count, losses, stop = 0, 0.0, 0, [], False
-    qat_step = None
+    qat_step, events = None, []
     rt.stage = "train"
+
+    def event(name, at, elapsed, extra=""):  # a switch turning on (tools/plot_runs.py marks it)
+        events.append(dict(name=name, step=at, train_time_ms=round(elapsed)))
+        log(f"{name}:on step:{at} {extra}train_time:{elapsed:.0f}ms")
     rt.sync()
     t0 = time.perf_counter()
     while True:
@@ -1027,7 +1031,9 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
         qat = args.qat and p >= args.qat_start_frac
         if qat and qat_step is None:
             qat_step = step
-            log(f"qat:on step:{step} progress:{p:.3f}")
+            event("qat", step, elapsed, f"progress:{p:.3f} ")
+        if warmdown < 1.0 and not any(e["name"] == "warmdown" for e in events):
+            event("warmdown", step, elapsed)
         set_schedule(optimizers, args, step, scale)
         loss = train_step(model, loader.next_batch(), optimizers, args, rt, qat)
         step = rt.step = step + 1
@@ -1052,7 +1058,8 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
     if averager is not None and swa_count > 0:
         apply_average(base, averager)
         log(f"averaging: applied {'EMA' if args.ema_decay > 0 else 'SWA'} over {swa_count} updates")
-    return dict(steps=step, train_time_ms=train_ms, losses=losses, qat_start_step=qat_step, averaged_updates=swa_count)
+    return dict(steps=step, train_time_ms=train_ms, losses=losses, qat_start_step=qat_step, averaged_updates=swa_count,
+                events=events)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1252,7 +1259,7 @@ def build_summary(args, rt, base, n_params, result, pre, out, val_truncated) -> 
                 model_params=n_params, train_flops_per_token=train_flops_per_token(args, base), steps=steps,
                 train_time_ms=result["train_time_ms"], step_avg_ms=result["train_time_ms"] / max(steps, 1),
                 tokens_per_s=tokens / train_s if train_s > 0 else None, train_tokens=tokens, peak_mem_mib=peak,
-                train_losses=result["losses"], qat_start_step=result["qat_start_step"],
+                train_losses=result["losses"], qat_start_step=result["qat_start_step"], events=result["events"],
                 averaged_updates=result["averaged_updates"], pre_quant=pre,
                 quant_gap_bpb=out["roundtrip"]["val_bpb"] - pre["val_bpb"], **out)
 

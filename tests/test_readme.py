@@ -20,5 +20,5 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "python -m pytest -q tests" in readme
     assert ci.strip().splitlines()[-1] == "python -m pytest -q tests"
-    for pkg in ("torch", "numpy", "sentencepiece", "zstandard", "pytest"):
+    for pkg in ("torch", "numpy", "sentencepiece", "zstandard", "matplotlib", "pytest"):
         assert pkg in (ROOT / "requirements.txt").read_text()
