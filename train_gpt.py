@@ -204,7 +204,8 @@ SEED162 = dict(  # records/.../2026-03-20_Int6_MLP3x_SmearGate_BigramHash_MuonWD
     matrix_lr=0.02, scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.99, muon_momentum_warmup_start=0.92,
     muon_momentum_warmup_steps=1500, muon_wd=0.04, adam_wd=0.01, grad_clip_norm=0.3, smear_gate=True,
     bigram_buckets=4096, bigram_dim=128, ortho_init=True, swa=True, swa_every=50, swa_start_frac=0.5,
-    eval_batch_seqs=32, quant_clip_search=False, quant_int8_upstream=True, fp16_keep_patterns="tok_emb,blocks.8.attn.c_k")
+    eval_batch_seqs=32, quant_clip_search=False, quant_int8_upstream=True,
+    fp16_keep_patterns="tok_emb,blocks.8.attn.c_k")
 PRESETS = {
     # upstream NaiveBaseline: 9x512, MLP 2x, int8 + zlib export, no sliding window
     "baseline": dict(eval_stride=0, quant_attn_bits=8, quant_mlp_bits=8, quant_clip_search=False,
