@@ -130,13 +130,13 @@ def test_batched_shapes_equal_stepping_each_alone(normuon):
 # Routing and optimizer settings
 
 def routed_names(model, args):
-    return {k: {n for n, _ in v} for k, v in train_gpt.route_params(model, args).items()}
+    return {k: {n for n, _ in v} for k, v in train_gpt.route_params(model).items()}
 
 
 def test_every_parameter_is_routed_once_to_the_right_group():
     args = tiny_args(TIE_EMBEDDINGS=0, SMEAR_GATE=1, BIGRAM_BUCKETS=64, MTP_HEADS=1, NUM_LAYERS=2)
     model = train_gpt.GPT(args)
-    groups = train_gpt.route_params(model, args)
+    groups = train_gpt.route_params(model)
     names = [n for v in groups.values() for n, _ in v]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
     assert len(names) == len(set(names))
