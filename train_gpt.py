@@ -215,15 +215,21 @@ SEED162 = dict(  # records/.../2026-03-20_Int6_MLP3x_SmearGate_BigramHash_MuonWD
     muon_momentum_warmup_steps=1500, muon_wd=0.04, adam_wd=0.01, grad_clip_norm=0.3, smear_gate=True,
     bigram_buckets=4096, bigram_dim=128, ortho_init=True, swa=True, swa_every=50, swa_frac=0.2, eval_batch_seqs=32,
     fp16_keep_patterns="tok_emb,blocks.8.attn.c_k")
+FRONTIER_V1 = dict(
+    vocab_size=8192, data_path="./data/datasets/fineweb10B_sp8192", tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
+    num_layers=11, mlp_mult=4.0, mlp_act="leaky_relu2", train_seq_len=2048, train_batch_tokens=786432, rope_dims=16,
+    ln_scale=True, qk_gain_init=5.25, xsa_last_n=11, skip_gates_enabled=True, num_loops=2, loop_start=3, loop_end=5,
+    enable_looping_at=0.35, parallel_start_layer=7, ortho_init=True, muon_row_normalize=True, matrix_lr=0.026,
+    muon_momentum=0.97, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, muon_wd=0.095, beta2=0.99,
+    tied_embed_lr=0.03, embed_wd=0.085, scalar_lr=0.02, adam_wd=0.02, grad_clip_norm=0.3, ema_decay=0.9965,
+    warmdown_frac=0.75, min_lr=0.1, fp16_keep_patterns="")  # an 8192 x 512 fp16 embedding alone would be 8.4 MB
 PRESETS = {
     # upstream NaiveBaseline: 9x512, MLP 2x, int8 + zlib export, no sliding window
     "baseline": dict(eval_stride=0, quant_attn_bits=8, quant_mlp_bits=8, quant_clip_search=False,
                      fp16_keep_patterns="", compressor="zlib", compress_level=9),
     "seed162": SEED162,
-    # our stack: 11 layers (the 1.1233 record's depth) on #162's techniques, EMA instead of SWA, late int6 QAT
-    "default": dict(SEED162, num_layers=11, bigram_buckets=2048, matrix_lr=0.025, scalar_lr=0.025,
-                    tied_embed_lr=0.035, adam_wd=0.04, warmdown_frac=0.5, swa=False, ema_decay=0.997, qat=True,
-                    qat_start_frac=0.8, eval_batch_seqs=64, fp16_keep_patterns="tok_emb"),
+    # frontier v1 (record 2026-04-09, 1.0810; frontier.md section 2) with the SOTA optimizer values (section 4)
+    "default": FRONTIER_V1,
 }
 
 # Families of our variables: an unknown name in one of them is a typo, not someone else's variable.
@@ -1011,7 +1017,12 @@ def use_compile(args, rt) -> bool:
 def build_model(args, rt, mtp=True):
     margs = args if mtp else dataclasses.replace(args, mtp_heads=0)
     base = GPT(margs).to(rt.device)
-    compiled = torch.compile(base, dynamic=False, fullgraph=True) if use_compile(args, rt) else base
+    if not use_compile(args, rt):
+        return base, base
+    # one graph per context, eval shape and model instance: more than dynamo's default of 8 for one code object,
+    # and with fullgraph=True going past the limit is an error, not a fallback
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    compiled = torch.compile(base, dynamic=False, fullgraph=True)
     return base, compiled
 
 

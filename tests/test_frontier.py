@@ -22,6 +22,11 @@ ALL_ON = dict(NUM_LAYERS=4, XSA_LAST_N=4, ROPE_DIMS=8, LN_SCALE=1, MLP_ACT="leak
               NUM_KV_HEADS=2, GATE_WINDOW=6)
 
 
+def plain_args(**kw):
+    """Field defaults (every frontier piece off) plus the tiny test shape; each test turns on what it checks."""
+    return tiny_args(**dict(dict(PRESET="baseline", ROPE_DIMS=0, PARALLEL_START_LAYER=1000), **kw))
+
+
 def capture_input(module):
     """Records the first positional input of every call of module."""
     seen = []
@@ -45,7 +50,7 @@ def test_xsa_output_is_orthogonal_to_its_own_value_with_gqa():
 
 
 def test_xsa_runs_in_the_last_n_layers_inside_attention():
-    args = tiny_args(NUM_LAYERS=4, XSA_LAST_N=2, MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2)
+    args = plain_args(NUM_LAYERS=4, XSA_LAST_N=2, MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2)
     assert [train_gpt.Attention(args, i).xsa for i in range(4)] == [False, False, True, True]
     attn = randomize(train_gpt.Attention(args, 3), 1)
     ys, vs = capture_input(attn.proj), []
@@ -72,9 +77,9 @@ def test_partial_rope_rotates_the_first_dims_and_leaves_the_rest():
 
 
 def test_sparse_attention_gate_is_half_at_init_and_a_per_head_sigmoid_after():
-    args = tiny_args(MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, SPARSE_ATTN_GATE_ENABLED=1, GATE_WINDOW=6,
+    args = plain_args(MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, SPARSE_ATTN_GATE_ENABLED=1, GATE_WINDOW=6,
                      SPARSE_ATTN_GATE_SCALE=0.7)
-    gated, plain = train_gpt.Attention(args, 0), train_gpt.Attention(tiny_args(MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2), 0)
+    gated, plain = train_gpt.Attention(args, 0), train_gpt.Attention(plain_args(MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2), 0)
     randomize(plain, 2)
     gated.load_state_dict(plain.state_dict(), strict=False)
     assert gated.attn_gate.shape == (4, 6) and (gated.attn_gate == 0).all()
@@ -94,7 +99,7 @@ def test_sparse_attention_gate_is_half_at_init_and_a_per_head_sigmoid_after():
 # Blocks, MLP, skips, SmearGate
 
 def test_ln_scale_divides_both_block_inputs_by_sqrt_layer_plus_one():
-    args = tiny_args(LN_SCALE=1, MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, NUM_LAYERS=4)
+    args = plain_args(LN_SCALE=1, MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, NUM_LAYERS=4)
     block = randomize(train_gpt.Block(args, 3), 3, std=0.3)
     a_in, m_in = capture_input(block.attn), capture_input(block.mlp)
     x, x0 = torch.randn(1, 4, 32), torch.randn(1, 4, 32)
@@ -104,18 +109,18 @@ def test_ln_scale_divides_both_block_inputs_by_sqrt_layer_plus_one():
         assert torch.allclose(a_in[0], F.rms_norm(mixed, (32,)) / 2, atol=1e-6)  # 1/sqrt(3+1)
         after_attn = mixed + block.attn_scale * block.attn(a_in[0], train_gpt.PLAIN)
         assert torch.allclose(m_in[0], F.rms_norm(after_attn, (32,)) / 2, atol=1e-5)
-    assert train_gpt.Block(tiny_args(LN_SCALE=0), 3).ln == 1.0
+    assert train_gpt.Block(plain_args(LN_SCALE=0), 3).ln == 1.0
 
 
 def test_leaky_relu_squared_values():
-    args = tiny_args(MODEL_DIM=4, NUM_HEADS=2, NUM_KV_HEADS=1, MLP_MULT=1, MLP_ACT="leaky_relu2", MLP_LEAKY_SLOPE=0.5)
+    args = plain_args(MODEL_DIM=4, NUM_HEADS=2, NUM_KV_HEADS=1, MLP_MULT=1, MLP_ACT="leaky_relu2", MLP_LEAKY_SLOPE=0.5)
     mlp = train_gpt.MLP(args)
     with torch.no_grad():
         mlp.fc.weight.copy_(torch.eye(4))
         mlp.proj.weight.copy_(torch.eye(4))
         out = mlp(torch.tensor([[-2.0, 3.0, -0.5, 0.0]]), train_gpt.PLAIN)
     assert torch.allclose(out, torch.tensor([[1.0, 9.0, 0.0625, 0.0]]))  # (-2*0.5)^2, 3^2, (-0.25)^2
-    relu2 = train_gpt.MLP(tiny_args(MODEL_DIM=4, NUM_HEADS=2, NUM_KV_HEADS=1, MLP_MULT=1))
+    relu2 = train_gpt.MLP(plain_args(MODEL_DIM=4, NUM_HEADS=2, NUM_KV_HEADS=1, MLP_MULT=1))
     relu2.load_state_dict(mlp.state_dict())
     with torch.no_grad():
         assert torch.allclose(relu2(torch.tensor([[-2.0, 3.0]]).repeat(1, 2), train_gpt.PLAIN),
@@ -123,7 +128,7 @@ def test_leaky_relu_squared_values():
 
 
 def test_skip_gate_is_a_lerp_between_weighted_skip_and_x():
-    model = train_gpt.GPT(tiny_args(SKIP_GATES_ENABLED=1, NUM_LAYERS=4, MODEL_DIM=8, NUM_HEADS=2, NUM_KV_HEADS=1))
+    model = train_gpt.GPT(plain_args(SKIP_GATES_ENABLED=1, NUM_LAYERS=4, MODEL_DIM=8, NUM_HEADS=2, NUM_KV_HEADS=1))
     x, s = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
     with torch.no_grad():
         assert torch.allclose(model.skip(1, x, s), 0.5 * x + 0.5 * s, atol=1e-6)  # w = 1, g = 0 at init
@@ -131,12 +136,12 @@ def test_skip_gate_is_a_lerp_between_weighted_skip_and_x():
         model.skip_gates.normal_()
         g, w = torch.sigmoid(model.skip_gates[1]), model.skip_weights[1]
         assert torch.allclose(model.skip(1, x, s), g * x + (1 - g) * w * s, atol=1e-6)
-    plain = train_gpt.GPT(tiny_args(NUM_LAYERS=4, MODEL_DIM=8, NUM_HEADS=2, NUM_KV_HEADS=1))
+    plain = train_gpt.GPT(plain_args(NUM_LAYERS=4, MODEL_DIM=8, NUM_HEADS=2, NUM_KV_HEADS=1))
     assert plain.skip_gates is None and torch.equal(plain.skip(0, x, s), x + s)
 
 
 def test_two_lane_block_update_formulas():
-    args = tiny_args(MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, NUM_LAYERS=4, PARALLEL_START_LAYER=2)
+    args = plain_args(MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, NUM_LAYERS=4, PARALLEL_START_LAYER=2)
     assert [train_gpt.Block(args, i).parallel for i in range(4)] == [False, False, True, True]
     block = randomize(train_gpt.Block(args, 2), 4, std=0.3)
     fresh = train_gpt.Block(args, 2)
@@ -159,7 +164,7 @@ def test_two_lane_block_update_formulas():
 
 
 def test_sota_smear_gate_formula_and_bos_reset():
-    smear = train_gpt.LambdaSmear(tiny_args(GATE_WINDOW=3))
+    smear = train_gpt.LambdaSmear(plain_args(GATE_WINDOW=3))
     x = torch.randn(1, 6, 8)
     tokens = torch.tensor([[5, 6, BOS, 7, 8, 9]])
     assert torch.equal(smear(x, tokens), x)  # lam = 0: identity at init
@@ -188,12 +193,12 @@ def test_layer_order_lists(L, start, end, loops, expected):
 
 
 def test_frontier_encoder_decoder_orders_and_skip_count():
-    args = tiny_args(NUM_LAYERS=11, NUM_LOOPS=2, LOOP_START=3, LOOP_END=5, MODEL_DIM=16, NUM_HEADS=2, NUM_KV_HEADS=1)
+    args = plain_args(NUM_LAYERS=11, NUM_LOOPS=2, LOOP_START=3, LOOP_END=5, MODEL_DIM=16, NUM_HEADS=2, NUM_KV_HEADS=1)
     model = train_gpt.GPT(args)
     assert model.orders[1] == ([0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10])  # frontier.md section 2
     assert model.orders[0] == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10])
     assert model.skip_weights.shape == (8, 16)  # min(8, 9) skips once looping
-    assert train_gpt.GPT(tiny_args(NUM_LAYERS=11, NUM_LOOPS=0)).orders[1] == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10])
+    assert train_gpt.GPT(plain_args(NUM_LAYERS=11, NUM_LOOPS=0)).orders[1] == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10])
 
 
 @pytest.mark.parametrize("env,message", [
@@ -206,18 +211,18 @@ def test_frontier_encoder_decoder_orders_and_skip_count():
 ])
 def test_invalid_frontier_settings_are_one_line_errors(env, message):
     with pytest.raises(train_gpt.UserError, match=message.replace("(", r"\(")):
-        tiny_args(**env)
+        plain_args(**env)
 
 
 def test_looped_blocks_share_tensors_and_the_artifact_stores_them_once():
-    args = tiny_args(**ALL_ON)
+    args = plain_args(**ALL_ON)
     model = train_gpt.GPT(args)
     order = [i for part in model.orders[1] for i in part]
     assert order.count(1) == 3 and order.count(2) == 3
     assert len(model.blocks) == 4  # applications share the physical blocks, nothing is copied
     state = train_gpt.export_state(model)
     assert sorted({k.split(".")[1] for k in state if k.startswith("blocks.")}) == ["0", "1", "2", "3"]
-    plain = train_gpt.export_state(train_gpt.GPT(tiny_args(**dict(ALL_ON, NUM_LOOPS=0))))
+    plain = train_gpt.export_state(train_gpt.GPT(plain_args(**dict(ALL_ON, NUM_LOOPS=0))))
     assert {k for k in state if k.startswith("blocks.")} == {k for k in plain if k.startswith("blocks.")}
     n = sum(p.numel() for p in model.parameters())
     assert n == sum(v.numel() for v in state.values())
@@ -227,7 +232,7 @@ def test_looped_blocks_share_tensors_and_the_artifact_stores_them_once():
 # The whole stack
 
 def all_on_model(seed=6, **kw):
-    model = randomize(train_gpt.GPT(tiny_args(**dict(ALL_ON, **kw))), seed, std=0.3)
+    model = randomize(train_gpt.GPT(plain_args(**dict(ALL_ON, **kw))), seed, std=0.3)
     return model.eval()
 
 
@@ -276,7 +281,7 @@ def test_flex_attention_block_mask_equals_the_dense_mask(monkeypatch):
 
 
 def test_every_reachable_context_compiles_as_a_full_graph_and_matches_eager():
-    args = tiny_args(**dict(ALL_ON, QAT=1, QAT_START_FRAC=0.6, ENABLE_LOOPING_AT=0.3))
+    args = plain_args(**dict(ALL_ON, QAT=1, QAT_START_FRAC=0.6, ENABLE_LOOPING_AT=0.3))
     assert train_gpt.reachable_ctxs(args) == [Ctx(False, False), Ctx(False, True), Ctx(True, True)]
     assert [train_gpt.ctx_for(args, p) for p in (0.0, 0.29, 0.3, 0.6, 1.0)] == [
         Ctx(False, False), Ctx(False, False), Ctx(False, True), Ctx(True, True), Ctx(True, True)]
@@ -287,11 +292,14 @@ def test_every_reachable_context_compiles_as_a_full_graph_and_matches_eager():
     x, y = doc_row().repeat(2, 1), doc_row().roll(1, 1).repeat(2, 1)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", dynamic=False, fullgraph=True)
-    with torch.no_grad():
-        eager = {c: model(x, y, ctx=c) for c in train_gpt.reachable_ctxs(args)}
-        assert len({float(v) for v in eager.values()}) == 3  # each switch changes the loss
-        for c in [*train_gpt.reachable_ctxs(args), Ctx(False, False)]:
-            assert torch.allclose(compiled(x, y, ctx=c), eager[c], rtol=1e-5), c
+    try:
+        with torch.no_grad():
+            eager = {c: model(x, y, ctx=c) for c in train_gpt.reachable_ctxs(args)}
+            assert len({float(v) for v in eager.values()}) == 3  # each switch changes the loss
+            for c in [*train_gpt.reachable_ctxs(args), Ctx(False, False)]:
+                assert torch.allclose(compiled(x, y, ctx=c), eager[c], rtol=1e-5), c
+    finally:
+        torch._dynamo.reset()  # recompile limits count per code object across the whole test session
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -331,15 +339,15 @@ def test_muon_eq_r_normalises_rows_before_newton_schulz():
 
 
 def test_min_lr_is_the_floor_the_warmdown_ends_at():
-    args = tiny_args(ITERATIONS=100, WARMDOWN_FRAC=0.5, MIN_LR=0.1)
+    args = plain_args(ITERATIONS=100, WARMDOWN_FRAC=0.5, MIN_LR=0.1)
     assert train_gpt.lr_scale(args, 0, 0) == 1.0 and train_gpt.lr_scale(args, 50, 0) == 1.0
     assert train_gpt.lr_scale(args, 75, 0) == pytest.approx(0.1 + 0.9 * 0.5)
     assert train_gpt.lr_scale(args, 100, 0) == pytest.approx(0.1)
-    assert train_gpt.lr_scale(tiny_args(ITERATIONS=100, WARMDOWN_FRAC=0.5), 100, 0) == 0.0
+    assert train_gpt.lr_scale(plain_args(ITERATIONS=100, WARMDOWN_FRAC=0.5), 100, 0) == 0.0
 
 
 def test_embed_wd_decays_embeddings_and_adam_wd_the_rest():
-    args = tiny_args(TIE_EMBEDDINGS=0, SMEAR_GATE=0, BIGRAM_BUCKETS=64, ADAM_WD=0.02, EMBED_WD=0.3, EMBED_LR=0.5,
+    args = plain_args(TIE_EMBEDDINGS=0, SMEAR_GATE=0, BIGRAM_BUCKETS=64, ADAM_WD=0.02, EMBED_WD=0.3, EMBED_LR=0.5,
                      HEAD_LR=0.1, SCALAR_LR=0.2)
     model = train_gpt.GPT(args)
     adam = train_gpt.build_optimizers(model, args, cpu_runtime())[0]
@@ -353,5 +361,5 @@ def test_embed_wd_decays_embeddings_and_adam_wd_the_rest():
         for name, p in groups[kind]:
             assert torch.allclose(p.detach(), before[name] * f, atol=1e-7), name
     assert {n for n, _ in groups["embed"]} == {"tok_emb.weight", "bigram.embed.weight"}
-    follow = train_gpt.build_optimizers(model, tiny_args(ADAM_WD=0.02), cpu_runtime())[0]
+    follow = train_gpt.build_optimizers(model, plain_args(ADAM_WD=0.02), cpu_runtime())[0]
     assert all(g["weight_decay"] == 0.02 for g in follow.param_groups)  # EMBED_WD < 0: ADAM_WD

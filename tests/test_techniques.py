@@ -213,7 +213,7 @@ def test_orthogonal_init_and_output_projection_scaling():
 def test_shapes_of_wide_and_deep_configs():
     mlp = train_gpt.MLP(tiny_args(MODEL_DIM=512, MLP_MULT=3))
     assert mlp.fc.weight.shape == (1536, 512) and mlp.proj.weight.shape == (512, 1536)
-    model = train_gpt.GPT(tiny_args(NUM_LAYERS=11, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, VOCAB_SIZE=64))
+    model = train_gpt.GPT(tiny_args(NUM_LAYERS=11, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, VOCAB_SIZE=64, NUM_LOOPS=0))
     assert len(model.blocks) == 11 and model.orders[0] == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10]) and model.skip_weights.shape == (5, 32)
     x = torch.randint(2, 64, (1, 8))
     assert torch.isfinite(model(x, x)).all()  # every skip is pushed and popped
@@ -346,7 +346,7 @@ def test_mtp_heads_add_weighted_k_ahead_losses_and_are_never_exported():
             randomize(head, 8, std=0.2)
     loss = model(x, y)
     with torch.no_grad():  # head k at position t predicts y[t + k], i.e. input token t + k + 1
-        h = model.hidden(x, train_gpt.PLAIN)
+        h = model.hidden(x, model.final_ctx)  # what a call without ctx runs
         expected = F.cross_entropy(model.logits(h).flatten(0, 1), y.flatten())
         for k, head in enumerate(model.mtp_heads, start=1):
             for t in range(16 - k):
