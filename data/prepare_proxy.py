@@ -5,7 +5,7 @@ prefix, coverage 0.999) on the first --tokenizer-docs training documents, once: 
 reused. The proxy is for comparing configurations side by side; its scores are not FineWeb scores.
 
 Usage: python data/prepare_proxy.py [--vocab 1024] [--src ../shared/proxy] [--out bench_data/proxy_sp<vocab>]
-       [--train-files N] [--max-train-docs N] [--max-val-docs N] [--tokenizer-docs N] [--workers K]
+       [--train-files N] [--max-train-docs N] [--max-val-docs N] [--tokenizer-docs N] [--tokenizer-only] [--workers K]
 """
 import argparse
 import glob
@@ -118,6 +118,7 @@ def main():
     p.add_argument("--src", default=os.path.join("..", "shared", "proxy"))
     p.add_argument("--out", default=None, help="default bench_data/proxy_sp<vocab>")
     p.add_argument("--tokenizer-docs", type=int, default=TOKENIZER_DOCS, help="train docs the BPE is trained on")
+    p.add_argument("--tokenizer-only", action="store_true", help="make the tokenizer in --out, write no shards")
     p.add_argument("--train-files", type=int, default=None, help="use only the first N train .zst files")
     p.add_argument("--max-train-docs", type=int, default=None)
     p.add_argument("--max-val-docs", type=int, default=None)
@@ -132,6 +133,8 @@ def main():
     t0 = time.time()
     os.makedirs(opts.out, exist_ok=True)
     model = make_tokenizer(opts, model, sorted(glob.glob(os.path.join(opts.src, "text", "docs_*.jsonl.zst"))))
+    if opts.tokenizer_only:
+        return
     train_docs = itertools.chain.from_iterable(read_docs(f) for f in train_files)
     splits = (("val", read_docs(val_file, opts.max_val_docs)),
               ("train", itertools.islice(train_docs, opts.max_train_docs)))

@@ -363,3 +363,40 @@ def test_embed_wd_decays_embeddings_and_adam_wd_the_rest():
     assert {n for n, _ in groups["embed"]} == {"tok_emb.weight", "bigram.embed.weight"}
     follow = train_gpt.build_optimizers(model, plain_args(ADAM_WD=0.02), cpu_runtime())[0]
     assert all(g["weight_decay"] == 0.02 for g in follow.param_groups)  # EMBED_WD < 0: ADAM_WD
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Learning on real text
+
+@pytest.fixture(scope="module")
+def real_text_data(tmp_path_factory):
+    """400 proxy validation documents (~508k tokens): 370 to train on, 30 held out."""
+    from conftest import TOKENIZER
+    from test_bpb import real_documents
+    import sentencepiece as spm
+    from data.shards import encode_docs, write_shard
+    if not TOKENIZER.exists():
+        pytest.skip(f"challenge tokenizer not found at {TOKENIZER}")
+    sp, docs = spm.SentencePieceProcessor(model_file=str(TOKENIZER)), real_documents(400)
+    path = tmp_path_factory.mktemp("real")
+    write_shard(path / "fineweb_train_000000.bin", encode_docs(sp, docs[:370]))
+    write_shard(path / "fineweb_val_000000.bin", encode_docs(sp, docs[370:]))
+    return dict(DATA_PATH=str(path), TOKENIZER_PATH=str(TOKENIZER), LOG_DIR=str(path / "logs"), SUBMISSION_JSON="")
+
+
+def test_shrunk_default_learns_at_least_as_well_as_shrunk_seed162(real_text_data):
+    """Equal steps (100 x 2,048 tokens, seq 128, 2 layers x 64, the tiny test shape for both), same warmdown
+    (seed162's WARMDOWN_ITERS=3000 would keep its LR near 0 over 100 steps), no averaging. Measured pre-quant bpb,
+    default vs seed162: seed 1 2.9045 vs 2.9228, seed 2 2.9090 vs 2.9189 (mean -0.014); seed 3, not in the test,
+    2.9186 vs 2.9152 (+0.003). At this scale the margin is about the seed spread: the claim is 'not worse'."""
+    common = dict(real_text_data, ITERATIONS=100, TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=2048, GRAD_ACCUM_STEPS=1,
+                  WARMDOWN_FRAC=0.5, EMA_DECAY=0, SWA=0, VAL_MAX_TOKENS=8192, EVAL_STRIDE=0, TRAIN_LOG_EVERY=0)
+    seed162_only = dict(PRESET="seed162", LOOP_START=3, LOOP_END=5, PARALLEL_START_LAYER=1000, ROPE_DIMS=0)
+    bpb = {}
+    for name, extra in (("default", {}), ("seed162", seed162_only)):
+        for seed in (1, 2):
+            args = tiny_args(**dict(common, SEED=seed, **extra))
+            bpb.setdefault(name, []).append(train_gpt.run(args, cpu_runtime())["pre_quant"]["val_bpb"])
+    mean = {k: sum(v) / len(v) for k, v in bpb.items()}
+    assert mean["default"] <= mean["seed162"], bpb
+    assert mean["default"] < 3.0  # a uniform guess is 10 bits over ~2.6 bytes a token, ~3.9 bpb: it learned
