@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib, copy, dataclasses, difflib, glob, hashlib, json, math, os, platform, signal, sys, tempfile, time
 import uuid, zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -83,6 +84,24 @@ class Hyperparameters:
     ortho_init: bool = False
     mtp_heads: int = 0
     mtp_weight: float = 0.0
+    # frontier model pieces (frontier.md section 3): all off here, on in PRESET=default
+    xsa_last_n: int = 0  # exclusive self attention in the last N layers
+    rope_dims: int = 0  # RoPE on the first N dims of each head; 0 = all
+    ln_scale: bool = False  # block-input norms scaled by 1/sqrt(layer+1)
+    mlp_act: str = "relu2"
+    mlp_leaky_slope: float = 0.5
+    skip_gates_enabled: bool = False
+    num_loops: int = 0  # extra passes through layers LOOP_START..LOOP_END once looping is on
+    loop_start: int = 3
+    loop_end: int = 5
+    enable_looping_at: float = 0.35  # progress at which the looped order takes over
+    parallel_start_layer: int = 1000  # two residual lanes from this layer on; >= NUM_LAYERS = off
+    parallel_final_lane: str = "mean"
+    sparse_attn_gate_enabled: bool = False
+    sparse_attn_gate_scale: float = 0.5
+    gate_window: int = 12  # leading input dims read by the sparse attention gate and the SOTA SmearGate
+    smear_gate_enabled: bool = False  # SmearGate, SOTA form (SMEAR_GATE is #162's)
+    doc_mask: bool = False  # attention never crosses a BOS
     # optimizers
     embed_lr: float = 0.6
     head_lr: float = 0.008
@@ -101,6 +120,11 @@ class Hyperparameters:
     adam_eps: float = 1e-8
     adam_wd: float = 0.0
     grad_clip_norm: float = 0.0
+    # frontier optimizer pieces (frontier.md section 4)
+    muon_row_normalize: bool = False  # MuonEq-R
+    muon_ns: str = "ns5"  # Newton-Schulz coefficients: ns5 (Muon) or polar (Polar Express)
+    min_lr: float = 0.0  # the warmdown ends at this LR scale
+    embed_wd: float = -1.0  # AdamW weight decay of embedding tables; < 0 = ADAM_WD
     # quantization-aware training and weight averaging
     qat: bool = False
     qat_start_frac: float = 0.0
@@ -118,7 +142,6 @@ class Hyperparameters:
     quant_int8_upstream: bool = False  # 8-bit tensors use upstream's quantizer (quantile clip, scale floor 1/127)
     fp16_keep_patterns: str = "tok_emb"
     int8_keep_float_fp32_name_patterns: str = ""  # small tensors kept in fp32 instead of fp16 (upstream baseline)
-    control_tensor_patterns: str = "attn_scale,mlp_scale,resid_mix,q_gain,skip_weight,smear"
     compressor: str = "zstd"
     compress_level: int = 22
     eval_artifact: str = ""  # path of a saved .ptz: skip training, score that artifact
@@ -167,6 +190,15 @@ class Hyperparameters:
         need(self.eval_stride <= seq, "EVAL_STRIDE", f"must be <= the eval window ({seq}); lower EVAL_STRIDE or "
              "raise EVAL_SEQ_LEN (0 = TRAIN_SEQ_LEN)")
         need(set(self.run_id) <= set(RUN_ID_CHARS), "RUN_ID", "use letters, digits, '.', '_' and '-' only")
+        head_dim = self.model_dim // self.num_heads
+        need(self.rope_dims % 2 == 0 and self.rope_dims <= head_dim, "ROPE_DIMS", f"must be even and <= head dim {head_dim}")
+        need(self.gate_window <= self.model_dim or not (self.sparse_attn_gate_enabled or self.smear_gate_enabled),
+             "GATE_WINDOW", "must be <= MODEL_DIM")
+        need(not (self.smear_gate and self.smear_gate_enabled), "SMEAR_GATE_ENABLED",
+             "the SOTA SmearGate replaces SMEAR_GATE (#162's): set one of them to 0")
+        need(self.num_loops == 0 or self.loop_start <= self.loop_end, "LOOP_START", "must be <= LOOP_END")
+        need(self.num_loops == 0 or self.loop_end < self.num_layers, "LOOP_END",
+             f"must be < NUM_LAYERS={self.num_layers} (or set NUM_LOOPS=0)")
 
 
 def in_interval(v, spec: str) -> bool:
@@ -189,12 +221,16 @@ FIELD_RANGES = dict(
     muon_momentum_warmup_start=UNIT_OPEN, muon_momentum_warmup_steps=NONNEG, muon_wd=NONNEG, normuon_beta2=UNIT_OPEN,
     beta1=UNIT_OPEN, beta2=UNIT_OPEN, adam_eps="(0, inf)", adam_wd=NONNEG, grad_clip_norm=NONNEG, qat_start_frac=UNIT,
     swa_every=POS, swa_frac=UNIT, swa_start_frac=UNIT, ema_decay=UNIT_OPEN, quant_attn_bits="[2, 8]",
-    quant_mlp_bits="[2, 8]", quant_other_bits="[2, 8]", quant_group_size=NONNEG, compress_level="[0, 22]")
+    quant_mlp_bits="[2, 8]", quant_other_bits="[2, 8]", quant_group_size=NONNEG, compress_level="[0, 22]",
+    xsa_last_n=NONNEG, rope_dims=NONNEG, mlp_leaky_slope=UNIT, num_loops=NONNEG, loop_start=NONNEG, loop_end=NONNEG,
+    enable_looping_at=UNIT, parallel_start_layer=NONNEG, sparse_attn_gate_scale="(0, inf)", gate_window=POS,
+    min_lr=UNIT, embed_wd="[-1, inf)")
 COMPRESS_LEVELS = dict(zstd=(1, 22), zlib=(0, 9))
-FIELD_CHOICES = dict(compressor=tuple(COMPRESS_LEVELS))  # PRESET is checked against PRESETS before this
+FIELD_CHOICES = dict(compressor=tuple(COMPRESS_LEVELS), mlp_act=("relu2", "leaky_relu2"),
+                     parallel_final_lane=("mean", "attn", "mlp"), muon_ns=("ns5", "polar"))  # PRESET: see from_env
 FREE_TEXT_FIELDS = ("preset", "data_path", "tokenizer_path", "run_id", "log_dir", "submission_json", "data_label",
                     "author", "github_id", "name", "fp16_keep_patterns", "int8_keep_float_fp32_name_patterns",
-                    "control_tensor_patterns", "eval_artifact")
+                    "eval_artifact")
 RUN_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
 
 
@@ -206,17 +242,22 @@ SEED162 = dict(  # records/.../2026-03-20_Int6_MLP3x_SmearGate_BigramHash_MuonWD
     bigram_buckets=4096, bigram_dim=128, ortho_init=True, swa=True, swa_every=50, swa_start_frac=0.5,
     eval_batch_seqs=32, quant_clip_search=False, quant_int8_upstream=True,
     fp16_keep_patterns="tok_emb,blocks.8.attn.c_k")
+FRONTIER_V1 = dict(
+    vocab_size=8192, data_path="./data/datasets/fineweb10B_sp8192", tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
+    num_layers=11, mlp_mult=4.0, mlp_act="leaky_relu2", train_seq_len=2048, train_batch_tokens=786432, rope_dims=16,
+    ln_scale=True, qk_gain_init=5.25, xsa_last_n=11, skip_gates_enabled=True, num_loops=2, loop_start=3, loop_end=5,
+    enable_looping_at=0.35, parallel_start_layer=7, ortho_init=True, muon_row_normalize=True, matrix_lr=0.026,
+    muon_momentum=0.97, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, muon_wd=0.095, beta2=0.99,
+    tied_embed_lr=0.03, embed_wd=0.085, scalar_lr=0.02, adam_wd=0.02, grad_clip_norm=0.3, ema_decay=0.9965,
+    warmdown_frac=0.75, min_lr=0.1, fp16_keep_patterns="")  # an 8192 x 512 fp16 embedding alone would be 8.4 MB
 PRESETS = {
     # upstream NaiveBaseline: 9x512, MLP 2x, int8 + zlib export, no sliding window
     "baseline": dict(eval_stride=0, quant_attn_bits=8, quant_mlp_bits=8, quant_clip_search=False,
                      quant_int8_upstream=True, fp16_keep_patterns="", compressor="zlib", compress_level=9,
                      int8_keep_float_fp32_name_patterns="attn_scale,mlp_scale,resid_mix,q_gain,skip_weight"),
     "seed162": SEED162,
-    # our stack: 11 layers (the 1.1233 record's depth) on #162's techniques, EMA instead of SWA, late int6 QAT
-    "default": dict(SEED162, num_layers=11, bigram_buckets=2048, matrix_lr=0.025, scalar_lr=0.025,
-                    tied_embed_lr=0.035, adam_wd=0.04, warmdown_frac=0.5, swa=False, swa_start_frac=0.0,
-                    ema_decay=0.997, qat=True, qat_start_frac=0.8, eval_batch_seqs=64, quant_clip_search=True,
-                    quant_int8_upstream=False, fp16_keep_patterns="tok_emb"),
+    # frontier v1 (record 2026-04-09, 1.0810; frontier.md section 2) with the SOTA optimizer values (section 4)
+    "default": FRONTIER_V1,
 }
 
 # Families of our variables: an unknown name in one of them is a typo, not someone else's variable.
@@ -537,27 +578,39 @@ def dequantize_tensor(q: Tensor, scale: Tensor, group: int = 0) -> Tensor:
     return (rows * scale.float()).reshape(q.shape)
 
 
+class Ctx(NamedTuple):
+    """The forward-time switches of one phase of the run, set from its progress by ctx_for(). A tuple of bools:
+    torch.compile guards on the values, so each reachable combination is one graph, all compiled while priming."""
+    qat: bool = False  # fake-quantize exported matrices (STE)
+    looping: bool = False  # run the depth-recurrent layer order
+
+
+PLAIN = Ctx()
+
+
 class CastedLinear(nn.Linear):
-    """Bias-free linear with an fp32 master weight. With qat=True the forward uses the weight's fake quantization
+    """Bias-free linear with an fp32 master weight. Under ctx.qat the forward uses the weight's fake quantization
     exactly as exported (width qat_bits, groups and clip search set by GPT from the export plan; 0 bits = exported
-    as fp16, left alone) and passes gradients straight through (STE). qat is a forward argument, not a flag flipped
-    later, so torch.compile guards on it and keeps one graph per value instead of folding the branch away."""
+    as fp16, left alone) and passes gradients straight through (STE)."""
 
     def __init__(self, fan_in, fan_out, zero_init=False):
         super().__init__(fan_in, fan_out, bias=False)
         self.qat_bits, self.qat_group, self.qat_clip_search, self.qat_upstream = 0, 0, False, False
         self.zero_init = zero_init
 
-    def forward(self, x, qat=False):
+    def forward(self, x, ctx=PLAIN):
         w = self.weight
-        if qat and self.qat_bits:
+        if ctx.qat and self.qat_bits:
             q, s = quantize_tensor(w.detach(), self.qat_bits, self.qat_group, self.qat_clip_search, self.qat_upstream)
             w = w + (dequantize_tensor(q, s, self.qat_group) - w).detach()
         return F.linear(x, w.to(x.dtype))
 
 
-def rotary(x: Tensor, base: float) -> Tensor:
-    """RoPE on the last dim of x [B, H, T, D] (half-split layout)."""
+def rotary(x: Tensor, base: float, dims: int = 0) -> Tensor:
+    """RoPE (half-split layout) on the first `dims` of the last dim of x [B, H, T, D], 0 = all. Partial RoPE
+    (ROPE_DIMS) leaves the other dims position-free, for attention by content alone (record 2026-03-21)."""
+    if 0 < dims < x.size(-1):
+        return torch.cat((rotary(x[..., :dims], base), x[..., dims:]), dim=-1)
     T, D = x.size(-2), x.size(-1)
     inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
     angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)
@@ -566,54 +619,128 @@ def rotary(x: Tensor, base: float) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
+def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: y - (y.v^)v^ per head and position, v^ = v/|v| of the same position; with GQA, query head h uses the
+    value of its group h // (H / H_kv), the grouping SDPA's enable_gqa uses. y [B, H, T, D], v [B, H_kv, T, D]."""
+    v = F.normalize(v.repeat_interleave(y.size(1) // v.size(1), dim=1), dim=-1)
+    return y - (y * v).sum(-1, keepdim=True) * v
+
+
+def document_mask(idx: Tensor, flex: bool | None = None):
+    """Causal attention within documents (a BOS starts one): a flex_attention BlockMask (default on CUDA), else a
+    dense [B, 1, T, T] boolean mask for SDPA. Both allow exactly the pairs (q, k) with k <= q in one document."""
+    doc = torch.cumsum(idx == BOS_ID, dim=1)  # [B, T] document index within the row
+    B, T = idx.shape
+    if idx.is_cuda if flex is None else flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+        same = lambda b, h, q, k: (k <= q) & (doc[b, q] == doc[b, k])
+        return create_block_mask(same, B, None, T, T, device=idx.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
+
+
+def attend(q, k, v, mask) -> Tensor:
+    gqa = k.size(1) != q.size(1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if isinstance(mask, Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    from torch.nn.attention.flex_attention import flex_attention
+    return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
-    def __init__(self, args):
+    """GQA attention with QK RMS-norm, a learned per-head query gain, (partial) RoPE; optionally XSA (layers in the
+    last XSA_LAST_N) and the sparse per-head output gate sigma(scale * W_h . x[:GATE_WINDOW]) (W zero-init: 0.5)."""
+
+    def __init__(self, args, layer):
         super().__init__()
         dim, self.heads, self.kv_heads = args.model_dim, args.num_heads, args.num_kv_heads
-        self.head_dim, self.rope_base = dim // self.heads, args.rope_base
+        self.head_dim, self.rope_base, self.rope_dims = dim // self.heads, args.rope_base, args.rope_dims
+        self.xsa = layer >= args.num_layers - args.xsa_last_n
         self.c_q = CastedLinear(dim, dim)
         self.c_k = CastedLinear(dim, self.kv_heads * self.head_dim)
         self.c_v = CastedLinear(dim, self.kv_heads * self.head_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((self.heads,), args.qk_gain_init))
+        self.gate_scale = args.sparse_attn_gate_scale
+        self.attn_gate = nn.Parameter(torch.zeros(self.heads, args.gate_window)) if args.sparse_attn_gate_enabled else None
 
-    def forward(self, x, qat):
+    def forward(self, x, ctx, mask=None):
         B, T, C = x.shape
-        q = self.c_q(x, qat).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.c_k(x, qat).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x, qat).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = rotary(F.rms_norm(q, (self.head_dim,)), self.rope_base) * self.q_gain.to(q.dtype)[None, :, None, None]
-        k = rotary(F.rms_norm(k, (self.head_dim,)), self.rope_base)
-        y = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, is_causal=True,
-                                           enable_gqa=self.kv_heads != self.heads)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C), qat)
+        q = self.c_q(x, ctx).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.c_k(x, ctx).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x, ctx).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = rotary(F.rms_norm(q, (self.head_dim,)), self.rope_base, self.rope_dims) * self.q_gain.to(q.dtype)[None, :, None, None]
+        k = rotary(F.rms_norm(k, (self.head_dim,)), self.rope_base, self.rope_dims)
+        y = attend(q.to(v.dtype), k.to(v.dtype), v, mask)
+        if self.xsa:
+            y = exclude_self_value(y, v)
+        if self.attn_gate is not None:
+            w = self.attn_gate.to(x.dtype)
+            g = torch.sigmoid(self.gate_scale * F.linear(x[..., :w.size(1)], w))  # [B, T, H]
+            y = y * g.transpose(1, 2)[..., None]
+        return self.proj(y.transpose(1, 2).reshape(B, T, C), ctx)
 
 
 class MLP(nn.Module):
+    """relu(x)^2, or leaky_relu(x, MLP_LEAKY_SLOPE)^2 (MLP_ACT=leaky_relu2, record 2026-03-23)."""
+
     def __init__(self, args):
         super().__init__()
         hidden = int(args.mlp_mult * args.model_dim)
+        self.slope = args.mlp_leaky_slope if args.mlp_act == "leaky_relu2" else 0.0
         self.fc = CastedLinear(args.model_dim, hidden)
         self.proj = CastedLinear(hidden, args.model_dim, zero_init=True)
 
-    def forward(self, x, qat):
-        return self.proj(F.relu(self.fc(x, qat)).square(), qat)
+    def forward(self, x, ctx):
+        h = self.fc(x, ctx)
+        h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
+        return self.proj(h.square(), ctx)
+
+
+def merge_lanes(lanes: tuple, how: str) -> Tensor:
+    """One hidden state from the residual lanes: the only one, or PARALLEL_FINAL_LANE (mean, attn = 0, mlp = 1)."""
+    if len(lanes) == 1:
+        return lanes[0]
+    return (lanes[0] + lanes[1]) * 0.5 if how == "mean" else lanes[how == "mlp"]
 
 
 class Block(nn.Module):
-    def __init__(self, args):
+    """The block at physical layer `layer`. Its inputs are normed, then scaled by 1/sqrt(layer+1) under LN_SCALE.
+    Plain: x = mix(x, x0); x += attn(x); x += mlp(x). From PARALLEL_START_LAYER on, two lanes (SOTA form): attention
+    reads lane 0 (mixed with x0), the MLP lane 1, both before either lane moves; then with learned scalars
+    lane_i = r_i lane_i + p_i0 attn + p_i1 mlp (r = 1.1, p = 1 at init)."""
+
+    def __init__(self, args, layer):
         super().__init__()
-        dim = args.model_dim
-        self.attn, self.mlp = Attention(args), MLP(args)
+        dim, self.layer, self.final_lane = args.model_dim, layer, args.parallel_final_lane
+        self.ln = 1 / math.sqrt(layer + 1) if args.ln_scale else 1.0
+        self.attn, self.mlp = Attention(args, layer), MLP(args)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # mixes in the embedding x0
+        self.parallel = layer >= args.parallel_start_layer
+        if self.parallel:
+            self.lane_resid = nn.Parameter(torch.full((2,), 1.1))
+            self.lane_mix = nn.Parameter(torch.ones(2, 2))  # [lane, (attn, mlp)]
 
-    def forward(self, x, x0, qat):
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)), qat)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)), qat)
+    def norm(self, x):
+        x = F.rms_norm(x, (x.size(-1),))
+        return x * self.ln if self.ln != 1.0 else x
+
+    def forward(self, lanes: tuple, x0, ctx, mask=None) -> tuple:
+        mix = self.resid_mix.to(x0.dtype)
+        if not self.parallel:
+            x = mix[0] * merge_lanes(lanes, self.final_lane) + mix[1] * x0
+            x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), ctx, mask)
+            return (x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x), ctx),)
+        lane0, lane1 = lanes if len(lanes) == 2 else lanes * 2
+        lane0 = mix[0] * lane0 + mix[1] * x0
+        a = self.attn_scale.to(x0.dtype) * self.attn(self.norm(lane0), ctx, mask)
+        m = self.mlp_scale.to(x0.dtype) * self.mlp(self.norm(lane1), ctx)
+        r, p = self.lane_resid.to(x0.dtype), self.lane_mix.to(x0.dtype)
+        return r[0] * lane0 + p[0, 0] * a + p[0, 1] * m, r[1] * lane1 + p[1, 0] * a + p[1, 1] * m
 
 
 class SmearGate(nn.Module):
@@ -653,27 +780,60 @@ class BigramHash(nn.Module):
         no_prev[:, 0] = True
         return torch.where(no_prev, self.buckets - 1, h)
 
-    def forward(self, tokens, qat):
-        h = self.proj(self.embed(self.bucket_ids(tokens)), qat)
+    def forward(self, tokens, ctx):
+        h = self.proj(self.embed(self.bucket_ids(tokens)), ctx)
         return h * self.scale.to(h.dtype)
 
 
+class LambdaSmear(nn.Module):
+    """SmearGate, SOTA form (PR #1855): x_t += lam * sigmoid(w . x_t[:GATE_WINDOW]) * x_{t-1}, nothing where token t
+    is a BOS or starts the row. w and lam start at zero, so the module starts as the identity."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(args.gate_window))
+        self.lam = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, tokens):
+        g = torch.sigmoid(x[..., :self.gate.numel()] @ self.gate.to(x.dtype))[..., None]  # [B, T, 1]
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * (tokens != BOS_ID).unsqueeze(-1).to(x.dtype)
+        return x + self.lam.to(x.dtype) * g * prev
+
+
+def layer_order(num_layers, start, end, loops) -> list[int]:
+    """Physical block of each application: [0..start-1] + [start..end] x (loops+1) + [end+1..L-1]; 0 loops = plain."""
+    return [*range(start), *list(range(start, end + 1)) * (loops + 1), *range(end + 1, num_layers)]
+
+
+def unet_orders(args, looping) -> tuple[list[int], list[int]]:
+    """(encoder, decoder) block orders: the first half of the layer order and the rest."""
+    if not (looping and args.num_loops):
+        order = list(range(args.num_layers))
+    else:
+        order = layer_order(args.num_layers, args.loop_start, args.loop_end, args.num_loops)
+    return order[:len(order) // 2], order[len(order) // 2:]
+
+
 class GPT(nn.Module):
-    """U-Net GPT (upstream baseline): the first half of the blocks push skips that the second half pops, scaled by
-    learned skip weights. Tied embedding, logits soft-capped by c*tanh(z/c)."""
+    """U-Net GPT (upstream baseline): blocks run in an encoder order that pushes skips and a decoder order that pops
+    them (skip weights; with SKIP_GATES_ENABLED x = lerp(w * skip, x, sigmoid(g))). Depth recurrence only swaps in
+    another pair of orders, over the same blocks. Tied embedding, logits soft-capped by c*tanh(z/c)."""
 
     def __init__(self, args):
         super().__init__()
         dim, self.args = args.model_dim, args
         self.tok_emb = nn.Embedding(args.vocab_size, dim)
         self.bigram = BigramHash(args) if args.bigram_buckets else None
-        self.smear = SmearGate(dim) if args.smear_gate else None
-        self.num_encoder = args.num_layers // 2
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, args.num_layers - self.num_encoder), dim))
-        self.blocks = nn.ModuleList(Block(args) for _ in range(args.num_layers))
+        self.smear = SmearGate(dim) if args.smear_gate else LambdaSmear(args) if args.smear_gate_enabled else None
+        self.orders = (unet_orders(args, False), unet_orders(args, True))  # indexed by ctx.looping
+        skips = max(min(len(enc), len(dec)) for enc, dec in self.orders)
+        self.skip_weights = nn.Parameter(torch.ones(skips, dim))
+        self.skip_gates = nn.Parameter(torch.zeros(skips, dim)) if args.skip_gates_enabled else None
+        self.blocks = nn.ModuleList(Block(args, layer) for layer in range(args.num_layers))
         self.lm_head = None if args.tie_embeddings else CastedLinear(dim, args.vocab_size, zero_init=True)
         # multi-token prediction: head k predicts the token k+1 ahead; training only, never exported
         self.mtp_heads = nn.ModuleList(CastedLinear(dim, dim, zero_init=True) for _ in range(args.mtp_heads))
+        self.final_ctx = Ctx(looping=args.num_loops > 0)  # what evaluation runs: the order training ended in
         for name, m in self.named_modules():
             if isinstance(m, CastedLinear) and not name.startswith("mtp_heads."):
                 m.qat_bits = export_bits(name + ".weight", m.weight, args)
@@ -700,61 +860,87 @@ class GPT(nn.Module):
                 if name.endswith(".proj"):
                     m.weight.mul_(1 / math.sqrt(2 * args.num_layers))
 
-    def hidden(self, idx: Tensor, qat: bool) -> Tensor:
+    def embed(self, idx: Tensor, ctx: Ctx) -> Tensor:
         x = self.tok_emb(idx)
         if self.bigram is not None:
-            x = x + self.bigram(idx, qat)
+            x = x + self.bigram(idx, ctx)
         x = F.rms_norm(x, (x.size(-1),))
-        if self.smear is not None:
-            x = self.smear(x, idx)
-        x0, skips = x, []
-        for i, block in enumerate(self.blocks):
-            j = i - self.num_encoder
-            if j >= 0 and skips:
-                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
-            x = block(x, x0, qat)
-            if j < 0:
-                skips.append(x)
+        return x if self.smear is None else self.smear(x, idx)
+
+    def skip(self, j: int, x: Tensor, s: Tensor) -> Tensor:
+        s = self.skip_weights[j].to(x.dtype) * s
+        if self.skip_gates is None:
+            return x + s
+        return torch.lerp(s, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+
+    def hidden(self, idx: Tensor, ctx: Ctx) -> Tensor:
+        x0 = self.embed(idx, ctx)
+        mask = document_mask(idx) if self.args.doc_mask else None
+        encoder, decoder = self.orders[ctx.looping]
+        lanes, skips, how = (x0,), [], self.args.parallel_final_lane
+        for i in encoder:
+            lanes = self.blocks[i](lanes, x0, ctx, mask)
+            skips.append(merge_lanes(lanes, how))
+        for j, i in enumerate(decoder):
+            if skips:
+                s = skips.pop()
+                lanes = tuple(self.skip(j, lane, s) for lane in lanes)
+            lanes = self.blocks[i](lanes, x0, ctx, mask)
+        x = merge_lanes(lanes, how)
         return F.rms_norm(x, (x.size(-1),))
 
-    def logits(self, h: Tensor, qat: bool = False) -> Tensor:
-        z = self.lm_head(h, qat) if self.lm_head is not None else F.linear(h, self.tok_emb.weight.to(h.dtype))
+    def logits(self, h: Tensor, ctx: Ctx = PLAIN) -> Tensor:
+        z = self.lm_head(h, ctx) if self.lm_head is not None else F.linear(h, self.tok_emb.weight.to(h.dtype))
         cap = self.args.logit_softcap
         return cap * torch.tanh(z.float() / cap)
 
-    def forward(self, idx: Tensor, targets: Tensor, qat: bool = False, per_token: bool = False) -> Tensor:
-        h = self.hidden(idx, qat)
-        if per_token:  # evaluation: nats per target [B, T]
+    def forward(self, idx: Tensor, targets: Tensor, ctx: Ctx | None = None, per_token: bool = False) -> Tensor:
+        """Mean training loss under ctx, or with per_token the nats of each target [B, T] (evaluation: no QAT)."""
+        ctx = self.final_ctx if ctx is None else ctx
+        if per_token:
+            h = self.hidden(idx, Ctx(qat=False, looping=ctx.looping))
             return F.cross_entropy(self.logits(h).flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-        loss = F.cross_entropy(self.logits(h, qat).flatten(0, 1), targets.flatten())
+        h = self.hidden(idx, ctx)
+        loss = F.cross_entropy(self.logits(h, ctx).flatten(0, 1), targets.flatten())
         for k, head in enumerate(self.mtp_heads, start=1):
-            hk = F.rms_norm(h[:, :-k] + head(h[:, :-k], qat), (h.size(-1),))
-            loss = loss + self.args.mtp_weight * F.cross_entropy(self.logits(hk, qat).flatten(0, 1), targets[:, k:].flatten())
+            hk = F.rms_norm(h[:, :-k] + head(h[:, :-k], ctx), (h.size(-1),))
+            loss = loss + self.args.mtp_weight * F.cross_entropy(self.logits(hk, ctx).flatten(0, 1), targets[:, k:].flatten())
         return loss
 
 
 def train_flops_per_token(args, model) -> float:
     """Forward+backward matmul FLOPs per training token: 6 per matmul weight (the head included, lookups excluded)
-    plus attention scores and values, 12 * layers * dim * seq_len (PaLM's MFU convention)."""
-    matmul = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "emb" not in n and "skip" not in n
-                 and "resid_mix" not in n)
+    plus attention scores and values, 12 * dim * seq_len per block application (PaLM's MFU convention). Blocks
+    count once per application of the order the run ends in (the looped one under NUM_LOOPS)."""
+    order = [i for part in model.orders[model.final_ctx.looping] for i in part]
+    weights = {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, CastedLinear)}
+    per_block = [sum(v for n, v in weights.items() if n.startswith(f"blocks.{i}.")) for i in range(args.num_layers)]
+    outside = sum(v for n, v in weights.items() if not n.startswith("blocks."))
     head = args.vocab_size * args.model_dim if args.tie_embeddings else 0
-    return 6.0 * (matmul + head) + 12.0 * args.num_layers * args.model_dim * args.train_seq_len
+    matmul = sum(per_block[i] for i in order) + outside + head
+    return 6.0 * matmul + 12.0 * len(order) * args.model_dim * args.train_seq_len
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Optimizers
 
-def newton_schulz(G: Tensor, steps: int) -> Tensor:
-    """Approximate U V^T of each matrix in G [..., m, n] with Muon's quintic Newton-Schulz iteration (Jordan et al.
-    2024, coefficients (3.4445, -4.7750, 2.0315)); bf16 on CUDA, fp32 on CPU."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+NS5 = ((3.4445, -4.7750, 2.0315),)  # Muon's fixed quintic (Jordan et al. 2024)
+# Polar Express (Amsel et al. 2025): one (a, b, c) per step, tuned for fast convergence; later steps reuse the last
+POLAR_EXPRESS = ((8.1566, -22.4833, 15.8788), (4.0429, -2.8089, 0.5000), (3.8917, -2.7725, 0.5061),
+                 (3.2858, -2.3681, 0.4645), (2.3465, -1.7098, 0.4232))
+
+
+def newton_schulz(G: Tensor, steps: int, kind: str = "ns5") -> Tensor:
+    """Approximate U V^T of each matrix in G [..., m, n] with quintic Newton-Schulz steps X <- aX + (bA + cA^2)X,
+    A = X X^T, from X = G/|G|_F: Muon's coefficients (MUON_NS=ns5) or Polar Express's (polar); bf16 on CUDA."""
+    coeffs = POLAR_EXPRESS if kind == "polar" else NS5
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = coeffs[min(i, len(coeffs) - 1)]
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if tall else X
@@ -764,13 +950,14 @@ class Muon(torch.optim.Optimizer):
     """Nesterov momentum whose per-matrix update is orthogonalised (Muon), with decoupled weight decay
     p <- p (1 - lr*wd) and optional NorMuon (Li et al. 2025): each row of the orthogonalised update is divided by the
     root of its running mean square, then the update is rescaled to its pre-normalisation Frobenius norm (so
-    MATRIX_LR keeps its meaning). Rank r orthogonalises every world-th matrix of each shape, batched; one all-reduce
-    of a flat buffer then shares all updates."""
+    MATRIX_LR keeps its meaning). MuonEq-R (row_normalize): each row of the Nesterov update is divided by its L2 norm
+    before Newton-Schulz. Rank r orthogonalises every world-th matrix of each shape, batched; one all-reduce of a
+    flat buffer then shares all updates."""
 
     def __init__(self, params, lr, momentum, steps, wd=0.0, normuon=False, beta2=0.95, rank=0, world=1,
-                 orthogonalize=newton_schulz):
+                 orthogonalize=newton_schulz, row_normalize=False, ns="ns5"):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, wd=wd))
-        self.steps, self.normuon, self.beta2 = steps, normuon, beta2
+        self.steps, self.normuon, self.beta2, self.row_normalize, self.ns = steps, normuon, beta2, row_normalize, ns
         self.rank, self.world, self.orthogonalize = rank, world, orthogonalize
 
     def _state(self, p, key, shape) -> Tensor:
@@ -807,7 +994,9 @@ class Muon(torch.optim.Optimizer):
                 if not mine:
                     continue
                 G = torch.stack([self._update(params[i], params[i].grad, group["momentum"]) for i in mine])
-                U = self.orthogonalize(G, self.steps)
+                if self.row_normalize:
+                    G = G / G.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                U = self.orthogonalize(G, self.steps, self.ns)
                 for u, i in zip(U, mine):
                     if self.normuon:
                         u = self._normalize_rows(params[i], u)
@@ -822,30 +1011,32 @@ class Muon(torch.optim.Optimizer):
                 p.add_(flat[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype), alpha=-group["lr"])
 
 
+# Name parts of the control tensors (gains, mixes, gates, lane scalars): kept in fp16 by the export whatever their size
+CONTROL_TENSOR_PATTERNS = "attn_scale,mlp_scale,resid_mix,q_gain,skip_weight,skip_gate,smear,attn_gate,lane_"
+
+
 def matches_any(name, patterns: str) -> bool:
     return any(pat and pat in name for pat in patterns.split(","))
 
 
-def route_params(model, args) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """embed: token (and bigram) tables; head: untied head; matrix: other 2-D weights (Muon); scalar: the rest.
-    Every parameter lands in exactly one group."""
+def route_params(model) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """By module type: CastedLinear weights go to Muon (matrix), embedding tables to embed, the untied head to head,
+    every other parameter (gains, mixes, gates, lane scalars) to scalar. Each lands in exactly one group."""
     groups = {"embed": [], "head": [], "matrix": [], "scalar": []}
-    for name, p in model.named_parameters():
-        if name in ("tok_emb.weight", "bigram.embed.weight"):
-            groups["embed"].append((name, p))
-        elif name == "lm_head.weight":
-            groups["head"].append((name, p))
-        elif p.ndim == 2 and not matches_any(name, args.control_tensor_patterns):
-            groups["matrix"].append((name, p))
-        else:
-            groups["scalar"].append((name, p))
-    assert sum(map(len, groups.values())) == len(list(model.parameters())), "parameter routed twice or not at all"
+    for mname, m in model.named_modules():  # shared (looped) modules come once
+        kind = ("head" if m is getattr(model, "lm_head", None) else "embed" if isinstance(m, nn.Embedding)
+                else "matrix" if isinstance(m, CastedLinear) else "scalar")
+        groups[kind] += [(f"{mname}.{n}".lstrip("."), p) for n, p in m.named_parameters(recurse=False)]
+    routed = [id(p) for g in groups.values() for _, p in g]
+    assert len(routed) == len(set(routed)) == len(set(map(id, model.parameters()))), "parameter routed twice or not at all"
     return groups
 
 
 def build_optimizers(model, args, rt) -> list[torch.optim.Optimizer]:
-    groups = route_params(model, args)
-    adam_groups = [dict(params=[p for _, p in groups["embed"]], lr=args.tied_embed_lr if args.tie_embeddings else args.embed_lr),
+    groups = route_params(model)
+    embed_wd = args.embed_wd if args.embed_wd >= 0 else args.adam_wd
+    adam_groups = [dict(params=[p for _, p in groups["embed"]], lr=args.tied_embed_lr if args.tie_embeddings else args.embed_lr,
+                        weight_decay=embed_wd),
                    dict(params=[p for _, p in groups["head"]], lr=args.head_lr),
                    dict(params=[p for _, p in groups["scalar"]], lr=args.scalar_lr)]
     adam_groups = [g for g in adam_groups if g["params"]]
@@ -853,7 +1044,8 @@ def build_optimizers(model, args, rt) -> list[torch.optim.Optimizer]:
                              fused=rt.device.type == "cuda")
     ortho = torch.compile(newton_schulz) if use_compile(args, rt) else newton_schulz
     muon = Muon([p for _, p in groups["matrix"]], args.matrix_lr, args.muon_momentum, args.muon_backend_steps,
-                args.muon_wd, args.normuon, args.normuon_beta2, rt.rank, rt.world_size, ortho)
+                args.muon_wd, args.normuon, args.normuon_beta2, rt.rank, rt.world_size, ortho, args.muon_row_normalize,
+                args.muon_ns)
     optimizers = [adam, muon]
     for opt in optimizers:
         for g in opt.param_groups:
@@ -888,9 +1080,20 @@ def warmdown_scale(args, step, elapsed_ms) -> float:
 
 
 def lr_scale(args, step, elapsed_ms) -> float:
-    """Linear warmup over LR_WARMUP_STEPS, then the warmdown schedule."""
+    """Linear warmup over LR_WARMUP_STEPS, then the warmdown schedule, which ends at MIN_LR instead of 0."""
     warm = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0
-    return warm * warmdown_scale(args, step, elapsed_ms)
+    return warm * (args.min_lr + (1 - args.min_lr) * warmdown_scale(args, step, elapsed_ms))
+
+
+def ctx_for(args, p) -> Ctx:
+    """The forward switches at progress p: QAT from QAT_START_FRAC, the looped order from ENABLE_LOOPING_AT."""
+    return Ctx(qat=args.qat and p >= args.qat_start_frac, looping=args.num_loops > 0 and p >= args.enable_looping_at)
+
+
+def reachable_ctxs(args) -> list[Ctx]:
+    """Every context a run can meet, in order of progress: the switches only turn on, at known progress points."""
+    points = sorted((0.0, args.qat_start_frac, args.enable_looping_at))
+    return list(dict.fromkeys(ctx_for(args, p) for p in points))
 
 
 def set_schedule(optimizers, args, step, scale):
@@ -913,18 +1116,23 @@ def use_compile(args, rt) -> bool:
 def build_model(args, rt, mtp=True):
     margs = args if mtp else dataclasses.replace(args, mtp_heads=0)
     base = GPT(margs).to(rt.device)
-    compiled = torch.compile(base, dynamic=False, fullgraph=True) if use_compile(args, rt) else base
+    if not use_compile(args, rt):
+        return base, base
+    # one graph per context, eval shape and model instance: more than dynamo's default of 8 for one code object,
+    # and with fullgraph=True going past the limit is an error, not a fallback
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    compiled = torch.compile(base, dynamic=False, fullgraph=True)
     return base, compiled
 
 
-def train_step(model, batches, optimizers, args, rt, qat) -> Tensor:
+def train_step(model, batches, optimizers, args, rt, ctx: Ctx) -> Tensor:
     """One optimizer step over this rank's micro-batches; returns the mean loss (a tensor, no host sync)."""
     total = torch.zeros((), device=rt.device)
     for i, (x, y) in enumerate(batches):
         if isinstance(model, DDP):
             model.require_backward_grad_sync = i == len(batches) - 1
         with rt.autocast():
-            loss = model(x, y, qat=qat)
+            loss = model(x, y, ctx=ctx)
         (loss / len(batches)).backward()
         total += loss.detach()
     if args.grad_clip_norm > 0:
@@ -938,15 +1146,15 @@ def train_step(model, batches, optimizers, args, rt, qat) -> Tensor:
 
 
 def prime_compile(model, base, optimizers, loader, args, rt, log):
-    """Run WARMUP_STEPS steps so every graph variant (QAT off and on) is compiled before the clock starts, then put
-    weights, optimizer state and data order back exactly as they were."""
+    """Run WARMUP_STEPS steps cycling through every reachable context, so each graph is compiled before the clock
+    starts, then put weights, optimizer state and data order back exactly as they were."""
     if args.warmup_steps <= 0:
         return
     weights = copy.deepcopy(base.state_dict())
     states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    variants = [False, True] if args.qat and args.qat_start_frac > 0 else [args.qat]
+    variants = reachable_ctxs(args)
     for i in range(args.warmup_steps):
-        train_step(model, loader.next_batch(), optimizers, args, rt, qat=variants[i % len(variants)])
+        train_step(model, loader.next_batch(), optimizers, args, rt, variants[i % len(variants)])
         log(f"warmup_step:{i + 1}/{args.warmup_steps}")
     base.load_state_dict(weights)
     for opt, state in zip(optimizers, states):
@@ -1006,7 +1214,7 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
     averager = build_averager(args, base)
     max_ms = 1000 * args.max_wallclock_seconds
     step, train_ms, swa_count, losses, stop = 0, 0.0, 0, [], False
-    qat_step, events = None, []
+    qat_step, ctx, events = None, PLAIN, []
     rt.stage = "train"
 
     def event(name, at, elapsed, extra=""):  # a switch turning on (tools/plot_runs.py marks it)
@@ -1020,7 +1228,7 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
             rt.sync()
             train_ms += 1000 * (time.perf_counter() - t0)  # the clock stops during validation
             if args.val_loss_every > 0 and step > 0:
-                r = eval_fn()
+                r = eval_fn(ctx)
                 log(f"step:{step}/{args.iterations} val_loss:{r['val_loss']:.4f} val_bpb:{r['val_bpb']:.4f} "
                     f"train_time:{train_ms:.0f}ms step_avg:{train_ms / step:.2f}ms")
             if last:
@@ -1029,14 +1237,14 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
             t0 = time.perf_counter()
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         p, scale, warmdown = progress(args, step, elapsed), lr_scale(args, step, elapsed), warmdown_scale(args, step, elapsed)
-        qat = args.qat and p >= args.qat_start_frac
-        if qat and qat_step is None:
-            qat_step = step
-            event("qat", step, elapsed, f"progress:{p:.3f} ")
+        ctx, prev = ctx_for(args, p), ctx
+        for name in (f for f in Ctx._fields if getattr(ctx, f) and not getattr(prev, f)):
+            event(name, step, elapsed, f"progress:{p:.3f} ")
+        qat_step = step if ctx.qat and qat_step is None else qat_step
         if warmdown < 1.0 and not any(e["name"] == "warmdown" for e in events):
             event("warmdown", step, elapsed)
         set_schedule(optimizers, args, step, scale)
-        loss = train_step(model, loader.next_batch(), optimizers, args, rt, qat)
+        loss = train_step(model, loader.next_batch(), optimizers, args, rt, ctx)
         step = rt.step = step + 1
         if averager is not None and (args.ema_decay > 0 or (swa_window(args, p, warmdown) and step % args.swa_every == 0)):
             averager.update_parameters(base)
@@ -1080,8 +1288,9 @@ def sliding_windows(num_targets: int, seq_len: int, stride: int) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, val: Tensor, luts, args, rt, stride: int) -> dict:
-    """Sum of target nats and target bytes over all validation targets, each scored once, split across ranks."""
+def evaluate(model, val: Tensor, luts, args, rt, stride: int, ctx: Ctx | None = None) -> dict:
+    """Sum of target nats and target bytes over all validation targets, each scored once, split across ranks; ctx
+    (mid-run validation) picks the layer order, default: the one training ends in."""
     t0 = time.perf_counter()
     seq_len = args.eval_seq_len or args.train_seq_len
     windows = sliding_windows(val.numel() - 1, seq_len, stride)
@@ -1100,7 +1309,7 @@ def evaluate(model, val: Tensor, luts, args, rt, stride: int) -> dict:
         idx = batch[:, :1] + pos  # [B, L] target positions
         x, y = val_d[idx], val_d[idx + 1]
         with rt.autocast():
-            nll = model(x, y, per_token=True).double()
+            nll = model(x, y, ctx=ctx, per_token=True).double()
         scored = (idx >= batch[:, 1:2]) & (idx < batch[:, 2:3])
         sums[0] += nll[scored].sum()
         sums[1] += scored.sum()
@@ -1119,7 +1328,7 @@ def evaluate(model, val: Tensor, luts, args, rt, stride: int) -> dict:
 def export_bits(name, t: Tensor, args) -> int:
     """0 = keep as fp16 (small, control or FP16_KEEP_PATTERNS tensors); else the integer width for this tensor."""
     if t.ndim != 2 or t.numel() <= 65536 or matches_any(name, args.fp16_keep_patterns) \
-            or matches_any(name, args.control_tensor_patterns):
+            or matches_any(name, CONTROL_TENSOR_PATTERNS):
         return 0
     if ".mlp." in name:
         return args.quant_mlp_bits
@@ -1159,7 +1368,10 @@ def dequantize_state(qstate) -> dict[str, Tensor]:
 
 # What rebuilding and re-scoring a model needs, stored in the artifact (EVAL_ARTIFACT reads it back)
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
-                "rope_base", "logit_softcap", "smear_gate", "bigram_buckets", "bigram_dim")
+                "rope_base", "logit_softcap", "smear_gate", "bigram_buckets", "bigram_dim", "xsa_last_n", "rope_dims",
+                "ln_scale", "mlp_act", "mlp_leaky_slope", "skip_gates_enabled", "num_loops", "loop_start", "loop_end",
+                "parallel_start_layer", "parallel_final_lane", "sparse_attn_gate_enabled", "sparse_attn_gate_scale",
+                "gate_window", "smear_gate_enabled", "doc_mask")
 EVAL_FIELDS = ("train_seq_len", "eval_seq_len", "eval_stride", "val_max_tokens")
 ARTIFACT_VERSION = 1
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -1379,10 +1591,10 @@ def train_and_export(args, rt, loader, val, truncated, luts, log) -> dict:
     optimizers = build_optimizers(base, args, rt)
     n_params = sum(p.numel() for k, p in base.state_dict().items() if not k.startswith("mtp_heads."))
     log(f"model_params:{n_params} world_size:{rt.world_size} grad_accum_steps:{loader.accum} "
-        f"groups:{ {k: len(v) for k, v in route_params(base, args).items()} }")
+        f"groups:{ {k: len(v) for k, v in route_params(base).items()} }")
     prime_compile(model, base, optimizers, loader, args, rt, log)
 
-    result = train(args, rt, model, base, optimizers, loader, lambda: evaluate(compiled, val, luts, args, rt, 0), log)
+    result = train(args, rt, model, base, optimizers, loader, lambda ctx: evaluate(compiled, val, luts, args, rt, 0, ctx), log)
     pre = evaluate(compiled, val, luts, args, rt, stride=0)
     log(f"pre_quant val_loss:{pre['val_loss']:.4f} val_bpb:{pre['val_bpb']:.4f} eval_time:{1000 * pre['eval_time_s']:.0f}ms")
     rt.stage = "export"

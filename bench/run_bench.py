@@ -13,12 +13,11 @@ from collections import deque
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_PROXY = os.path.join(ROOT, "..", "shared", "proxy")
 STAGED_PROXY = os.path.join(ROOT, "bench_data", "proxy")
-TOKENIZER = "fineweb_1024_bpe.model"
 DRY_DATA_LIMITS = ["--max-train-docs", "200", "--max-val-docs", "20"]
 DRY_ENV = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", TRAIN_SEQ_LEN="64",
                EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024", ITERATIONS="4", WARMUP_STEPS="1",
                VAL_BATCH_SIZE="4096", VAL_MAX_TOKENS="4096", EVAL_STRIDE="32", EVAL_BATCH_SEQS="8",
-               BIGRAM_BUCKETS="64", BIGRAM_DIM="16", MAX_WALLCLOCK_SECONDS="30")
+               BIGRAM_BUCKETS="64", BIGRAM_DIM="16", MAX_WALLCLOCK_SECONDS="30", LOOP_START="0", LOOP_END="0")
 # (header, dotted key into the row: the run's summary plus status fields, format)
 COLUMNS = [
     ("config", "config", "{}"), ("status", "status", "{}"), ("steps", "steps", "{}"),
@@ -32,21 +31,28 @@ CSV_EXTRA = ["run_id", "returncode", "error", "wall_s", "model_params", "world_s
              "final.tokens", "final.stride", "hardware"]
 
 
-def has_shards(data_dir) -> bool:
-    return all(glob.glob(os.path.join(data_dir, p)) for p in ("fineweb_train_*.bin", "fineweb_val_*.bin", TOKENIZER))
+def tokenizer_name(vocab) -> str:
+    return f"fineweb_{vocab}_bpe.model"
 
 
-def prepare_data(data_dir, src, train_files=1, workers=None, limits=()) -> None:
-    """Tokenize the proxy corpus into data_dir with data/prepare_proxy.py, unless shards are already there."""
-    if has_shards(data_dir):
+def has_shards(data_dir, vocab=1024) -> bool:
+    return all(glob.glob(os.path.join(data_dir, p))
+               for p in ("fineweb_train_*.bin", "fineweb_val_*.bin", tokenizer_name(vocab)))
+
+
+def prepare_data(data_dir, src, train_files=1, workers=None, limits=(), vocab=1024) -> None:
+    """Tokenize the proxy corpus into data_dir with data/prepare_proxy.py (which trains the tokenizer when vocab is
+    not 1024), unless shards are already there."""
+    if has_shards(data_dir, vocab):
         print(f"data: reusing shards in {data_dir}", flush=True)
         return
     cmd = [sys.executable, os.path.join(ROOT, "data", "prepare_proxy.py"), "--src", src, "--out", data_dir,
-           "--train-files", str(train_files), "--workers", str(workers or os.cpu_count() or 1), *limits]
+           "--train-files", str(train_files), "--workers", str(workers or os.cpu_count() or 1), "--vocab", str(vocab),
+           *limits]
     print("data: " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
-    if not has_shards(data_dir):
-        sys.exit(f"run_bench: {data_dir} still lacks train/val shards or {TOKENIZER} after prepare_proxy.py")
+    if not has_shards(data_dir, vocab):
+        sys.exit(f"run_bench: {data_dir} still lacks train/val shards or {tokenizer_name(vocab)} after prepare_proxy.py")
 
 
 def stage_proxy(train_files=1, src=SHARED_PROXY, dest=STAGED_PROXY) -> int:
@@ -128,12 +134,13 @@ def parse_configs(spec) -> list[tuple[str, str]]:
     return out
 
 
-def config_env(preset, data_dir, run_id, log_dir, seconds, overrides) -> dict:
+def config_env(preset, data_dir, run_id, log_dir, seconds, overrides, vocab=1024) -> dict:
     env = dict(os.environ)
     env.pop("PRESET", None)
     if preset != "default":
         env["PRESET"] = preset
-    env.update(DATA_PATH=data_dir, TOKENIZER_PATH=os.path.join(data_dir, TOKENIZER), RUN_ID=run_id,
+    env.update(DATA_PATH=data_dir, TOKENIZER_PATH=os.path.join(data_dir, tokenizer_name(vocab)), RUN_ID=run_id,
+               VOCAB_SIZE=str(vocab),
                MAX_WALLCLOCK_SECONDS=str(seconds), LOG_DIR=log_dir, VAL_LOSS_EVERY="0",
                SUBMISSION_JSON=os.path.join(log_dir, f"{run_id}_submission.json"),
                DATA_LABEL=f"proxy corpus ({os.path.basename(os.path.normpath(data_dir))}), not FineWeb")
@@ -259,7 +266,9 @@ def parse_args(argv=None):
     p.add_argument("--seconds", type=float, default=150, help="MAX_WALLCLOCK_SECONDS of each run")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VAL", help="env override for every run")
     p.add_argument("--config-env", action="append", default=[], metavar="NAME:KEY=VAL", help="override for one run")
-    p.add_argument("--data", default=None, help="shard folder (default bench_data/proxy_sp1024; dry run: a temp dir)")
+    p.add_argument("--vocab", default="1024", help="comma-separated vocabularies: 1024 is the challenge tokenizer, "
+                   "others (4096, 8192) a BPE trained on the proxy by data/prepare_proxy.py")
+    p.add_argument("--data", default=None, help="shard folder (default bench_data/proxy_sp<vocab>; dry run: a temp dir)")
     p.add_argument("--src", default=None, help="proxy corpus (default: bench_data/proxy if any, else ../shared/proxy)")
     p.add_argument("--train-files", type=int, default=1, help="proxy train files to tokenize (or stage)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
@@ -304,17 +313,19 @@ def device_info(dry_run, nproc) -> tuple[str, int, float, dict]:
     return ("cuda" if gpus else "cpu"), n, peak, meta
 
 
-def run_all(opts, configs, data_dir, meta, peak, cmd, stamp, t_start) -> list[dict]:
-    """Each config in turn; reports are rewritten after every run, so a harness killed mid-way leaves its rows."""
+def run_all(opts, configs, data_dirs, meta, peak, cmd, stamp, t_start) -> list[dict]:
+    """Each config at each vocabulary in turn (label@vocab when there are several); reports are rewritten after
+    every run, so a harness killed mid-way leaves its rows."""
     log_dir = os.path.join(os.path.abspath(opts.out), "runs")
     console_dir = os.path.join(os.path.abspath(opts.out), "console")  # not in LOG_DIR: train_gpt.py wants it fresh
     os.makedirs(console_dir, exist_ok=True)
     extra = per_config_env(opts.config_env, [label for label, _ in configs])
     rows, longest = [], 0.0
-    for label, preset in configs:
-        run_id = f"bench_{label}_{stamp}"
-        overrides = {**(DRY_ENV if opts.dry_run else {}), **parse_kv(opts.env), **extra[label]}
-        env = config_env(preset, data_dir, run_id, log_dir, opts.seconds, overrides)
+    for vocab, (base, preset) in ((v, c) for v in data_dirs for c in configs):
+        label = f"{base}@{vocab}" if len(data_dirs) > 1 else base
+        run_id = f"bench_{label.replace('@', '_v')}_{stamp}"
+        overrides = {**(DRY_ENV if opts.dry_run else {}), **parse_kv(opts.env), **extra[base]}
+        env = config_env(preset, data_dirs[vocab], run_id, log_dir, opts.seconds, overrides, vocab)
         left = opts.budget - (time.time() - t_start) if opts.budget else None
         if left is not None and left < max(longest, 30):
             result = dict(status="skipped", returncode=None, wall_s=0.0, error=f"budget: {left:.0f}s left")
@@ -341,24 +352,29 @@ def main(argv=None) -> list[dict]:
     if not configs:
         sys.exit("run_bench: --configs names no configuration")
     stamp = time.strftime("%Y%m%d_%H%M%S")
+    vocabs = [int(v) for v in opts.vocab.split(",") if v.strip()]
+    if opts.data and len(vocabs) != 1:
+        sys.exit("run_bench: --data names one shard folder, so give one --vocab")
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
-        default_data = tmp if opts.dry_run else os.path.join(ROOT, "bench_data", "proxy_sp1024")
-        data_dir = os.path.abspath(opts.data or default_data)
+        data_dirs = {v: os.path.abspath(opts.data or (os.path.join(tmp, str(v)) if opts.dry_run else
+                                                      os.path.join(ROOT, "bench_data", f"proxy_sp{v}"))) for v in vocabs}
         src = opts.src or (STAGED_PROXY if os.path.isdir(STAGED_PROXY) else SHARED_PROXY)
         limits = (DRY_DATA_LIMITS if opts.dry_run else []) + [
             x for flag, v in (("--max-train-docs", opts.max_train_docs), ("--max-val-docs", opts.max_val_docs))
             if v is not None for x in (flag, str(v))]
-        prepare_data(data_dir, src, 1 if opts.dry_run else opts.train_files, opts.workers, limits)
+        for vocab, data_dir in data_dirs.items():
+            prepare_data(data_dir, src, 1 if opts.dry_run else opts.train_files, opts.workers, limits, vocab)
         device, nproc, peak, meta = device_info(opts.dry_run, opts.nproc)
         seconds = DRY_ENV["MAX_WALLCLOCK_SECONDS"] + " (dry run)" if opts.dry_run else opts.seconds
         meta.update(git_commit=code_id(opts.commit), seconds_per_run=seconds,
-                    data=f"{data_dir}: proxy corpus tokenized from {src}, NOT FineWeb (compares configs only)",
+                    data=f"{', '.join(data_dirs.values())}: proxy corpus tokenized from {src}, NOT FineWeb "
+                         "(compares configs only)",
                     mode="dry run: tiny model on CPU" if opts.dry_run else "full")
         print("\n".join(f"{k}: {v}" for k, v in meta.items()), flush=True)
         train = os.path.join(ROOT, "train_gpt.py")
         cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", train]
                if device == "cuda" else [sys.executable, train])
-        rows = run_all(opts, configs, data_dir, meta, peak, cmd, stamp, t_start)
+        rows = run_all(opts, configs, data_dirs, meta, peak, cmd, stamp, t_start)
     print("\n" + format_table(rows))
     print(f"\nreports: {os.path.join(opts.out, f'bench_{stamp}')}.csv and .md")
     return rows

@@ -134,13 +134,14 @@ def _is_utf8(text) -> bool:
 
 # ---- tokenizer and shards -----------------------------------------------------------------------------------------
 
-def train_tokenizer(texts, prefix, vocab_size) -> spm.SentencePieceProcessor:
+def train_tokenizer(texts, prefix, vocab_size, **overrides) -> spm.SentencePieceProcessor:
     """Trains on the non-blank lines of `texts`, writing prefix.model and prefix.vocab. The model is built in
-    memory so that its bytes do not record the output path (spm stores model_prefix in the model)."""
+    memory so that its bytes do not record the output path (spm stores model_prefix in the model). `overrides`
+    replace SPM_SETTINGS entries (num_threads on a bigger machine)."""
     model = io.BytesIO()
     lines = (line for text in texts for line in text.splitlines() if line.strip())
     spm.SentencePieceTrainer.train(sentence_iterator=lines, model_writer=model, vocab_size=vocab_size,
-                                   **SPM_SETTINGS)
+                                   **dict(SPM_SETTINGS, **overrides))
     with open(prefix + ".model", "wb") as f:
         f.write(model.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())

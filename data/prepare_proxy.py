@@ -1,9 +1,11 @@
-"""Tokenizes the proxy English corpus (../shared/proxy: zstd JSON Lines, one {"text", "source"} per line) with its
-challenge tokenizer into upstream-format shards, on all CPU cores. The proxy is for comparing configurations side by
-side; its scores are not FineWeb scores.
+"""Tokenizes the proxy English corpus (../shared/proxy: zstd JSON Lines, one {"text", "source"} per line) into
+upstream-format shards, on all CPU cores. --vocab 1024 uses the proxy's copy of the challenge tokenizer; any other
+size (4096, 8192) trains a SentencePiece BPE with the upstream spec (byte fallback, split digits, nmt_nfkc, no dummy
+prefix, coverage 0.999) on the first --tokenizer-docs training documents, once: a tokenizer already in --out is
+reused. The proxy is for comparing configurations side by side; its scores are not FineWeb scores.
 
-Usage: python data/prepare_proxy.py [--src ../shared/proxy] [--out bench_data/proxy_sp1024] [--train-files N]
-       [--max-train-docs N] [--max-val-docs N] [--workers K]
+Usage: python data/prepare_proxy.py [--vocab 1024] [--src ../shared/proxy] [--out bench_data/proxy_sp<vocab>]
+       [--train-files N] [--max-train-docs N] [--max-val-docs N] [--tokenizer-docs N] [--tokenizer-only] [--workers K]
 """
 import argparse
 import glob
@@ -21,9 +23,11 @@ import sentencepiece as spm
 import zstandard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data.make_sample import train_tokenizer  # noqa: E402
 from data.shards import encode_docs, write_split  # noqa: E402
 
-TOKENIZER = "fineweb_1024_bpe.model"
+TOKENIZER = "fineweb_1024_bpe.model"  # the proxy's challenge tokenizer
+TOKENIZER_DOCS = 20_000  # ~60 MB of text, the first train file: ample for 8192 pieces
 BATCH_DOCS = 256
 # The proxy's val split (SOURCES.md): 1,740 docs and 2,063,443 tokens from sp.encode, so 2,065,183 with the BOS.
 PROXY_VAL_DOCS, PROXY_VAL_TOKENS = 1740, 2_063_443 + 1740
@@ -73,13 +77,18 @@ def check_val(n_docs, n_tokens) -> None:
                  "the tokenizer or the corpus is not the proxy's")
 
 
-def source_files(src, n_train_files) -> tuple[str, list[str], str]:
-    """The tokenizer, train and val files under `src`; exits with a one-line message if any is missing."""
+def tokenizer_name(vocab) -> str:
+    return f"fineweb_{vocab}_bpe.model"
+
+
+def source_files(src, n_train_files, vocab=1024) -> tuple[str, list[str], str]:
+    """The tokenizer (None unless vocab is 1024), train and val files under `src`; exits with a one-line message
+    if any is missing."""
     fix = "point --src at the proxy corpus folder (../shared/proxy, holding tokenizers/ and text/)"
-    model = os.path.join(src, "tokenizers", TOKENIZER)
+    model = os.path.join(src, "tokenizers", TOKENIZER) if vocab == 1024 else None
     train = sorted(glob.glob(os.path.join(src, "text", "docs_*.jsonl.zst")))[:n_train_files]
     val = os.path.join(src, "text", "val_docs.jsonl.zst")
-    for path in (src, model, val):
+    for path in filter(None, (src, model, val)):
         if not os.path.exists(path):
             sys.exit(f"prepare_proxy: {path} not found; {fix}")
     if not train:
@@ -87,10 +96,29 @@ def source_files(src, n_train_files) -> tuple[str, list[str], str]:
     return model, train, val
 
 
+def make_tokenizer(opts, model, train_files) -> str:
+    """The tokenizer in opts.out: the challenge one copied, or one trained here (reused if already there)."""
+    path = os.path.join(opts.out, tokenizer_name(opts.vocab))
+    if model:
+        shutil.copyfile(model, path)
+    elif os.path.isfile(path):
+        print(f"tokenizer: reusing {path}")
+    else:
+        t0 = time.time()
+        docs = itertools.islice(itertools.chain.from_iterable(read_docs(f) for f in train_files), opts.tokenizer_docs)
+        train_tokenizer(docs, path.removesuffix(".model"), opts.vocab, num_threads=opts.workers)
+        print(f"tokenizer: trained {path} ({opts.vocab} pieces, first {opts.tokenizer_docs} train docs) "
+              f"in {time.time() - t0:.1f}s")
+    return path
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vocab", type=int, default=1024, help="1024: the challenge tokenizer; else train a BPE here")
     p.add_argument("--src", default=os.path.join("..", "shared", "proxy"))
-    p.add_argument("--out", default=os.path.join("bench_data", "proxy_sp1024"))
+    p.add_argument("--out", default=None, help="default bench_data/proxy_sp<vocab>")
+    p.add_argument("--tokenizer-docs", type=int, default=TOKENIZER_DOCS, help="train docs the BPE is trained on")
+    p.add_argument("--tokenizer-only", action="store_true", help="make the tokenizer in --out, write no shards")
     p.add_argument("--train-files", type=int, default=None, help="use only the first N train .zst files")
     p.add_argument("--max-train-docs", type=int, default=None)
     p.add_argument("--max-val-docs", type=int, default=None)
@@ -98,10 +126,15 @@ def main():
     opts = p.parse_args()
     if opts.train_files is not None and opts.train_files < 1:
         p.error("--train-files must be at least 1")
-    model, train_files, val_file = source_files(opts.src, opts.train_files)
+    if opts.vocab < 260 or opts.vocab > 65536:
+        p.error("--vocab must be in [260, 65536]: 256 byte pieces + 4 specials, ids must fit uint16")
+    opts.out = opts.out or os.path.join("bench_data", f"proxy_sp{opts.vocab}")
+    model, train_files, val_file = source_files(opts.src, opts.train_files, opts.vocab)
     t0 = time.time()
     os.makedirs(opts.out, exist_ok=True)
-    shutil.copyfile(model, os.path.join(opts.out, TOKENIZER))
+    model = make_tokenizer(opts, model, sorted(glob.glob(os.path.join(opts.src, "text", "docs_*.jsonl.zst"))))
+    if opts.tokenizer_only:
+        return
     train_docs = itertools.chain.from_iterable(read_docs(f) for f in train_files)
     splits = (("val", read_docs(val_file, opts.max_val_docs)),
               ("train", itertools.islice(train_docs, opts.max_train_docs)))
@@ -111,7 +144,7 @@ def main():
             paths = write_split(opts.out, split, tokens)
             print(f"{split}: {n_docs} docs, {len(tokens)} tokens (BOS included), {len(paths)} shard(s), "
                   f"{time.time() - t0:.1f}s")
-            if split == "val" and opts.max_val_docs is None:
+            if split == "val" and opts.max_val_docs is None and opts.vocab == 1024:
                 check_val(n_docs, len(tokens))
     print(f"wrote {opts.out} in {time.time() - t0:.1f}s")
 

@@ -18,10 +18,12 @@ from data.shards import write_shard  # noqa: E402
 PROXY = ROOT.parent / "shared" / "proxy"
 TOKENIZER = PROXY / "tokenizers" / "fineweb_1024_bpe.model"
 
-# A model small enough for CPU tests; everything else keeps the default stack so the tests exercise it.
+# A model small enough for CPU tests; everything else keeps the default stack so the tests exercise it: 2 layers,
+# layer 0 looped twice more once looping is on (order 0 0 | 0 1), layer 1 two-lane, RoPE on half of each head.
 TINY = dict(NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=32,
             TRAIN_BATCH_TOKENS=1024, BIGRAM_BUCKETS=64, BIGRAM_DIM=16, EVAL_BATCH_SEQS=8, WARMUP_STEPS=0,
-            MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0, COMPRESS_LEVEL=3)
+            MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0, COMPRESS_LEVEL=3, VOCAB_SIZE=1024, LOOP_START=0, LOOP_END=0,
+            PARALLEL_START_LAYER=1, ROPE_DIMS=8)
 
 
 def tiny_env(**overrides) -> dict:

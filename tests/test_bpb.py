@@ -154,7 +154,7 @@ class PositionProbe(torch.nn.Module):
         super().__init__()
         self.f, self.calls = f, []
 
-    def forward(self, x, y, per_token=False):
+    def forward(self, x, y, ctx=None, per_token=False):
         assert per_token and x.shape == y.shape and (y == x + 1).all()
         self.calls.append(x.shape)
         t = x.double()  # target position t predicts val[t + 1]; x[:, j] == t

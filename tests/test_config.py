@@ -57,19 +57,28 @@ def test_seed162_preset_matches_the_record():
     assert n_params(a) == 22_368_841  # as #162's log prints
 
 
-def test_default_preset_is_our_stack():
+def test_default_preset_is_frontier_v1():
+    """frontier.md section 2 (record 2026-04-09) with the section-4 optimizer values."""
     a = H.from_env({})
     assert a.preset == "default"
-    assert (a.num_layers, a.model_dim, a.mlp_mult, a.train_seq_len, a.train_batch_tokens) == \
-        (11, 512, 3.0, 2048, 786432)
-    assert a.ema_decay == 0.997 and not a.swa
-    assert a.qat and a.qat_start_frac == 0.8 and a.warmdown_frac == 0.5
-    assert (a.matrix_lr, a.scalar_lr, a.tied_embed_lr, a.muon_wd, a.adam_wd, a.grad_clip_norm) == \
-        (0.025, 0.025, 0.035, 0.04, 0.04, 0.3)
-    assert a.smear_gate and a.ortho_init and (a.bigram_buckets, a.bigram_dim) == (2048, 128)
+    assert (a.vocab_size, a.data_path, a.tokenizer_path) == (
+        8192, "./data/datasets/fineweb10B_sp8192", "./data/tokenizers/fineweb_8192_bpe.model")
+    assert (a.num_layers, a.model_dim, a.num_heads, a.num_kv_heads, a.mlp_mult, a.mlp_act, a.mlp_leaky_slope) == \
+        (11, 512, 8, 4, 4.0, "leaky_relu2", 0.5)
+    assert (a.train_seq_len, a.train_batch_tokens, a.tie_embeddings, a.logit_softcap) == (2048, 786432, True, 30.0)
+    assert (a.rope_dims, a.ln_scale, a.qk_gain_init, a.xsa_last_n, a.skip_gates_enabled) == (16, True, 5.25, 11, True)
+    assert (a.num_loops, a.loop_start, a.loop_end, a.enable_looping_at, a.parallel_start_layer) == (2, 3, 5, 0.35, 7)
+    assert a.parallel_final_lane == "mean" and not (a.sparse_attn_gate_enabled or a.smear_gate_enabled or a.doc_mask)
+    assert not a.smear_gate and a.bigram_buckets == 0 and a.ortho_init
+    assert a.muon_row_normalize and a.muon_ns == "ns5" and a.min_lr == 0.1
+    assert (a.matrix_lr, a.muon_momentum, a.muon_momentum_warmup_start, a.muon_momentum_warmup_steps, a.muon_wd) == \
+        (0.026, 0.97, 0.92, 1500, 0.095)
+    assert (a.tied_embed_lr, a.embed_wd, a.scalar_lr, a.adam_wd, a.beta2, a.grad_clip_norm) == \
+        (0.03, 0.085, 0.02, 0.02, 0.99, 0.3)
+    assert a.ema_decay == 0.9965 and not a.swa and not a.qat and a.warmdown_frac == 0.75
     assert (a.eval_stride, a.eval_batch_seqs) == (64, 64)
     assert (a.quant_attn_bits, a.quant_mlp_bits, a.compressor, a.compress_level) == (6, 6, "zstd", 22)
-    assert a.fp16_keep_patterns == "tok_emb" and train_gpt.artifact_label(a) == "int6_zstd"
+    assert a.fp16_keep_patterns == "" and train_gpt.artifact_label(a) == "int6_zstd"
     assert H.from_env({"PRESET": "default"}) == a
 
 

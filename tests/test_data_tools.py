@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import sentencepiece as spm
 import zstandard
@@ -173,3 +174,31 @@ def test_prepare_proxy_names_a_missing_source_in_one_line(tmp_path):
     (tmp_path / "src" / "text").mkdir(parents=True)
     result = run_prepare_proxy("--src", tmp_path / "src", "--out", tmp_path / "out")
     assert result.returncode != 0 and "fineweb_1024_bpe.model not found" in result.stderr
+
+
+def test_prepare_proxy_trains_an_upstream_spec_tokenizer_and_bytes_stay_exact(tmp_path):
+    """--vocab other than 1024: a BPE with byte fallback, split digits, no dummy prefix, trained on the train text;
+    the byte count of every shard document equals the UTF-8 size of its decoded text, byte pieces included."""
+    rare = ["Café au lait costs 3€ in Zürich.", "日本語のテキスト and emoji 🙂 mixed in", "Ωμέγα and ЖЖЖ"]
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9))) for _ in range(400)]
+    files = {"docs_000": [f"Document {i}: " + " ".join(rng.choice(words, size=80)) + f" {i * 37}." for i in range(150)],
+             "val_docs": ["Held-out text with 12345 digits."] + rare}
+    write_corpus(tmp_path / "src", files)
+    out = tmp_path / "out"
+    result = run_prepare_proxy("--src", tmp_path / "src", "--out", out, "--vocab", 400, "--workers", 1)
+    assert result.returncode == 0, result.stderr
+    sp = spm.SentencePieceProcessor(model_file=str(out / "fineweb_400_bpe.model"))
+    assert sp.vocab_size() == 400 and sum(sp.is_byte(i) for i in range(400)) == 256
+    assert [sp.id_to_piece(i) for i in sp.encode("1234")] == ["1", "2", "3", "4"]  # split_digits
+    assert not sp.id_to_piece(sp.encode("Document")[0]).startswith("\u2581")  # no dummy prefix
+    luts = train_gpt.build_byte_luts(sp, 400)
+    val = read_raw_shard(out / "fineweb_val_000000.bin")[1].astype(np.int64)
+    docs = docs_of(val)
+    assert len(docs) == 4 and any(sp.is_byte(t) for doc in docs for t in doc)
+    for doc in docs:
+        t = torch.tensor([1, *doc])
+        assert int(train_gpt.target_bytes(t[:-1], t[1:], luts).sum()) == len(sp.decode(list(doc)).encode("utf-8"))
+    assert [sp.decode(list(d)) for d in docs[1:]] == rare  # byte fallback: nothing lost
+    again = run_prepare_proxy("--src", tmp_path / "src", "--out", out, "--vocab", 400, "--workers", 1)
+    assert again.returncode == 0 and "tokenizer: reusing" in again.stdout

@@ -130,13 +130,13 @@ def test_batched_shapes_equal_stepping_each_alone(normuon):
 # Routing and optimizer settings
 
 def routed_names(model, args):
-    return {k: {n for n, _ in v} for k, v in train_gpt.route_params(model, args).items()}
+    return {k: {n for n, _ in v} for k, v in train_gpt.route_params(model).items()}
 
 
 def test_every_parameter_is_routed_once_to_the_right_group():
     args = tiny_args(TIE_EMBEDDINGS=0, SMEAR_GATE=1, BIGRAM_BUCKETS=64, MTP_HEADS=1, NUM_LAYERS=2)
     model = train_gpt.GPT(args)
-    groups = train_gpt.route_params(model, args)
+    groups = train_gpt.route_params(model)
     names = [n for v in groups.values() for n, _ in v]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
     assert len(names) == len(set(names))
@@ -147,14 +147,15 @@ def test_every_parameter_is_routed_once_to_the_right_group():
                 for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")}
     assert g["matrix"] == matrices | {"bigram.proj.weight", "mtp_heads.0.weight"}
     scalars = {f"blocks.{i}.{s}" for i in range(2) for s in ("attn.q_gain", "attn_scale", "mlp_scale", "resid_mix")}
-    assert g["scalar"] == scalars | {"skip_weights", "smear.gate", "bigram.scale"}
+    # new control tensors (skip gates, lane scalars of the two-lane block 1) land in scalar by module type
+    assert g["scalar"] == scalars | {"skip_weights", "smear.gate", "bigram.scale", "skip_gates", "blocks.1.lane_resid", "blocks.1.lane_mix"}
     tied = train_gpt.GPT(tiny_args(TIE_EMBEDDINGS=1))
     assert routed_names(tied, tied.args)["head"] == set() and tied.lm_head is None
 
 
 @pytest.mark.parametrize("tied", [1, 0])
 def test_build_optimizers_settings(tied):
-    args = tiny_args(TIE_EMBEDDINGS=tied, ADAM_WD=0.03, MUON_WD=0.02, EMBED_LR=0.5, TIED_EMBED_LR=0.07, HEAD_LR=0.009,
+    args = tiny_args(TIE_EMBEDDINGS=tied, ADAM_WD=0.03, EMBED_WD=0.06, MUON_WD=0.02, EMBED_LR=0.5, TIED_EMBED_LR=0.07, HEAD_LR=0.009,
                      SCALAR_LR=0.011, MATRIX_LR=0.021, MUON_MOMENTUM=0.97, BETA1=0.8, BETA2=0.9, ADAM_EPS=1e-7,
                      NORMUON=1, NORMUON_BETA2=0.9, MUON_BACKEND_STEPS=4)
     model = train_gpt.GPT(args)
@@ -164,7 +165,8 @@ def test_build_optimizers_settings(tied):
     ids = {id(p): n for n, p in model.named_parameters()}
     lrs = {}
     for g in adam.param_groups:
-        assert g["weight_decay"] == 0.03 and g["betas"] == (0.8, 0.9) and g["eps"] == 1e-7
+        assert g["weight_decay"] == (0.06 if g is adam.param_groups[0] else 0.03)  # EMBED_WD, then ADAM_WD
+        assert g["betas"] == (0.8, 0.9) and g["eps"] == 1e-7
         assert g["base_lr"] == g["lr"]
         for p in g["params"]:
             lrs[ids[id(p)]] = g["lr"]
@@ -178,8 +180,9 @@ def test_build_optimizers_settings(tied):
 
 
 def test_weight_decay_is_decoupled_in_both_optimizers():
-    """With zero gradients the only change is p <- p (1 - lr*wd): ADAM_WD for AdamW groups, MUON_WD for matrices."""
-    args = tiny_args(ADAM_WD=0.5, MUON_WD=0.25, SCALAR_LR=0.1, TIED_EMBED_LR=0.2, MATRIX_LR=0.4)
+    """With zero gradients the only change is p <- p (1 - lr*wd): ADAM_WD for AdamW groups (EMBED_WD < 0: the
+    embedding too), MUON_WD for matrices."""
+    args = tiny_args(ADAM_WD=0.5, EMBED_WD=-1, MUON_WD=0.25, SCALAR_LR=0.1, TIED_EMBED_LR=0.2, MATRIX_LR=0.4)
     model = train_gpt.GPT(args)
     with torch.no_grad():
         for p in model.parameters():
@@ -200,7 +203,7 @@ def test_weight_decay_is_decoupled_in_both_optimizers():
 # Schedule
 
 def test_warmdown_fraction_on_the_wall_clock():
-    args = tiny_args(WARMDOWN_FRAC=0.5, MAX_WALLCLOCK_SECONDS=100, ITERATIONS=10**6, LR_WARMUP_STEPS=0)
+    args = tiny_args(WARMDOWN_FRAC=0.5, MAX_WALLCLOCK_SECONDS=100, ITERATIONS=10**6, LR_WARMUP_STEPS=0, MIN_LR=0)
     for elapsed_s, scale in [(0, 1.0), (25, 1.0), (50, 1.0), (75, 0.5), (90, 0.2), (100, 0.0), (130, 0.0)]:
         assert train_gpt.lr_scale(args, 10, 1000 * elapsed_s) == pytest.approx(scale, abs=1e-9), elapsed_s
     # iterations still count when they are further along than the clock
@@ -208,16 +211,16 @@ def test_warmdown_fraction_on_the_wall_clock():
 
 
 def test_warmdown_fraction_by_iterations_without_a_cap():
-    args = tiny_args(WARMDOWN_FRAC=0.5, MAX_WALLCLOCK_SECONDS=0, ITERATIONS=200, LR_WARMUP_STEPS=0)
+    args = tiny_args(WARMDOWN_FRAC=0.5, MAX_WALLCLOCK_SECONDS=0, ITERATIONS=200, LR_WARMUP_STEPS=0, MIN_LR=0)
     for step, scale in [(0, 1.0), (100, 1.0), (150, 0.5), (190, 0.1), (200, 0.0)]:
         assert train_gpt.lr_scale(args, step, 1e12) == pytest.approx(scale), step  # the clock is ignored
 
 
 def test_warmdown_iters_by_iterations_and_projected_onto_the_clock():
-    no_cap = tiny_args(WARMDOWN_FRAC=0, WARMDOWN_ITERS=200, MAX_WALLCLOCK_SECONDS=0, ITERATIONS=1000)
+    no_cap = tiny_args(WARMDOWN_FRAC=0, WARMDOWN_ITERS=200, MAX_WALLCLOCK_SECONDS=0, ITERATIONS=1000, MIN_LR=0)
     for step, scale in [(0, 1.0), (800, 1.0), (900, 0.5), (1000, 0.0)]:
         assert train_gpt.lr_scale(no_cap, step, 123456.0) == pytest.approx(scale), step
-    cap = tiny_args(WARMDOWN_FRAC=0, WARMDOWN_ITERS=200, MAX_WALLCLOCK_SECONDS=100, ITERATIONS=20000)
+    cap = tiny_args(WARMDOWN_FRAC=0, WARMDOWN_ITERS=200, MAX_WALLCLOCK_SECONDS=100, ITERATIONS=20000, MIN_LR=0)
     # 100 steps in 50 s: 500 ms a step, so 200 warmdown steps take 100 s; 50 s remain
     assert train_gpt.lr_scale(cap, 100, 50_000) == pytest.approx(0.5)
     assert train_gpt.lr_scale(cap, 100, 25_000) == pytest.approx(1.0)  # 250 ms/step: 50 s warmdown, 75 s left
@@ -231,7 +234,7 @@ def test_warmdown_iters_by_iterations_and_projected_onto_the_clock():
 def test_lr_warmup_ramps_then_holds():
     args = tiny_args(LR_WARMUP_STEPS=4, WARMDOWN_FRAC=0, WARMDOWN_ITERS=0, MAX_WALLCLOCK_SECONDS=0, ITERATIONS=100)
     assert [train_gpt.lr_scale(args, s, 0) for s in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
-    both = tiny_args(LR_WARMUP_STEPS=4, WARMDOWN_FRAC=0.5, MAX_WALLCLOCK_SECONDS=0, ITERATIONS=4)
+    both = tiny_args(LR_WARMUP_STEPS=4, WARMDOWN_FRAC=0.5, MAX_WALLCLOCK_SECONDS=0, ITERATIONS=4, MIN_LR=0)
     assert train_gpt.lr_scale(both, 3, 0) == pytest.approx(1.0 * 0.5)  # warmup factor times warmdown factor
 
 

@@ -45,7 +45,7 @@ def smear_fn(dim=16, vocab=64):
 def bigram_fn(vocab=64):
     args = tiny_args(VOCAB_SIZE=vocab, MODEL_DIM=16, NUM_HEADS=2, NUM_KV_HEADS=1, BIGRAM_BUCKETS=97, BIGRAM_DIM=8)
     bigram = randomize(train_gpt.BigramHash(args), 3)
-    return lambda t: bigram(t, False)
+    return lambda t: bigram(t, train_gpt.PLAIN)
 
 
 @pytest.mark.parametrize("make", [smear_fn, bigram_fn], ids=["smear", "bigram"])
@@ -144,11 +144,11 @@ def test_full_model_is_causal_at_every_position():
     y = torch.randint(2, 64, (1, 24), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         base = model(row, y, per_token=True)[0]
-        base_h = model.hidden(row, False)[0]
+        base_h = model.hidden(row, train_gpt.PLAIN)[0]
         for t in range(24):
             changed = row.clone()
             changed[0, t] = other_token(row[0, t]) if row[0, t] != BOS else 7
-            losses, h = model(changed, y, per_token=True)[0], model.hidden(changed, False)[0]
+            losses, h = model(changed, y, per_token=True)[0], model.hidden(changed, train_gpt.PLAIN)[0]
             assert torch.allclose(losses[:t], base[:t], rtol=0, atol=1e-6), f"input {t} changed an earlier loss"
             assert torch.allclose(h[:t], base_h[:t], rtol=0, atol=1e-6), f"input {t} changed an earlier state"
             assert (h[t] - base_h[t]).abs().max() > 1e-3
@@ -170,7 +170,7 @@ def train_tiny(bigram_buckets, seed, steps=150, vocab=32):
     opts = train_gpt.build_optimizers(model, args, rt)
     for step in range(steps):
         chunk = data[step * span:(step + 1) * span]
-        train_gpt.train_step(model, [(chunk[:-1].view(16, 32), chunk[1:].view(16, 32))], opts, args, rt, qat=False)
+        train_gpt.train_step(model, [(chunk[:-1].view(16, 32), chunk[1:].view(16, 32))], opts, args, rt, train_gpt.PLAIN)
     held = data[steps * span:]
     with torch.no_grad():
         return float(model(held[:-1].view(-1, 32), held[1:].view(-1, 32)))
@@ -222,8 +222,8 @@ def test_orthogonal_init_follows_the_162_code():
 def test_shapes_of_wide_and_deep_configs():
     mlp = train_gpt.MLP(tiny_args(MODEL_DIM=512, MLP_MULT=3))
     assert mlp.fc.weight.shape == (1536, 512) and mlp.proj.weight.shape == (512, 1536)
-    model = train_gpt.GPT(tiny_args(NUM_LAYERS=11, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, VOCAB_SIZE=64))
-    assert len(model.blocks) == 11 and model.num_encoder == 5 and model.skip_weights.shape == (5, 32)
+    model = train_gpt.GPT(tiny_args(NUM_LAYERS=11, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, VOCAB_SIZE=64, NUM_LOOPS=0))
+    assert len(model.blocks) == 11 and model.orders[0] == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10]) and model.skip_weights.shape == (5, 32)
     x = torch.randint(2, 64, (1, 8))
     assert torch.isfinite(model(x, x)).all()  # every skip is pushed and popped
 
@@ -263,9 +263,9 @@ def test_qat_straight_through_gradient_on_one_linear(group):
     x, r = torch.randn(5, 64), torch.randn(5, 48)
     w_q = train_gpt.dequantize_tensor(*train_gpt.quantize_tensor(lin.weight.detach(), 6, group), group)
     assert (w_q != lin.weight).float().mean() > 0.9
-    out = lin(x, qat=True)
+    out = lin(x, ctx=train_gpt.Ctx(qat=True))
     assert torch.allclose(out, x @ w_q.T, atol=1e-5)
-    assert not torch.allclose(out, lin(x, qat=False), atol=1e-4)
+    assert not torch.allclose(out, lin(x, ctx=train_gpt.PLAIN), atol=1e-4)
     (out * r).sum().backward()
     w_const = w_q.clone().requires_grad_(True)
     (F.linear(x, w_const) * r).sum().backward()
@@ -276,8 +276,8 @@ def test_qat_straight_through_gradient_on_one_linear(group):
 def test_qat_changes_the_loss_and_gradients_flow():
     model, _ = qat_model()
     x, y = torch.randint(2, 64, (2, 16)), torch.randint(2, 64, (2, 16))
-    plain = model(x, y, qat=False)
-    fake = model(x, y, qat=True)
+    plain = model(x, y, ctx=train_gpt.PLAIN)
+    fake = model(x, y, ctx=train_gpt.Ctx(qat=True))
     assert abs(float(fake.detach()) - float(plain.detach())) > 1e-5
     fake.backward()
     for name, p in model.named_parameters():
@@ -295,13 +295,13 @@ def test_qat_forward_is_the_exported_model_forward(group):
             p.copy_(p.half().float())  # the fp16-kept tensors round-trip exactly
     x, y = torch.randint(2, 64, (2, 16)), torch.randint(2, 64, (2, 16))
     with torch.no_grad():
-        fake = model(x, y, qat=True)
+        fake = model(x, y, ctx=train_gpt.Ctx(qat=True))
         reloaded = train_gpt.GPT(args)
         qstate = train_gpt.quantize_state(train_gpt.export_state(model), args)
         assert qstate["blocks.0.mlp.fc.weight"]["group"] == group
         reloaded.load_state_dict(train_gpt.dequantize_state(qstate), strict=True)
-        assert torch.allclose(reloaded(x, y, qat=False), fake, rtol=1e-5, atol=1e-6)
-        assert abs(float(model(x, y, qat=False)) - float(fake)) > 1e-5
+        assert torch.allclose(reloaded(x, y, ctx=train_gpt.PLAIN), fake, rtol=1e-5, atol=1e-6)
+        assert abs(float(model(x, y, ctx=train_gpt.PLAIN)) - float(fake)) > 1e-5
 
 
 def test_qat_simulates_the_default_export_quantizer():
@@ -312,7 +312,7 @@ def test_qat_simulates_the_default_export_quantizer():
     with torch.no_grad():
         for name, m in model.named_modules():
             if isinstance(m, train_gpt.CastedLinear) and m.qat_bits:
-                seen_by_qat = m(torch.eye(m.in_features), qat=True).T  # the weight the QAT forward multiplies by
+                seen_by_qat = m(torch.eye(m.in_features), ctx=train_gpt.Ctx(qat=True)).T  # the weight the QAT forward multiplies by
                 assert torch.allclose(seen_by_qat, exported[name + ".weight"], rtol=0, atol=1e-6), name
                 checked += 1
     assert checked == 2
@@ -324,16 +324,16 @@ def test_qat_flag_takes_effect_after_compiling():
     model, _ = qat_model()
     x, y = torch.randint(2, 64, (2, 16)), torch.randint(2, 64, (2, 16))
     with torch.no_grad():
-        eager = {flag: model(x, y, qat=flag) for flag in (False, True)}
+        eager = {flag: model(x, y, ctx=train_gpt.Ctx(qat=flag)) for flag in (False, True)}
         assert not torch.allclose(eager[False], eager[True], rtol=1e-6, atol=0)
         try:
             compiled = torch.compile(model, backend="aot_eager", dynamic=False)
-            first = compiled(x, y, qat=False)
+            first = compiled(x, y, ctx=train_gpt.PLAIN)
         except Exception as e:  # a platform without a working dynamo
             pytest.skip(f"torch.compile(backend='aot_eager') does not run here: {type(e).__name__}: {e}")
         assert torch.allclose(first, eager[False], rtol=1e-6, atol=1e-7)
         for flag in (True, False, True):
-            assert torch.allclose(compiled(x, y, qat=flag), eager[flag], rtol=1e-6, atol=1e-7), flag
+            assert torch.allclose(compiled(x, y, ctx=train_gpt.Ctx(qat=flag)), eager[flag], rtol=1e-6, atol=1e-7), flag
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -360,7 +360,7 @@ def test_mtp_heads_add_weighted_k_ahead_losses_and_are_never_exported():
             randomize(head, 8, std=0.2)
     loss = model(x, y)
     with torch.no_grad():  # head k at position t predicts y[t + k], i.e. input token t + k + 1
-        h = model.hidden(x, False)
+        h = model.hidden(x, model.final_ctx)  # what a call without ctx runs
         expected = F.cross_entropy(model.logits(h).flatten(0, 1), y.flatten())
         for k, head in enumerate(model.mtp_heads, start=1):
             for t in range(16 - k):

@@ -173,9 +173,10 @@ def test_plotting_two_tiny_cpu_runs_writes_a_png(markov_data, tmp_path, capsys):
         train_gpt.run(args, cpu_runtime())
     logs = tmp_path / "logs"
     a = json.loads((logs / "tiny_a.json").read_text())
-    # QAT from progress 0.5 (step index 3); the LR scale first drops below 1 after progress 0.5 (step index 4)
-    assert [(e["name"], e["step"]) for e in a["events"]] == [("qat", 3), ("warmdown", 4)]
-    assert [e["name"] for e in json.loads((logs / "tiny_b.json").read_text())["events"]] == ["warmdown"]
+    # QAT from progress 0.5 (step index 3), looping from ENABLE_LOOPING_AT=0.35 (step index 3); the LR scale first
+    # drops below 1 after progress 0.5 (step index 4)
+    assert [(e["name"], e["step"]) for e in a["events"]] == [("qat", 3), ("looping", 3), ("warmdown", 4)]
+    assert [e["name"] for e in json.loads((logs / "tiny_b.json").read_text())["events"]] == ["looping", "warmdown"]
     log = (logs / "tiny_a.txt").read_text()
     for e in a["events"]:
         assert f"{e['name']}:on step:{e['step']} " in log and f"train_time:{e['train_time_ms']}ms" in log

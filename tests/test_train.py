@@ -121,8 +121,10 @@ def test_all_switches_compile_as_full_graphs(markov_data, monkeypatch):
     import torch
     if not hasattr(torch, "compile"):
         pytest.skip("torch.compile unavailable")
-    common = dict(ITERATIONS=3, WARMUP_STEPS=2, QAT_START_FRAC=0.5, MTP_HEADS=1, MTP_WEIGHT=0.3, NORMUON=1,
-                  VAL_MAX_TOKENS=300, TRAIN_LOG_EVERY=1)
+    # looping turns on at step 1, QAT at step 2: three contexts, all primed by the three warm-up steps
+    common = dict(ITERATIONS=3, WARMUP_STEPS=3, QAT=1, QAT_START_FRAC=0.5, ENABLE_LOOPING_AT=0.3, MTP_HEADS=1,
+                  MTP_WEIGHT=0.3, NORMUON=1, VAL_MAX_TOKENS=300, TRAIN_LOG_EVERY=1, SMEAR_GATE=0,
+                  SMEAR_GATE_ENABLED=1, SPARSE_ATTN_GATE_ENABLED=1, DOC_MASK=1)
     # tiny matrices would be kept in fp16 (so QAT would leave them alone): quantize every block matrix to int6
     real_bits = train_gpt.export_bits
     monkeypatch.setattr(train_gpt, "export_bits", lambda name, t, args: 6 if name.startswith("blocks.") and t.ndim == 2
@@ -130,7 +132,10 @@ def test_all_switches_compile_as_full_graphs(markov_data, monkeypatch):
     eager = run_inprocess(markov_data, COMPILE=0, **common)
     no_qat = run_inprocess(markov_data, COMPILE=0, **dict(common, QAT=0))
     assert no_qat["train_losses"][:2] == eager["train_losses"][:2]
-    assert no_qat["train_losses"][2][1] != pytest.approx(eager["train_losses"][2][1], rel=1e-5)  # QAT matters
+    assert no_qat["train_losses"][2][1] != eager["train_losses"][2][1]  # QAT matters (steps 1-2 are bit-identical)
+    no_loop = run_inprocess(markov_data, COMPILE=0, **dict(common, NUM_LOOPS=0))
+    assert no_loop["train_losses"][:1] == eager["train_losses"][:1]
+    assert no_loop["train_losses"][1][1] != pytest.approx(eager["train_losses"][1][1], rel=1e-5)  # looping matters
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     compiled = run_inprocess(markov_data, COMPILE=1, **common)
     assert compiled["qat_start_step"] == eager["qat_start_step"] == 2
