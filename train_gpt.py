@@ -876,7 +876,7 @@ class GPT(nn.Module):
     def hidden(self, idx: Tensor, ctx: Ctx) -> Tensor:
         x0 = self.embed(idx, ctx)
         mask = document_mask(idx) if self.args.doc_mask else None
-        encoder, decoder = self.orders[ctx.looping]
+        encoder, decoder = self.orders[1 if ctx.looping else 0]  # not a bool index: dynamo (torch 2.11) rejects it
         lanes, skips, how = (x0,), [], self.args.parallel_final_lane
         for i in encoder:
             lanes = self.blocks[i](lanes, x0, ctx, mask)
