@@ -546,6 +546,7 @@ def document_mask(idx: Tensor, flex: bool | None = None):
 
 
 def attend(q, k, v, mask) -> Tensor:
+    """Causal attention [B, H, T, hd]; with a document mask, SDPA for a dense one, flex_attention for a BlockMask."""
     gqa = k.size(1) != q.size(1)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
