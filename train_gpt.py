@@ -1055,6 +1055,9 @@ def prime_compile(model, base, optimizers, loader, args, rt, log):
     weights = copy.deepcopy(base.state_dict())
     states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     variants = reachable_ctxs(args)
+    if args.warmup_steps < len(variants):
+        log(f"warning: WARMUP_STEPS={args.warmup_steps} primes {args.warmup_steps} of {len(variants)} contexts; "
+            "the others compile mid-run, on the clock")
     for i in range(args.warmup_steps):
         train_step(model, loader.next_batch(), optimizers, args, rt, variants[i % len(variants)])
         log(f"warmup_step:{i + 1}/{args.warmup_steps}")
