@@ -640,6 +640,7 @@ def document_mask(idx: Tensor, flex: bool | None = None):
 
 
 def attend(q, k, v, mask) -> Tensor:
+    """Causal attention [B, H, T, hd]; with a document mask, SDPA for a dense one, flex_attention for a BlockMask."""
     gqa = k.size(1) != q.size(1)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -1153,6 +1154,9 @@ def prime_compile(model, base, optimizers, loader, args, rt, log):
     weights = copy.deepcopy(base.state_dict())
     states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     variants = reachable_ctxs(args)
+    if args.warmup_steps < len(variants):
+        log(f"warning: WARMUP_STEPS={args.warmup_steps} primes {args.warmup_steps} of {len(variants)} contexts; "
+            "the others compile mid-run, on the clock")
     for i in range(args.warmup_steps):
         train_step(model, loader.next_batch(), optimizers, args, rt, variants[i % len(variants)])
         log(f"warmup_step:{i + 1}/{args.warmup_steps}")

@@ -264,7 +264,8 @@ def test_every_switch_on_and_looping_stays_causal_and_masks_documents(doc_mask):
 
 
 def test_flex_attention_block_mask_equals_the_dense_mask(monkeypatch):
-    """The CUDA route (flex_attention, BlockMask) and the CPU route (SDPA, dense mask), both run eagerly on CPU."""
+    """The CUDA route (flex_attention, BlockMask) and the CPU route (SDPA, dense mask), both run on CPU (forward
+    only: flex_attention has no CPU backward, so the CUDA backward is untested here)."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     row = torch.cat((doc_row(), doc_row().roll(5, 1)))
     g = torch.Generator().manual_seed(4)
@@ -277,7 +278,14 @@ def test_flex_attention_block_mask_equals_the_dense_mask(monkeypatch):
         want = model.logits(model.hidden(row, LOOPING))
         monkeypatch.setattr(train_gpt, "document_mask", functools.partial(train_gpt.document_mask, flex=True))
         got = model.logits(model.hidden(row, LOOPING))
-    assert torch.allclose(got, want, atol=1e-4)
+        assert torch.allclose(got, want, atol=1e-4)
+        # the CUDA route builds its BlockMask inside the compiled forward: it must trace as one graph
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+            assert torch.allclose(compiled(row, row, ctx=LOOPING), model(row, row, ctx=LOOPING), rtol=1e-5)
+        finally:
+            torch._dynamo.reset()
 
 
 def test_every_reachable_context_compiles_as_a_full_graph_and_matches_eager():
