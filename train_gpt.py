@@ -1653,6 +1653,8 @@ def main():
         rt = setup_runtime()
         try:
             run(args, rt)
+            if rt.distributed:
+                dist.barrier()  # no rank tears the group down while another still writes its reports
         finally:
             if rt.distributed:
                 dist.destroy_process_group()
