@@ -63,13 +63,16 @@ def test_default_preset_is_our_stack():
     assert (a.num_layers, a.model_dim, a.mlp_mult, a.train_seq_len, a.train_batch_tokens) == \
         (11, 512, 3.0, 2048, 786432)
     assert a.ema_decay == 0.997 and not a.swa
-    assert a.qat and a.qat_start_frac == 0.8 and a.warmdown_frac == 0.5
+    assert not a.qat and a.qat_start_frac == 0.8 and a.warmdown_frac == 0.5  # QAT=1 turns on late QAT
     assert (a.matrix_lr, a.scalar_lr, a.tied_embed_lr, a.muon_wd, a.adam_wd, a.grad_clip_norm) == \
         (0.025, 0.025, 0.035, 0.04, 0.04, 0.3)
     assert a.smear_gate and a.ortho_init and (a.bigram_buckets, a.bigram_dim) == (2048, 128)
     assert (a.eval_stride, a.eval_batch_seqs) == (64, 64)
-    assert (a.quant_attn_bits, a.quant_mlp_bits, a.compressor, a.compress_level) == (6, 6, "zstd", 22)
-    assert a.fp16_keep_patterns == "tok_emb" and train_gpt.artifact_label(a) == "int6_zstd"
+    # the frontier export (frontier.md section 5)
+    assert (a.gptq, a.matrix_bits, a.embed_bits, a.matrix_clip_sigmas, a.embed_clip_sigmas) == (True, 6, 8, 12.85, 20)
+    assert (a.attn_clip_sigmas, a.mlp_clip_sigmas, a.gptq_calibration_batches, a.gptq_reserve_seconds) == (0, 0, 16, 8)
+    assert (a.compressor, a.target_bytes, a.fp16_keep_patterns) == ("constriction", 15_990_000, "")
+    assert train_gpt.artifact_label(a) == "int6_constriction"
     assert H.from_env({"PRESET": "default"}) == a
 
 
