@@ -133,6 +133,9 @@ class Hyperparameters:
     gptq_calibration_batches: int = 16
     gptq_reserve_seconds: float = 8.0
     target_bytes: int = 0  # >0: fit MATRIX_CLIP_SIGMAS so code + artifact bytes <= this
+    lqer_enabled: bool = False
+    lqer_rank: int = 4
+    lqer_top_k: int = 3
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
@@ -213,7 +216,8 @@ COMPRESS_LEVELS = dict(zstd=(1, 22), zlib=(0, 9), constriction=(0, 22))  # const
 FIELD_CHOICES = dict(compressor=tuple(COMPRESS_LEVELS))  # PRESET is checked against PRESETS before this
 QUANT_RANGES = dict(matrix_clip_sigmas=NONNEG, attn_clip_sigmas=NONNEG, mlp_clip_sigmas=NONNEG,
                     embed_clip_sigmas="(0, inf)", matrix_bits="[0, 8]", embed_bits="[0, 8]",
-                    gptq_calibration_batches=POS, gptq_reserve_seconds=NONNEG, target_bytes=NONNEG)
+                    gptq_calibration_batches=POS, gptq_reserve_seconds=NONNEG, target_bytes=NONNEG, lqer_rank=POS,
+                    lqer_top_k=POS)
 FIELD_RANGES.update(QUANT_RANGES)
 FREE_TEXT_FIELDS = ("preset", "data_path", "tokenizer_path", "run_id", "log_dir", "submission_json", "data_label",
                     "author", "github_id", "name", "fp16_keep_patterns", "int8_keep_float_fp32_name_patterns",
@@ -252,7 +256,7 @@ PRESETS = {
 ENV_FAMILIES = ("NUM_", "MODEL_", "MLP_", "TRAIN_", "VAL_", "EVAL_", "MUON_", "NORMUON_", "ADAM_", "QAT_", "SWA_",
                 "EMA_", "BIGRAM_", "SMEAR_", "MTP_", "QUANT_", "WARMDOWN_", "WARMUP_", "LR_", "TIED_", "EMBED_",
                 "MATRIX_", "SCALAR_", "ROPE_", "QK_", "LOGIT_", "VOCAB_", "GRAD_", "ORTHO_", "COMPRESS_", "INT8_",
-                "GPTQ_", "ATTN_", "TARGET_")
+                "GPTQ_", "ATTN_", "TARGET_", "LQER_")
 
 
 def reject_unknown_env(env, known):
@@ -1247,9 +1251,51 @@ def quantize_entry(name, t: Tensor, args, hessian=None, matrix_sigmas=None) -> d
 
 def quantize_state(state, args, hessians=None, matrix_sigmas=None) -> dict[str, dict]:
     """The quantized state: GPTQ for the tensors with a Hessian in `hessians` (name -> H), round-to-nearest for the
-    rest. matrix_sigmas replaces MATRIX_CLIP_SIGMAS (size fitting)."""
+    rest, LQER corrections when enabled. matrix_sigmas replaces MATRIX_CLIP_SIGMAS (size fitting)."""
     hessians = hessians or {}
-    return {name: quantize_entry(name, t, args, hessians.get(name), matrix_sigmas) for name, t in state.items()}
+    q = {name: quantize_entry(name, t, args, hessians.get(name), matrix_sigmas) for name, t in state.items()}
+    return add_lqer(q, state, args)
+
+
+LQER_A_BITS, LQER_B_BITS, LQER_B_GROUP = 2, 4, 64  # the SOTA's factor widths (PR #1855): A int2, B int4 per 64
+LQER_A_SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # int2 steps tried for A, in stds of A (one scale for all of A)
+LQER_KEYS = ("lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale")
+
+
+def lqer_factors(err: Tensor, rank: int) -> dict:
+    """LQER (Zhang et al. 2024): a rank-r correction A B of the quantization error E = W - W_q [rows, cols]. A = the
+    top r left singular vectors (similar magnitudes, so one int2 scale fits all of A); B = the least-squares B for
+    the quantized A (so B absorbs A's rounding), int4 with one scale per LQER_B_GROUP columns of each row."""
+    U = torch.linalg.svd(err.float(), full_matrices=False)[0][:, :rank]
+    best = None
+    for k in LQER_A_SIGMAS:
+        qa, sa = quantize_tensor(U.reshape(1, -1), LQER_A_BITS, sigmas=k)
+        e = (dequantize_tensor(qa, sa) - U.reshape(1, -1)).square().sum()
+        if best is None or e < best[0]:
+            best = (e, qa.reshape(U.shape), sa)
+    qa, sa = best[1], best[2]
+    A = dequantize_tensor(qa, sa.expand(qa.shape[0], 1))
+    B = torch.linalg.pinv(A) @ err.float()
+    group = LQER_B_GROUP if B.shape[1] % LQER_B_GROUP == 0 else 0
+    qb, sb = quantize_tensor(B, LQER_B_BITS, group, clip_search=True)
+    return dict(lqer_a=qa, lqer_a_scale=sa, lqer_b=qb, lqer_b_scale=sb, lqer_group=group)
+
+
+def lqer_correction(e) -> Tensor:
+    A = dequantize_tensor(e["lqer_a"], e["lqer_a_scale"].expand(e["lqer_a"].shape[0], 1))
+    return A @ dequantize_tensor(e["lqer_b"], e["lqer_b_scale"], e["lqer_group"])
+
+
+def add_lqer(qstate, state, args) -> dict[str, dict]:
+    """LQER_ENABLED: the LQER_TOP_K quantized matrices with the largest error ||W - W_q||_F get a rank-LQER_RANK
+    correction, stored in low bits beside their codes and added back at load."""
+    if not args.lqer_enabled:
+        return qstate
+    err = {n: state[n].float() - dequantize_tensor(e["q"], e["scale"], e["group"])
+           for n, e in qstate.items() if "q" in e and min(e["q"].shape) > args.lqer_rank}
+    for n in sorted(err, key=lambda n: -float(err[n].square().sum()))[:args.lqer_top_k]:
+        qstate[n] = dict(qstate[n], **lqer_factors(err[n], args.lqer_rank))
+    return qstate
 
 
 @contextlib.contextmanager
@@ -1306,9 +1352,15 @@ def collect_hessians(model, batches, args, rt) -> dict[str, Tensor]:
     return {n: (sums[n] / rows).float() for n in names}
 
 
+def dequantize_entry(e) -> Tensor:
+    if "raw" in e:
+        return e["raw"].float()
+    w = dequantize_tensor(e["q"], e["scale"], e["group"])
+    return w + lqer_correction(e) if "lqer_a" in e else w
+
+
 def dequantize_state(qstate) -> dict[str, Tensor]:
-    return {k: dequantize_tensor(e["q"], e["scale"], e["group"]) if "q" in e else e["raw"].float()
-            for k, e in qstate.items()}
+    return {k: dequantize_entry(e) for k, e in qstate.items()}
 
 
 # What rebuilding and re-scoring a model needs, stored in the artifact (EVAL_ARTIFACT reads it back)
@@ -1366,8 +1418,10 @@ def pack(qstate, args) -> bytes:
     coded = args.compressor == "constriction"
     tensors, chunks, words, offset, n_words = [], [], [], 0, 0
     for name, e in qstate.items():
-        arrays = [e["q"], e["scale"]] if "q" in e else [e["raw"]]
+        arrays = [e["q"], e["scale"]] + [e[k] for k in LQER_KEYS if k in e] if "q" in e else [e["raw"]]
         meta = dict(name=name, bits=e.get("bits", 0), group=e.get("group", 0), arrays=[])
+        if "lqer_a" in e:
+            meta["lqer_group"] = e["lqer_group"]
         for i, a in enumerate(arrays):
             entry = dict(dtype=str(a.dtype).removeprefix("torch."), shape=list(a.shape))
             if coded and "q" in e and i == 0:
@@ -1455,6 +1509,8 @@ def unpack(data: bytes, path="artifact") -> tuple[dict[str, dict], dict]:
         arrays = [read_array(a, arrays_at, words, bad) for a in meta["arrays"]]
         if meta["bits"]:
             out[meta["name"]] = dict(q=arrays[0], scale=arrays[1], bits=meta["bits"], group=meta["group"])
+            if "lqer_group" in meta:
+                out[meta["name"]].update(zip(LQER_KEYS, arrays[2:]), lqer_group=meta["lqer_group"])
         else:
             out[meta["name"]] = dict(raw=arrays[0])
     return out, header
@@ -1584,11 +1640,12 @@ def fit_artifact(state, args, hessians, code_bytes, log) -> bytes:
     whose k does not move (embedding, kept tensors) are quantized once. Every trial is logged."""
     budget = args.target_bytes - code_bytes
     moves = {n for n in state if export_sigmas(n, args, 1.0) != export_sigmas(n, args, 2.0)}
-    fixed = quantize_state({n: t for n, t in state.items() if n not in moves}, args, hessians)
+    fixed = quantize_state({n: t for n, t in state.items() if n not in moves}, dataclasses.replace(args, lqer_enabled=False),
+                           hessians)
 
     def trial(k):
         moved = {n: quantize_entry(n, state[n], args, (hessians or {}).get(n), k) for n in moves}
-        blob = pack({n: fixed[n] if n in fixed else moved[n] for n in state}, args)
+        blob = pack(add_lqer({n: fixed[n] if n in fixed else moved[n] for n in state}, state, args), args)
         verdict = "fits" if len(blob) <= budget else "over"
         log(f"size_fit trial:{len(tried) + 1} matrix_clip_sigmas:{k:.4f} bytes_model:{len(blob)} "
             f"bytes_total:{len(blob) + code_bytes} target:{args.target_bytes} {verdict}")
