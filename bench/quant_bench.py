@@ -5,6 +5,8 @@
   python bench/quant_bench.py frontier  # the frontier shape (11 x 512, MLP 4x, vocab 8192, ~36 M parameters) with
                                         # Student-t(6) weights and Hessians from random tokens: bytes and export time
                                         # per compressor, the empirical entropy of the codes, and the fitted k
+  python bench/quant_bench.py sweep       # after `trained`: round-trip bpb and bytes against the matrix k
+  python bench/quant_bench.py histograms  # after `trained`: per-tensor vs per-row-group vs per-column-group entropy
 
 Prints Markdown rows (bench/quant_results.md holds the results and the exact commands). One thread: the machine's
 cores are shared.
@@ -149,6 +151,59 @@ def frontier():
         print("\n".join("    " + l for l in lines), flush=True)
 
 
+def sweep():
+    """After `trained`: round-trip bpb and bytes of the GPTQ + constriction artifact against the matrix k (what the
+    size fit trades: a smaller k, finer steps and a bigger file)."""
+    args = train_gpt.Hyperparameters.from_env(dict(TRAINED))
+    rt = train_gpt.Runtime(0, 1, torch.device("cpu"))
+    luts = train_gpt.build_byte_luts(train_gpt.load_tokenizer(args), args.vocab_size)
+    val, _ = train_gpt.load_val_tokens(args)
+    cached = torch.load(CACHE)
+    state = {k: v for k, v in cached["state"].items() if not k.startswith("mtp_heads.")}
+    print("| matrix k | GPTQ round-trip bpb | RTN round-trip bpb | GPTQ artifact bytes |")
+    print("|---:|---:|---:|---:|")
+    for k in (3.0, 4.0, 6.0, 8.0, 10.0, 12.85, 16.0, 24.0, 48.0):
+        row = []
+        for h in (cached["hessians"], None):
+            blob = train_gpt.pack(train_gpt.quantize_state(state, args, h, matrix_sigmas=k), args)
+            row.append((score(blob, args, rt, val, luts), len(blob)))
+        print(f"| {k:g} | {row[0][0]:.4f} | {row[1][0]:.4f} | {row[0][1]:,} |", flush=True)
+
+
+def grouped_entropy(q: torch.Tensor, rows_per_group=0, cols_per_group=0) -> tuple[float, int]:
+    """Bytes of ideal coding with one histogram per group of rows (or columns), and how many histograms."""
+    x = q.numpy().astype(np.int64) + 128
+    parts = ([x[i:i + rows_per_group] for i in range(0, x.shape[0], rows_per_group)] if rows_per_group else
+             [x[:, j:j + cols_per_group] for j in range(0, x.shape[1], cols_per_group)])
+    total = 0.0
+    for part in parts:
+        c = np.bincount(part.ravel())
+        p = c[c > 0] / part.size
+        total += float(-(p * np.log2(p)).sum()) * part.size / 8
+    return total, len(parts)
+
+
+def histograms():
+    """What finer models would buy on the trained model's GPTQ codes: per tensor vs per 64 rows vs per 64 columns
+    (ideal code lengths, before the cost of storing the extra histograms: ~2 bytes per used code per histogram)."""
+    args = train_gpt.Hyperparameters.from_env(dict(TRAINED))
+    cached = torch.load(CACHE)
+    state = {k: v for k, v in cached["state"].items() if not k.startswith("mtp_heads.")}
+    q = train_gpt.quantize_state(state, args, cached["hessians"])
+    print("| tensor | codes | per tensor | per 64 rows (histograms) | per 64 columns (histograms) |")
+    print("|---|---:|---:|---:|---:|")
+    sums = np.zeros(3)
+    for n, e in q.items():
+        if "q" not in e:
+            continue
+        t = grouped_entropy(e["q"], rows_per_group=e["q"].shape[0])[0]
+        r, nr = grouped_entropy(e["q"], rows_per_group=64)
+        c, nc = grouped_entropy(e["q"], cols_per_group=64)
+        sums += (t, r, c)
+        print(f"| {n} | {e['q'].numel():,} | {t:,.0f} | {r:,.0f} ({nr}) | {c:,.0f} ({nc}) |")
+    print(f"| all | | {sums[0]:,.0f} | {sums[1]:,.0f} | {sums[2]:,.0f} |")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    {"trained": trained, "frontier": frontier}[sys.argv[1]]()
+    {"trained": trained, "frontier": frontier, "histograms": histograms, "sweep": sweep}[sys.argv[1]]()
