@@ -1,14 +1,15 @@
-"""Parameter Golf: train a small GPT in 10 minutes, quantize it to int6 + zstd, score it in bits per byte.
+"""Parameter Golf: train a small GPT in 10 minutes, quantize it (int6 GPTQ, range-coded), score it in bits per byte.
 
 Run with `torchrun --standalone --nproc_per_node=8 train_gpt.py` (or plain `python train_gpt.py`); every knob is an
 environment variable named after a Hyperparameters field (see README.md). CUDA gets bf16 autocast, torch.compile and
 NCCL; CPU gets float32, no compile and gloo. Phases: config -> distributed -> data -> model -> optimizers -> training
-(with QAT and weight averaging) -> int6 artifact -> round-trip evaluation -> report (log, summary JSON, submission).
+(with weight averaging) -> GPTQ calibration -> int6 artifact -> round-trip evaluation -> report (log, summary JSON,
+submission).
 """
 from __future__ import annotations
 
 import contextlib, copy, dataclasses, difflib, glob, hashlib, json, math, os, platform, signal, sys, tempfile, time
-import uuid, zlib
+import lzma, uuid, zlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -17,7 +18,6 @@ import sentencepiece as spm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import zstandard
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel
@@ -145,6 +145,20 @@ class Hyperparameters:
     compressor: str = "zstd"
     compress_level: int = 22
     eval_artifact: str = ""  # path of a saved .ptz: skip training, score that artifact
+    # frontier export (section 5 of frontier.md): SDClip scales, GPTQ with training-data Hessians, fitted size
+    matrix_clip_sigmas: float = 0.0  # >0: SDClip, row step = k std(row) / qmax; 0 = row max (QUANT_CLIP_SEARCH)
+    attn_clip_sigmas: float = 0.0  # 0 = MATRIX_CLIP_SIGMAS
+    mlp_clip_sigmas: float = 0.0  # 0 = MATRIX_CLIP_SIGMAS
+    embed_clip_sigmas: float = 20.0
+    matrix_bits: int = 0  # >0 overrides QUANT_ATTN_BITS and QUANT_MLP_BITS
+    embed_bits: int = 0  # >0: the token embedding is quantized to this width (unless FP16_KEEP_PATTERNS keeps it)
+    gptq: bool = False
+    gptq_calibration_batches: int = 16
+    gptq_reserve_seconds: float = 8.0
+    target_bytes: int = 0  # >0: fit MATRIX_CLIP_SIGMAS so code + artifact bytes <= this
+    lqer_enabled: bool = False
+    lqer_rank: int = 4
+    lqer_top_k: int = 3
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
@@ -199,6 +213,14 @@ class Hyperparameters:
         need(self.num_loops == 0 or self.loop_start <= self.loop_end, "LOOP_START", "must be <= LOOP_END")
         need(self.num_loops == 0 or self.loop_end < self.num_layers, "LOOP_END",
              f"must be < NUM_LAYERS={self.num_layers} (or set NUM_LOOPS=0)")
+        need(self.matrix_bits != 1 and self.embed_bits != 1, "MATRIX_BITS" if self.matrix_bits == 1 else "EMBED_BITS",
+             "must be 0 (off) or 2..8")
+        need(not self.gptq or self.matrix_clip_sigmas > 0, "GPTQ", "needs SDClip scales: set MATRIX_CLIP_SIGMAS > 0")
+        need(not self.gptq or self.quant_group_size == 0, "QUANT_GROUP_SIZE", "must be 0 with GPTQ=1 (per-row scales)")
+        need(not self.target_bytes or self.matrix_clip_sigmas > 0, "TARGET_BYTES",
+             "fits MATRIX_CLIP_SIGMAS: set MATRIX_CLIP_SIGMAS > 0 or TARGET_BYTES=0")
+        need(not (self.gptq and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds), "GPTQ_RESERVE_SECONDS",
+             "must be below MAX_WALLCLOCK_SECONDS (it is taken off the training time)")
 
 
 def in_interval(v, spec: str) -> bool:
@@ -224,8 +246,10 @@ FIELD_RANGES = dict(
     quant_mlp_bits="[2, 8]", quant_other_bits="[2, 8]", quant_group_size=NONNEG, compress_level="[0, 22]",
     xsa_last_n=NONNEG, rope_dims=NONNEG, mlp_leaky_slope=UNIT, num_loops=NONNEG, loop_start=NONNEG, loop_end=NONNEG,
     enable_looping_at=UNIT, parallel_start_layer=NONNEG, sparse_attn_gate_scale="(0, inf)", gate_window=POS,
-    min_lr=UNIT, embed_wd="[-1, inf)")
-COMPRESS_LEVELS = dict(zstd=(1, 22), zlib=(0, 9))
+    min_lr=UNIT, embed_wd="[-1, inf)", matrix_clip_sigmas=NONNEG, attn_clip_sigmas=NONNEG, mlp_clip_sigmas=NONNEG,
+    embed_clip_sigmas="(0, inf)", matrix_bits="[0, 8]", embed_bits="[0, 8]", gptq_calibration_batches=POS,
+    gptq_reserve_seconds=NONNEG, target_bytes=NONNEG, lqer_rank=POS, lqer_top_k=POS)
+COMPRESS_LEVELS = dict(zstd=(1, 22), zlib=(0, 9), constriction=(0, 22))  # constriction: level unused
 FIELD_CHOICES = dict(compressor=tuple(COMPRESS_LEVELS), mlp_act=("relu2", "leaky_relu2"),
                      parallel_final_lane=("mean", "attn", "mlp"), muon_ns=("ns5", "polar"))  # PRESET: see from_env
 FREE_TEXT_FIELDS = ("preset", "data_path", "tokenizer_path", "run_id", "log_dir", "submission_json", "data_label",
@@ -250,20 +274,29 @@ FRONTIER_V1 = dict(
     muon_momentum=0.97, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, muon_wd=0.095, beta2=0.99,
     tied_embed_lr=0.03, embed_wd=0.085, scalar_lr=0.02, adam_wd=0.02, grad_clip_norm=0.3, ema_decay=0.9965,
     warmdown_frac=0.75, min_lr=0.1, fp16_keep_patterns="")  # an 8192 x 512 fp16 embedding alone would be 8.4 MB
+# The frontier's export (frontier.md section 5): int6 GPTQ with SDClip, GPTQ'd int8 embedding, range-coded codes,
+# size fitted to TARGET_BYTES. QAT off: the records dropped it once GPTQ landed (QAT=1 still fakes SDClip).
+# TARGET_BYTES: the fit counts the real code and artifact bytes exactly; the 10 KB margin (~13 K int6 weights) is
+# for byte counts made outside this script (a records folder whose counted files differ slightly from the run's).
+FRONTIER_EXPORT = dict(gptq=True, matrix_bits=6, embed_bits=8, matrix_clip_sigmas=12.85, embed_clip_sigmas=20.0,
+                       fp16_keep_patterns="", quant_clip_search=False, quant_int8_upstream=False,
+                       compressor="constriction", target_bytes=ARTIFACT_CAP_BYTES - 10_000, qat=False)
 PRESETS = {
     # upstream NaiveBaseline: 9x512, MLP 2x, int8 + zlib export, no sliding window
     "baseline": dict(eval_stride=0, quant_attn_bits=8, quant_mlp_bits=8, quant_clip_search=False,
                      quant_int8_upstream=True, fp16_keep_patterns="", compressor="zlib", compress_level=9,
                      int8_keep_float_fp32_name_patterns="attn_scale,mlp_scale,resid_mix,q_gain,skip_weight"),
     "seed162": SEED162,
-    # frontier v1 (record 2026-04-09, 1.0810; frontier.md section 2) with the SOTA optimizer values (section 4)
-    "default": FRONTIER_V1,
+    # frontier v1 (record 2026-04-09, 1.0810; frontier.md section 2) with the SOTA optimizer values (section 4) and
+    # the frontier export (section 5)
+    "default": dict(FRONTIER_V1, **FRONTIER_EXPORT),
 }
 
 # Families of our variables: an unknown name in one of them is a typo, not someone else's variable.
 ENV_FAMILIES = ("NUM_", "MODEL_", "MLP_", "TRAIN_", "VAL_", "EVAL_", "MUON_", "NORMUON_", "ADAM_", "QAT_", "SWA_",
                 "EMA_", "BIGRAM_", "SMEAR_", "MTP_", "QUANT_", "WARMDOWN_", "WARMUP_", "LR_", "TIED_", "EMBED_",
-                "MATRIX_", "SCALAR_", "ROPE_", "QK_", "LOGIT_", "VOCAB_", "GRAD_", "ORTHO_", "COMPRESS_", "INT8_")
+                "MATRIX_", "SCALAR_", "ROPE_", "QK_", "LOGIT_", "VOCAB_", "GRAD_", "ORTHO_", "COMPRESS_", "INT8_",
+                "GPTQ_", "ATTN_", "TARGET_", "LQER_")
 
 
 def reject_unknown_env(env, known):
@@ -546,13 +579,24 @@ CLIP_FRACTIONS = (1.0, 0.97, 0.94, 0.9, 0.85, 0.8)  # of each row's max, tried b
 UPSTREAM_INT8_CLIP_Q = 0.9999984  # upstream's INT8_CLIP_PERCENTILE / 100
 
 
+def sdclip_scale(rows: Tensor, bits: int, sigmas: float) -> Tensor:
+    """SDClip (record 2026-04-05): step = k std(row) / qmax, so codes clip at k standard deviations of their row.
+    Larger k: coarser steps, fewer codes in use, lower entropy (smaller artifact). Stored (and used) as fp16."""
+    std = rows.std(dim=1, keepdim=True, correction=0)  # population std of the row
+    return (sigmas * std / (2 ** (bits - 1) - 1)).clamp_min(1e-6).half().float()
+
+
 def quantize_tensor(w: Tensor, bits: int, group: int = 0, clip_search: bool = False,
-                    upstream: bool = False) -> tuple[Tensor, Tensor]:
+                    upstream: bool = False, sigmas: float = 0.0) -> tuple[Tensor, Tensor]:
     """Symmetric quantization of a 2-D tensor to integers in [-qmax, qmax], one fp16 scale per row (or per group of
-    `group` columns). clip_search tries clipping each row at a few fractions of its max and keeps the lowest MSE.
+    `group` columns), by round-to-nearest. sigmas > 0: SDClip scales (sdclip_scale). Otherwise the row max, and
+    clip_search tries clipping each row at a few fractions of its max and keeps the lowest MSE.
     upstream (8 bits only): upstream's int8 quantizer, clip at a quantile of |row|, scale floored at 1/127."""
     qmax = 2 ** (bits - 1) - 1
     rows = w.float().reshape(-1, group) if group else w.float().reshape(w.shape[0], -1)
+    if sigmas > 0:
+        scale = sdclip_scale(rows, bits, sigmas)
+        return (rows / scale).round().clamp(-qmax, qmax).to(torch.int8).reshape(w.shape), scale.half()
     if upstream and bits == 8 and rows.numel():
         clip = torch.quantile(rows.abs(), UPSTREAM_INT8_CLIP_Q, dim=1, keepdim=True)
         scale = (clip / qmax).clamp_min(1 / qmax)  # rounds with the fp32 scale, stores fp16 (as upstream)
@@ -596,12 +640,14 @@ class CastedLinear(nn.Linear):
     def __init__(self, fan_in, fan_out, zero_init=False):
         super().__init__(fan_in, fan_out, bias=False)
         self.qat_bits, self.qat_group, self.qat_clip_search, self.qat_upstream = 0, 0, False, False
+        self.qat_sigmas = 0.0
         self.zero_init = zero_init
 
     def forward(self, x, ctx=PLAIN):
         w = self.weight
         if ctx.qat and self.qat_bits:
-            q, s = quantize_tensor(w.detach(), self.qat_bits, self.qat_group, self.qat_clip_search, self.qat_upstream)
+            q, s = quantize_tensor(w.detach(), self.qat_bits, self.qat_group, self.qat_clip_search, self.qat_upstream,
+                                   self.qat_sigmas)
             w = w + (dequantize_tensor(q, s, self.qat_group) - w).detach()
         return F.linear(x, w.to(x.dtype))
 
@@ -839,7 +885,7 @@ class GPT(nn.Module):
             if isinstance(m, CastedLinear) and not name.startswith("mtp_heads."):
                 m.qat_bits = export_bits(name + ".weight", m.weight, args)
                 m.qat_group, m.qat_clip_search = export_group(m.weight, args), args.quant_clip_search
-                m.qat_upstream = args.quant_int8_upstream
+                m.qat_upstream, m.qat_sigmas = args.quant_int8_upstream, export_sigmas(name + ".weight", args)
         self.init_weights()
 
     @torch.no_grad()
@@ -1334,9 +1380,27 @@ def export_bits(name, t: Tensor, args) -> int:
     if t.ndim != 2 or t.numel() <= 65536 or matches_any(name, args.fp16_keep_patterns) \
             or matches_any(name, CONTROL_TENSOR_PATTERNS):
         return 0
+    if name == "tok_emb.weight" and args.embed_bits:
+        return args.embed_bits
     if ".mlp." in name:
-        return args.quant_mlp_bits
-    return args.quant_attn_bits if ".attn." in name else args.quant_other_bits
+        return args.matrix_bits or args.quant_mlp_bits
+    if ".attn." in name:
+        return args.matrix_bits or args.quant_attn_bits
+    return args.quant_other_bits
+
+
+def export_sigmas(name, args, matrix_sigmas=None) -> float:
+    """SDClip k of a tensor (0 = row-max quantizer): EMBED_CLIP_SIGMAS for embedding tables, ATTN_ / MLP_CLIP_SIGMAS
+    for block matrices (0 = follow the matrix k), MATRIX_CLIP_SIGMAS (or the fitted `matrix_sigmas`) otherwise."""
+    k = args.matrix_clip_sigmas if matrix_sigmas is None else matrix_sigmas
+    if args.matrix_clip_sigmas <= 0:
+        return 0.0
+    if name in ("tok_emb.weight", "bigram.embed.weight"):
+        return args.embed_clip_sigmas
+    scale = k / args.matrix_clip_sigmas  # a fitted k moves the attention and MLP k with it, keeping their ratio
+    if ".attn." in name and args.attn_clip_sigmas:
+        return args.attn_clip_sigmas * scale
+    return args.mlp_clip_sigmas * scale if ".mlp." in name and args.mlp_clip_sigmas else k
 
 
 def export_group(t: Tensor, args) -> int:
@@ -1349,25 +1413,166 @@ def export_state(model) -> dict[str, Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("mtp_heads.")}
 
 
-def quantize_state(state, args) -> dict[str, dict]:
-    out = {}
-    for name, t in state.items():
-        bits = export_bits(name, t, args) if t.is_floating_point() else 0
-        if bits:
-            group = export_group(t, args)
-            q, s = quantize_tensor(t, bits, group, args.quant_clip_search, args.quant_int8_upstream)
-            out[name] = dict(q=q, scale=s, bits=bits, group=group)
-        elif t.is_floating_point():
-            fp32 = matches_any(name, args.int8_keep_float_fp32_name_patterns)
-            out[name] = dict(raw=t.float() if fp32 else t.half())
+GPTQ_BLOCK = 128  # columns per lazy-update block (Frantar et al. 2022)
+GPTQ_DAMP = 0.01  # of mean(diag H), added to the diagonal
+
+
+@torch.no_grad()
+def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """GPTQ (Frantar et al. 2022) of w [rows, cols] with per-row steps `scale` [rows, 1] and input Hessian H [cols,
+    cols]: columns in order of diag(H) descending, each rounded to nearest and its error spread over the columns not
+    yet quantized through the upper Cholesky factor of H^-1; blocks of GPTQ_BLOCK columns, the rest updated once per
+    block. Dead columns (H_ii = 0: an input that was always zero) get H_ii = 1 and weight 0. Returns int8 codes."""
+    qmax = 2 ** (bits - 1) - 1
+    W, H, s = w.float().clone(), H.float().clone(), scale.float().to(w.device)
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H.diagonal().add_(GPTQ_DAMP * H.diagonal().mean())
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for i in range(0, W.size(1), GPTQ_BLOCK):
+        j = min(i + GPTQ_BLOCK, W.size(1))
+        Wb, Ub, err = W[:, i:j].clone(), U[i:j, i:j], torch.zeros_like(W[:, i:j])
+        for c in range(j - i):
+            q = (Wb[:, c:c + 1] / s).round().clamp(-qmax, qmax)
+            Q[:, i + c:i + c + 1] = q
+            e = (Wb[:, c:c + 1] - q * s) / Ub[c, c]
+            Wb[:, c:] -= e * Ub[c:c + 1, c:]
+            err[:, c:c + 1] = e
+        W[:, j:] -= err @ U[i:j, j:]
+    return Q[:, torch.argsort(perm)].to(torch.int8)
+
+
+def quantize_entry(name, t: Tensor, args, hessian=None, matrix_sigmas=None) -> dict:
+    """One tensor of the artifact: codes and fp16 scales (GPTQ when a Hessian is given), or the raw tensor."""
+    bits = export_bits(name, t, args) if t.is_floating_point() else 0
+    if bits:
+        group, sigmas = export_group(t, args), export_sigmas(name, args, matrix_sigmas)
+        q, s = quantize_tensor(t, bits, group, args.quant_clip_search, args.quant_int8_upstream, sigmas)
+        if hessian is not None:
+            q = gptq_quantize(t.to(hessian.device), hessian, s.to(hessian.device), bits).cpu()
+        return dict(q=q, scale=s, bits=bits, group=group)
+    if t.is_floating_point():
+        fp32 = matches_any(name, args.int8_keep_float_fp32_name_patterns)
+        return dict(raw=t.float() if fp32 else t.half())
+    return dict(raw=t)
+
+
+def quantize_state(state, args, hessians=None, matrix_sigmas=None) -> dict[str, dict]:
+    """The quantized state: GPTQ for the tensors with a Hessian in `hessians` (name -> H), round-to-nearest for the
+    rest, LQER corrections when enabled. matrix_sigmas replaces MATRIX_CLIP_SIGMAS (size fitting)."""
+    hessians = hessians or {}
+    q = {name: quantize_entry(name, t, args, hessians.get(name), matrix_sigmas) for name, t in state.items()}
+    return add_lqer(q, state, args)
+
+
+LQER_A_BITS, LQER_B_BITS, LQER_B_GROUP = 2, 4, 64  # the SOTA's factor widths (PR #1855): A int2, B int4 per 64
+LQER_A_SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # int2 steps tried for A, in stds of A (one scale for all of A)
+LQER_KEYS = ("lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale")
+
+
+def lqer_factors(err: Tensor, rank: int) -> dict:
+    """LQER (Zhang et al. 2024): a rank-r correction A B of the quantization error E = W - W_q [rows, cols]. A = the
+    top r left singular vectors (similar magnitudes, so one int2 scale fits all of A); B = the least-squares B for
+    the quantized A (so B absorbs A's rounding), int4 with one scale per LQER_B_GROUP columns of each row."""
+    U = torch.linalg.svd(err.float(), full_matrices=False)[0][:, :rank]
+    best = None
+    for k in LQER_A_SIGMAS:
+        qa, sa = quantize_tensor(U.reshape(1, -1), LQER_A_BITS, sigmas=k)
+        e = (dequantize_tensor(qa, sa) - U.reshape(1, -1)).square().sum()
+        if best is None or e < best[0]:
+            best = (e, qa.reshape(U.shape), sa)
+    qa, sa = best[1], best[2]
+    A = dequantize_tensor(qa, sa.expand(qa.shape[0], 1))
+    B = torch.linalg.pinv(A) @ err.float()
+    group = LQER_B_GROUP if B.shape[1] % LQER_B_GROUP == 0 else 0
+    qb, sb = quantize_tensor(B, LQER_B_BITS, group, clip_search=True)
+    return dict(lqer_a=qa, lqer_a_scale=sa, lqer_b=qb, lqer_b_scale=sb, lqer_group=group)
+
+
+def lqer_correction(e) -> Tensor:
+    A = dequantize_tensor(e["lqer_a"], e["lqer_a_scale"].expand(e["lqer_a"].shape[0], 1))
+    return A @ dequantize_tensor(e["lqer_b"], e["lqer_b_scale"], e["lqer_group"])
+
+
+def add_lqer(qstate, state, args) -> dict[str, dict]:
+    """LQER_ENABLED: the LQER_TOP_K quantized matrices with the largest error ||W - W_q||_F get a rank-LQER_RANK
+    correction, stored in low bits beside their codes and added back at load."""
+    if not args.lqer_enabled:
+        return qstate
+    err = {n: state[n].float() - dequantize_tensor(e["q"], e["scale"], e["group"])
+           for n, e in qstate.items() if "q" in e and min(e["q"].shape) > args.lqer_rank}
+    for n in sorted(err, key=lambda n: -float(err[n].square().sum()))[:args.lqer_top_k]:
+        qstate[n] = dict(qstate[n], **lqer_factors(err[n], args.lqer_rank))
+    return qstate
+
+
+@contextlib.contextmanager
+def input_recorder(model, args, record):
+    """Calls record(weight name, input rows [N, in]) for every quantized matrix during the forward passes inside:
+    forward hooks on the CastedLinears, and for the tied embedding (a functional matmul, not a module) a wrapper
+    around model.logits, whose input is the final-norm output. Removed on exit."""
+    handles = []
+    for name, m in model.named_modules():
+        weight = name + ".weight"
+        if isinstance(m, CastedLinear) and not name.startswith("mtp_heads.") and export_bits(weight, m.weight, args):
+            handles.append(m.register_forward_hook(lambda mod, inp, out, n=weight: record(n, inp[0])))
+    tied = args.tie_embeddings and export_bits("tok_emb.weight", model.tok_emb.weight, args)
+    if tied:
+        logits = model.logits
+        model.logits = lambda h, *a, **k: (record("tok_emb.weight", h), logits(h, *a, **k))[1]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        if tied:
+            del model.logits
+
+
+@torch.no_grad()
+def collect_hessians(model, batches, args, rt) -> dict[str, Tensor]:
+    """H = mean of x^T x over every input row x of each quantized matrix, over the micro-batches of `batches`
+    (training data), summed in float64 and all-reduced, so every rank holds the same H. Inputs shared by several
+    matrices (q, k, v read one tensor) are multiplied once. Evaluation forward (per-token loss: no MTP heads)."""
+    sums, rows, seen = {}, torch.zeros((), dtype=torch.float64, device=rt.device), {}
+
+    def record(name, x):
+        key = id(x)
+        if key not in seen:
+            x2 = x.detach().reshape(-1, x.size(-1)).float()
+            seen[key] = (x, (x2.T @ x2).double())  # x kept alive so its id is not reused within the batch
+        if name in sums:
+            sums[name].add_(seen[key][1])
         else:
-            out[name] = dict(raw=t)
-    return out
+            sums[name] = seen[key][1].clone()
+    with input_recorder(model, args, record):
+        for batch in batches:
+            for x, y in batch:
+                with rt.autocast():
+                    model(x, y, per_token=True)
+                rows += x.numel()
+                seen.clear()
+    names = sorted(sums)
+    if rt.distributed:
+        for n in names:
+            dist.all_reduce(sums[n])
+        dist.all_reduce(rows)
+    return {n: (sums[n] / rows).float() for n in names}
+
+
+def dequantize_entry(e) -> Tensor:
+    if "raw" in e:
+        return e["raw"].float()
+    w = dequantize_tensor(e["q"], e["scale"], e["group"])
+    return w + lqer_correction(e) if "lqer_a" in e else w
 
 
 def dequantize_state(qstate) -> dict[str, Tensor]:
-    return {k: dequantize_tensor(e["q"], e["scale"], e["group"]) if "q" in e else e["raw"].float()
-            for k, e in qstate.items()}
+    return {k: dequantize_entry(e) for k, e in qstate.items()}
 
 
 # What rebuilding and re-scoring a model needs, stored in the artifact (EVAL_ARTIFACT reads it back)
@@ -1377,59 +1582,150 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_he
                 "parallel_start_layer", "parallel_final_lane", "sparse_attn_gate_enabled", "sparse_attn_gate_scale",
                 "gate_window", "smear_gate_enabled", "doc_mask")
 EVAL_FIELDS = ("train_seq_len", "eval_seq_len", "eval_stride", "val_max_tokens")
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: range-coded codes (COMPRESSOR=constriction)
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+CODED_MAGIC = b"PGrc"  # then sha256 of the rest, side-data length, lzma side data, range-coded uint32 words
+
+
+def optional_module(name, why):
+    """Compressors are imported when used, so a machine without them still trains with another COMPRESSOR."""
+    try:
+        return __import__(name)
+    except ImportError:
+        raise UserError(f"{why} needs the {name} package: pip install {name} (see requirements.txt)") from None
+
+
+def code_model(counts):
+    """The categorical model of one tensor's codes, from its histogram (exact integers, so encoder and decoder build
+    the same fixed-point model)."""
+    cs = optional_module("constriction", "COMPRESSOR=constriction")
+    p = np.asarray(counts, dtype=np.float64)
+    return cs.stream.model.Categorical(p / p.sum(), perfect=False)
+
+
+def range_encode(q: Tensor) -> tuple[int, list[int], np.ndarray]:
+    """Range-codes the integer tensor q with a model of its own histogram: (lowest code, counts of the codes lo..max,
+    uint32 words). Costs the empirical entropy of q plus a few words; a constant tensor costs none."""
+    x = q.flatten().numpy().astype(np.int32)
+    if x.size == 0:
+        return 0, [], np.zeros(0, np.uint32)
+    lo = int(x.min())
+    counts = np.bincount(x - lo)
+    if len(counts) == 1:
+        return lo, counts.tolist(), np.zeros(0, np.uint32)
+    enc = optional_module("constriction", "COMPRESSOR=constriction").stream.queue.RangeEncoder()
+    enc.encode(x - lo, code_model(counts))
+    return lo, counts.tolist(), enc.get_compressed()
+
+
+def range_decode(words: np.ndarray, lo: int, counts: list[int], n: int) -> np.ndarray:
+    if n == 0 or len(counts) == 1:
+        return np.full(n, lo, np.int32)
+    dec = optional_module("constriction", "reading this artifact").stream.queue.RangeDecoder(words)
+    return dec.decode(code_model(counts), n) + lo
 
 
 def pack(qstate, args) -> bytes:
-    """sha256(body) + body, compressed; body = 4-byte header length + JSON header (version, label, config, one entry
-    per tensor with its arrays' dtype, shape and offset) + the raw arrays."""
-    tensors, chunks, offset = [], [], 0
+    """body = 4-byte header length + JSON header (version, label, config, one entry per tensor with its arrays' dtype,
+    shape and offset) + the raw arrays. zstd/zlib: compress(sha256(body) + body). constriction: each tensor's codes
+    are range-coded (their array entry holds lo, counts and where its words are) and the body keeps the rest (scales,
+    kept tensors), lzma-compressed: CODED_MAGIC + sha256(rest) + rest, rest = side length + side + words."""
+    coded = args.compressor == "constriction"
+    tensors, chunks, words, offset, n_words = [], [], [], 0, 0
     for name, e in qstate.items():
-        arrays = [e["q"], e["scale"]] if "q" in e else [e["raw"]]
+        arrays = [e["q"], e["scale"]] + [e[k] for k in LQER_KEYS if k in e] if "q" in e else [e["raw"]]
         meta = dict(name=name, bits=e.get("bits", 0), group=e.get("group", 0), arrays=[])
-        for a in arrays:
-            raw = a.contiguous().numpy().tobytes()
-            meta["arrays"].append(dict(dtype=str(a.dtype).removeprefix("torch."), shape=list(a.shape), offset=offset))
-            chunks.append(raw)
-            offset += len(raw)
+        if "lqer_a" in e:
+            meta["lqer_group"] = e["lqer_group"]
+        for i, a in enumerate(arrays):
+            entry = dict(dtype=str(a.dtype).removeprefix("torch."), shape=list(a.shape))
+            if coded and "q" in e and i == 0:
+                lo, counts, w = range_encode(a)
+                entry.update(lo=lo, counts=counts, word_offset=n_words, words=len(w))
+                words.append(w)
+                n_words += len(w)
+            else:
+                raw = a.contiguous().numpy().tobytes()
+                entry["offset"] = offset
+                chunks.append(raw)
+                offset += len(raw)
+            meta["arrays"].append(entry)
         tensors.append(meta)
     config = {k: getattr(args, k) for k in MODEL_FIELDS + EVAL_FIELDS}
     header = dict(version=ARTIFACT_VERSION, label=artifact_label(args), config=config, tensors=tensors)
     head = json.dumps(header, separators=(",", ":")).encode()
     body = len(head).to_bytes(4, "little") + head + b"".join(chunks)
+    if coded:
+        side = lzma.compress(body, preset=9 | lzma.PRESET_EXTREME)
+        rest = len(side).to_bytes(4, "little") + side + b"".join(w.astype("<u4").tobytes() for w in words)
+        return CODED_MAGIC + hashlib.sha256(rest).digest() + rest
     blob = hashlib.sha256(body).digest() + body
     if args.compressor == "zlib":
         return zlib.compress(blob, args.compress_level)
-    return zstandard.ZstdCompressor(level=args.compress_level, write_checksum=True).compress(blob)
+    zstd = optional_module("zstandard", "COMPRESSOR=zstd")
+    return zstd.ZstdCompressor(level=args.compress_level, write_checksum=True).compress(blob)
+
+
+def open_container(data: bytes, bad) -> tuple[bytes, np.ndarray]:
+    """(body, range-coded words) of an artifact, checksums verified."""
+    if data[:4] == CODED_MAGIC:
+        rest = data[36:]
+        if len(data) < 40 or hashlib.sha256(rest).digest() != data[4:36]:
+            raise bad("checksum mismatch")
+        n = int.from_bytes(rest[:4], "little")
+        if (len(rest) - 4 - n) % 4:
+            raise bad("range-coded words cut short")
+        try:
+            body = lzma.decompress(rest[4:4 + n])
+        except lzma.LZMAError as e:
+            raise bad(f"cannot decompress ({e})") from None
+        return body, np.frombuffer(rest[4 + n:], dtype="<u4").astype(np.uint32)
+    if data[:4] == ZSTD_MAGIC:
+        zstd = optional_module("zstandard", "reading this artifact")
+        try:
+            blob = zstd.ZstdDecompressor().decompress(data)
+        except zstd.ZstdError as e:
+            raise bad(f"cannot decompress ({e})") from None
+    else:
+        try:
+            blob = zlib.decompress(data)
+        except zlib.error as e:
+            raise bad(f"cannot decompress ({e})") from None
+    body = blob[32:]
+    if len(blob) < 36 or hashlib.sha256(body).digest() != blob[:32]:
+        raise bad("checksum mismatch")
+    return body, np.zeros(0, np.uint32)
+
+
+def read_array(a, arrays_at, words, bad) -> Tensor:
+    dtype = getattr(torch, a["dtype"])
+    if "word_offset" in a:
+        n = math.prod(a["shape"])
+        x = range_decode(words[a["word_offset"]:a["word_offset"] + a["words"]], a["lo"], a["counts"], n)
+        if n and not np.array_equal(np.bincount(x - a["lo"], minlength=len(a["counts"])), a["counts"]):
+            raise bad("decoded codes do not match their histogram")
+        return torch.from_numpy(x.astype(np.int64)).to(dtype).reshape(a["shape"])
+    nbytes = math.prod(a["shape"]) * torch.empty((), dtype=dtype).element_size()
+    raw = bytearray(arrays_at[a["offset"]:a["offset"] + nbytes])
+    return torch.frombuffer(raw, dtype=dtype).reshape(a["shape"]) if nbytes else torch.empty(a["shape"], dtype=dtype)
 
 
 def unpack(data: bytes, path="artifact") -> tuple[dict[str, dict], dict]:
     """(quantized state, header). Any truncation or altered byte is a one-line UserError naming the file."""
     def bad(why):
         return UserError(f"{path}: {why}; the file is truncated or corrupt, copy or regenerate it")
-    try:
-        blob = zstandard.ZstdDecompressor().decompress(data) if data[:4] == ZSTD_MAGIC else zlib.decompress(data)
-    except (zstandard.ZstdError, zlib.error) as e:
-        raise bad(f"cannot decompress ({e})") from None
-    body = blob[32:]
-    if len(blob) < 36 or hashlib.sha256(body).digest() != blob[:32]:
-        raise bad("checksum mismatch")
+    body, words = open_container(data, bad)
     n = int.from_bytes(body[:4], "little")
     header, arrays_at = json.loads(body[4:4 + n]), memoryview(body)[4 + n:]
     if header.get("version") != ARTIFACT_VERSION:
         raise UserError(f"{path}: artifact version {header.get('version')}, this script reads {ARTIFACT_VERSION}")
     out = {}
     for meta in header["tensors"]:
-        arrays = []
-        for a in meta["arrays"]:
-            dtype = getattr(torch, a["dtype"])
-            nbytes = math.prod(a["shape"]) * torch.empty((), dtype=dtype).element_size()
-            raw = bytearray(arrays_at[a["offset"]:a["offset"] + nbytes])
-            arrays.append(torch.frombuffer(raw, dtype=dtype).reshape(a["shape"]) if nbytes else
-                          torch.empty(a["shape"], dtype=dtype))
+        arrays = [read_array(a, arrays_at, words, bad) for a in meta["arrays"]]
         if meta["bits"]:
             out[meta["name"]] = dict(q=arrays[0], scale=arrays[1], bits=meta["bits"], group=meta["group"])
+            if "lqer_group" in meta:
+                out[meta["name"]].update(zip(LQER_KEYS, arrays[2:]), lqer_group=meta["lqer_group"])
         else:
             out[meta["name"]] = dict(raw=arrays[0])
     return out, header
@@ -1548,14 +1844,81 @@ def start_log(args, rt) -> Logger:
     return log
 
 
-def export_artifact(args, rt, base) -> str:
-    """Quantize and compress in memory, then write the file atomically (rank 0)."""
+FIT_SIGMAS = (4.0, 48.0)  # bracket of the size fit's matrix k: 4 sigma already clips trained rows; 48 is ~all zeros
+FIT_BISECTIONS = 10  # after both ends: k within a factor (48/4)^(1/1024), 0.25% (~15 KB at the frontier size)
+
+
+def fit_artifact(state, args, hessians, code_bytes, log) -> bytes:
+    """TARGET_BYTES: the smallest matrix k in FIT_SIGMAS (finest steps, most precise codes) whose real artifact fits
+    code_bytes + artifact <= TARGET_BYTES. A larger k means coarser steps and lower code entropy, so the size falls
+    as k grows: bisection (in log k) on the real quantizer and encoder, keeping the smallest k seen to fit. Tensors
+    whose k does not move (embedding, kept tensors) are quantized once. Every trial is logged."""
+    budget = args.target_bytes - code_bytes
+    moves = {n for n in state if export_sigmas(n, args, 1.0) != export_sigmas(n, args, 2.0)}
+    fixed = quantize_state({n: t for n, t in state.items() if n not in moves}, dataclasses.replace(args, lqer_enabled=False),
+                           hessians)
+
+    def trial(k):
+        moved = {n: quantize_entry(n, state[n], args, (hessians or {}).get(n), k) for n in moves}
+        blob = pack(add_lqer({n: fixed[n] if n in fixed else moved[n] for n in state}, state, args), args)
+        verdict = "fits" if len(blob) <= budget else "over"
+        log(f"size_fit trial:{len(tried) + 1} matrix_clip_sigmas:{k:.4f} bytes_model:{len(blob)} "
+            f"bytes_total:{len(blob) + code_bytes} target:{args.target_bytes} {verdict}")
+        tried.append(k)
+        return blob
+    tried = []
+    lo, hi = FIT_SIGMAS
+    best = trial(hi)
+    if len(best) > budget:
+        log(f"SIZE FIT FAILED: even MATRIX_CLIP_SIGMAS={hi:g} gives {len(best) + code_bytes} bytes > TARGET_BYTES="
+            f"{args.target_bytes}; writing that artifact (lower MATRIX_BITS or the model size)")
+        return best
+    blob = trial(lo)
+    if len(blob) <= budget:
+        hi, best = lo, blob
+    for _ in range(FIT_BISECTIONS if hi > lo else 0):
+        mid = math.sqrt(lo * hi)
+        blob = trial(mid)
+        if len(blob) <= budget:
+            hi, best = mid, blob
+        else:
+            lo = mid
+    log(f"size_fit: matrix_clip_sigmas:{hi:.4f} bytes_model:{len(best)} bytes_total:{len(best) + code_bytes} "
+        f"target:{args.target_bytes} trials:{len(tried)}")
+    return best
+
+
+def export_artifact(args, rt, base, hessians=None, log=print) -> str:
+    """Quantize (GPTQ for the matrices in `hessians`) and compress in memory, fitting TARGET_BYTES when set, then write
+    the file atomically (rank 0)."""
     path = output_path(args, f".{artifact_label(args)}.ptz")
     if rt.is_main:
-        write_atomic(path, pack(quantize_state(export_state(base), args), args))
+        t0, state = time.perf_counter(), export_state(base)
+        if args.target_bytes:
+            blob = fit_artifact(state, args, hessians, os.path.getsize(__file__), log)
+        else:
+            blob = pack(quantize_state(state, args, hessians), args)
+        write_atomic(path, blob)
+        log(f"export: {'gptq' if hessians else 'round-to-nearest'} {args.compressor} bytes_model:{len(blob)} "
+            f"time:{time.perf_counter() - t0:.1f}s")
     if rt.distributed:
         dist.barrier()
     return path
+
+
+def calibrate(args, rt, base, loader, log) -> dict[str, Tensor] | None:
+    """GPTQ's Hessians from GPTQ_CALIBRATION_BATCHES training batches (the stream continues past what training
+    read; never validation), inside the training budget: GPTQ_RESERVE_SECONDS was kept back for it."""
+    if not args.gptq:
+        return None
+    rt.sync()
+    t0 = time.perf_counter()
+    hessians = collect_hessians(base, (loader.next_batch() for _ in range(args.gptq_calibration_batches)), args, rt)
+    rt.sync()
+    took = time.perf_counter() - t0
+    log(f"gptq_calibration: batches:{args.gptq_calibration_batches} matrices:{len(hessians)} time:{took:.2f}s "
+        f"reserve:{args.gptq_reserve_seconds:g}s{' OVER RESERVE' if took > args.gptq_reserve_seconds else ''}")
+    return hessians
 
 
 def score_artifact(args, rt, path, val, luts, log) -> dict:
@@ -1598,11 +1961,15 @@ def train_and_export(args, rt, loader, val, truncated, luts, log) -> dict:
         f"groups:{ {k: len(v) for k, v in route_params(base).items()} }")
     prime_compile(model, base, optimizers, loader, args, rt, log)
 
-    result = train(args, rt, model, base, optimizers, loader, lambda ctx: evaluate(compiled, val, luts, args, rt, 0, ctx), log)
+    reserve = args.gptq_reserve_seconds if args.gptq and args.max_wallclock_seconds > 0 else 0.0
+    train_args = dataclasses.replace(args, max_wallclock_seconds=args.max_wallclock_seconds - reserve)
+    result = train(train_args, rt, model, base, optimizers, loader,
+                   lambda ctx: evaluate(compiled, val, luts, args, rt, 0, ctx), log)
+    hessians = calibrate(args, rt, base, loader, log)
     pre = evaluate(compiled, val, luts, args, rt, stride=0)
     log(f"pre_quant val_loss:{pre['val_loss']:.4f} val_bpb:{pre['val_bpb']:.4f} eval_time:{1000 * pre['eval_time_s']:.0f}ms")
     rt.stage = "export"
-    path = export_artifact(args, rt, base)
+    path = export_artifact(args, rt, base, hessians, log)
     rt.stage = "eval"
     out = score_artifact(args, rt, path, val, luts, log)
     summary = build_summary(args, rt, base, n_params, result, pre, out, truncated)

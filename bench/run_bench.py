@@ -17,7 +17,8 @@ DRY_DATA_LIMITS = ["--max-train-docs", "200", "--max-val-docs", "20"]
 DRY_ENV = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", TRAIN_SEQ_LEN="64",
                EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024", ITERATIONS="4", WARMUP_STEPS="1",
                VAL_BATCH_SIZE="4096", VAL_MAX_TOKENS="4096", EVAL_STRIDE="32", EVAL_BATCH_SEQS="8",
-               BIGRAM_BUCKETS="64", BIGRAM_DIM="16", MAX_WALLCLOCK_SECONDS="30", LOOP_START="0", LOOP_END="0")
+               BIGRAM_BUCKETS="64", BIGRAM_DIM="16", MAX_WALLCLOCK_SECONDS="30", LOOP_START="0", LOOP_END="0",
+               GPTQ_RESERVE_SECONDS="0")
 # (header, dotted key into the row: the run's summary plus status fields, format)
 COLUMNS = [
     ("config", "config", "{}"), ("status", "status", "{}"), ("steps", "steps", "{}"),

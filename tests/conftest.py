@@ -26,6 +26,11 @@ TINY = dict(NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2,
             PARALLEL_START_LAYER=1, ROPE_DIMS=8)
 
 
+# The previous default export (row max with clip search, fp16 embedding, zstd), for tests of that path.
+ROWMAX_EXPORT = dict(GPTQ=0, MATRIX_CLIP_SIGMAS=0, MATRIX_BITS=0, EMBED_BITS=0, FP16_KEEP_PATTERNS="tok_emb",
+                     QUANT_CLIP_SEARCH=1, COMPRESSOR="zstd", TARGET_BYTES=0)
+
+
 def tiny_env(**overrides) -> dict:
     env = {k: str(v) for k, v in TINY.items()}
     env.update({k.upper(): str(v) for k, v in overrides.items()})

@@ -77,8 +77,11 @@ def test_default_preset_is_frontier_v1():
         (0.03, 0.085, 0.02, 0.02, 0.99, 0.3)
     assert a.ema_decay == 0.9965 and not a.swa and not a.qat and a.warmdown_frac == 0.75
     assert (a.eval_stride, a.eval_batch_seqs) == (64, 64)
-    assert (a.quant_attn_bits, a.quant_mlp_bits, a.compressor, a.compress_level) == (6, 6, "zstd", 22)
-    assert a.fp16_keep_patterns == "" and train_gpt.artifact_label(a) == "int6_zstd"
+    # the frontier export (frontier.md section 5)
+    assert (a.gptq, a.matrix_bits, a.embed_bits, a.matrix_clip_sigmas, a.embed_clip_sigmas) == (True, 6, 8, 12.85, 20)
+    assert (a.attn_clip_sigmas, a.mlp_clip_sigmas, a.gptq_calibration_batches, a.gptq_reserve_seconds) == (0, 0, 16, 8)
+    assert (a.compressor, a.target_bytes, a.fp16_keep_patterns) == ("constriction", 15_990_000, "")
+    assert train_gpt.artifact_label(a) == "int6_constriction"
     assert H.from_env({"PRESET": "default"}) == a
 
 

@@ -142,7 +142,7 @@ def test_truncation_is_only_claimed_when_something_was_cut(markov_data):
 def test_a_used_run_id_is_refused_before_training_and_nothing_changes(markov_data, monkeypatch):
     first = run_inprocess(markov_data, ITERATIONS=2, RUN_ID="same", SUBMISSION_JSON="")
     log_dir = markov_data["LOG_DIR"]
-    names = {"same.txt", "same.json", "same.int6_zstd.ptz", "same.submission.json"}
+    names = {"same.txt", "same.json", "same.int6_constriction.ptz", "same.submission.json"}
     assert set(os.listdir(log_dir)) == names  # no temporary or .partial file left behind
     assert first["config"]["submission_json"] == os.path.join(log_dir, "same.submission.json")
     before = digest(log_dir)
@@ -182,7 +182,8 @@ def test_smoke_reasons():
 
 
 def test_wall_clock_cut_before_half_the_iterations_warns(markov_data):
-    run_inprocess(markov_data, ITERATIONS=1000, MAX_WALLCLOCK_SECONDS=0.001, RUN_ID="cut", VAL_MAX_TOKENS=64)
+    run_inprocess(markov_data, ITERATIONS=1000, MAX_WALLCLOCK_SECONDS=0.001, RUN_ID="cut", VAL_MAX_TOKENS=64,
+                  GPTQ_RESERVE_SECONDS=0)
     log = open(os.path.join(markov_data["LOG_DIR"], "cut.txt")).read()
     assert "stopping_early: wallclock_cap" in log and "WARNING: MAX_WALLCLOCK_SECONDS=0.001 stopped this run" in log
 
@@ -291,13 +292,13 @@ def test_eval_artifact_rescores_a_saved_run_with_the_same_final_line(markov_data
     trained = run_inprocess(markov_data, ITERATIONS=3, RUN_ID="train", VAL_MAX_TOKENS=300, EVAL_STRIDE=8,
                             NUM_LAYERS=3, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, BIGRAM_BUCKETS=32)
     log_dir = markov_data["LOG_DIR"]
-    final_line = [l for l in open(f"{log_dir}/train.txt") if l.startswith("final_int6_zstd_roundtrip_exact")][0]
+    final_line = [l for l in open(f"{log_dir}/train.txt") if l.startswith("final_int6_constriction_roundtrip_exact")][0]
     # the shape, the eval window and the stride come from the artifact, not from these (default) variables
     env = dict(DATA_PATH=markov_data["DATA_PATH"], TOKENIZER_PATH=markov_data["TOKENIZER_PATH"], LOG_DIR=log_dir,
                RUN_ID="rescore", EVAL_ARTIFACT=trained["artifact_path"], WARMUP_STEPS="0")
     proc = launch(env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    again = [l for l in proc.stdout.splitlines() if l.startswith("final_int6_zstd_roundtrip_exact")]
+    again = [l for l in proc.stdout.splitlines() if l.startswith("final_int6_constriction_roundtrip_exact")]
     assert len(again) == 1
     strip_time = lambda line: line.rsplit(" eval_time:", 1)[0]  # noqa: E731
     assert strip_time(again[0]) == strip_time(final_line.strip())
@@ -317,7 +318,8 @@ def test_model_fields_cover_everything_the_model_reads():
     init_only = {"qk_gain_init", "tied_embed_init_std", "ortho_init", "mtp_heads", "mtp_weight"}
     export_plan = {"quant_attn_bits", "quant_mlp_bits", "quant_other_bits", "quant_group_size", "quant_clip_search",
                    "quant_int8_upstream", "fp16_keep_patterns",
-                   "int8_keep_float_fp32_name_patterns"}
+                   "int8_keep_float_fp32_name_patterns", "matrix_clip_sigmas", "attn_clip_sigmas", "mlp_clip_sigmas",
+                   "embed_clip_sigmas", "matrix_bits", "embed_bits"}
     args = tiny_args(SMEAR_GATE=1, BIGRAM_BUCKETS=16)
     seen = set()
 

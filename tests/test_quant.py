@@ -6,7 +6,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from conftest import cpu_runtime, tiny_args
+from conftest import ROWMAX_EXPORT, cpu_runtime, tiny_args
 import train_gpt
 
 
@@ -63,8 +63,9 @@ def test_grouped_scales_cover_consecutive_columns_of_one_row():
 
 def model_and_args(**kw):
     """MODEL_DIM=320: c_q, attn.proj (320x320) and the MLP (640x320) have > 65,536 elements, so they are quantized;
-    c_k and c_v (160x320) do not."""
-    args = tiny_args(MODEL_DIM=320, NUM_HEADS=4, NUM_KV_HEADS=2, NUM_LAYERS=1, MLP_MULT=2, ORTHO_INIT=0, **kw)
+    c_k and c_v (160x320) do not. The row-max export unless kw says otherwise."""
+    args = tiny_args(MODEL_DIM=320, NUM_HEADS=4, NUM_KV_HEADS=2, NUM_LAYERS=1, MLP_MULT=2, ORTHO_INIT=0,
+                     **dict(ROWMAX_EXPORT, **kw))
     torch.manual_seed(0)
     model = train_gpt.GPT(args)
     with torch.no_grad():  # trained-looking weights: nothing left at its zero or one init

@@ -246,7 +246,7 @@ def qat_model(**kw):
 
 
 def test_qat_bits_follow_the_export_plan():
-    model, args = qat_model(QUANT_MLP_BITS=5)
+    model, args = qat_model(QUANT_MLP_BITS=5, MATRIX_BITS=0)
     bits = {n: m.qat_bits for n, m in model.named_modules() if isinstance(m, train_gpt.CastedLinear)}
     assert bits["blocks.0.mlp.fc"] == bits["blocks.0.mlp.proj"] == 5
     assert bits["blocks.0.attn.c_q"] == 0 and bits["bigram.proj"] == 0
@@ -289,7 +289,7 @@ def test_qat_changes_the_loss_and_gradients_flow():
 def test_qat_forward_is_the_exported_model_forward(group):
     """With the export's own quantizer (no clip search), training under QAT sees exactly the weights the artifact
     will hold: the QAT forward equals the forward of the model reloaded from the artifact."""
-    model, args = qat_model(QUANT_CLIP_SEARCH=0, QUANT_GROUP_SIZE=group)
+    model, args = qat_model(QUANT_CLIP_SEARCH=0, QUANT_GROUP_SIZE=group, GPTQ=0)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.half().float())  # the fp16-kept tensors round-trip exactly
@@ -304,9 +304,13 @@ def test_qat_forward_is_the_exported_model_forward(group):
         assert abs(float(model(x, y, ctx=train_gpt.PLAIN)) - float(fake)) > 1e-5
 
 
-def test_qat_simulates_the_default_export_quantizer():
-    model, args = qat_model()
-    assert args.quant_clip_search  # the default
+@pytest.mark.parametrize("export", ["sdclip", "rowmax"])
+def test_qat_simulates_the_configured_export_quantizer(export):
+    """QAT fakes round-to-nearest with the export's scales: SDClip (the default; with GPTQ=1 the codes then differ
+    by GPTQ's error feedback, the steps are the same) or the row max with clip search."""
+    from conftest import ROWMAX_EXPORT
+    model, args = qat_model(**(ROWMAX_EXPORT if export == "rowmax" else dict(GPTQ=0)))
+    assert args.quant_clip_search == (export == "rowmax") and (args.matrix_clip_sigmas > 0) == (export == "sdclip")
     exported = train_gpt.dequantize_state(train_gpt.quantize_state(train_gpt.export_state(model), args))
     checked = 0
     with torch.no_grad():

@@ -80,7 +80,7 @@ def test_outputs_hold_what_the_run_measured(markov_data, tmp_path):
     log = open(os.path.join(markov_data["LOG_DIR"], "e2e.txt")).read()
     assert log.splitlines()[0].startswith("run_id:e2e")
     assert "config:" in log and '"eval_stride": 8' in log
-    final = [l for l in log.splitlines() if l.startswith("final_int6_zstd_roundtrip_exact")]
+    final = [l for l in log.splitlines() if l.startswith("final_int6_constriction_roundtrip_exact")]
     assert len(final) == 1
     fields = dict(kv.split(":", 1) for kv in final[0].split()[1:])
     assert float(fields["val_bpb"]) == pytest.approx(s["final"]["val_bpb"], abs=1e-8)
