@@ -1421,7 +1421,8 @@ def ttt_warmup(base, model, args, rt, stride: int, batch_seqs: int, L: int):
     """Compiles the TTT graphs (a scoring call, an SGD step) on random tokens in the shapes TTT uses, then restores
     the weights: no validation token is seen before it is scored."""
     state = copy.deepcopy(base.state_dict())
-    n = max(args.ttt_batch_seqs, batch_seqs * rt.world_size) * L
+    step_seqs = min(args.ttt_batch_seqs, -(-args.ttt_chunk_tokens // L))  # a chunk's windows, or a full step
+    n = max(step_seqs, batch_seqs * rt.world_size) * L
     tokens = torch.randint(args.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0)).to(rt.device)
     windows = sliding_windows(n, L, stride)[:batch_seqs]
     luts = [torch.zeros(args.vocab_size, dtype=d, device=rt.device) for d in (torch.long, torch.bool, torch.bool)]
@@ -1429,7 +1430,7 @@ def ttt_warmup(base, model, args, rt, stride: int, batch_seqs: int, L: int):
                   device=rt.device))
     params = [p for p in base.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
-    ttt_train(model, params, opt, tokens, 0, args.ttt_batch_seqs * L, dataclasses.replace(args, ttt_epochs=1), rt)
+    ttt_train(model, params, opt, tokens, 0, step_seqs * L, dataclasses.replace(args, ttt_epochs=1), rt)
     base.load_state_dict(state)
 
 

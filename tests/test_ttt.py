@@ -320,3 +320,17 @@ def test_over_budget_projection_is_loud_and_marked(repeat_runs):
     proj = line(tight["log"], "ttt_projection:")
     assert proj["chunks"] == f"4/{tight['summary']['ttt']['chunks']}"
     assert "WARNING" not in runs["ttt1"]["log"]
+
+
+def test_ttt_leaves_the_plain_eval_model_alone_and_presets_choose_it():
+    args = ttt_args(TTT_ENABLED=1)
+    model = noisy_model(args)
+    before = copy.deepcopy(model.state_dict())
+    val = two_streams()[0]
+    lines = []
+    r = train_gpt.final_ttt(args, cpu_runtime(), model, val, ones_luts(1024), None, 0.0, lines.append)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # TTT trained a copy
+    assert r["chunks"] > 1 and any(l.startswith("final_ttt_exact ") for l in lines)
+    assert train_gpt.Hyperparameters.from_env({}).ttt_enabled  # the default stack: on
+    for preset in ("seed162", "baseline"):  # their records had no TTT
+        assert not train_gpt.Hyperparameters.from_env({"PRESET": preset}).ttt_enabled
