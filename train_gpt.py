@@ -159,6 +159,16 @@ class Hyperparameters:
     lqer_enabled: bool = False
     lqer_rank: int = 4
     lqer_top_k: int = 3
+    # legal score-first test-time training of the reloaded artifact (frontier.md section 6), after the plain eval
+    ttt_enabled: bool = False
+    ttt_lr: float = 0.005  # SGD, cosine over chunks
+    ttt_epochs: int = 3
+    ttt_momentum: float = 0.9
+    ttt_chunk_tokens: int = 32768  # windows belong to the chunk of their first scored target
+    ttt_grad_clip: float = 1.0  # 0 = no clipping
+    ttt_batch_seqs: int = 32  # sequences per SGD step, across all ranks
+    save_doc_scores: bool = False  # write LOG_DIR/<RUN_ID>.docs.tsv: the final evals' nats per document
+    eval_budget_seconds: float = 600.0  # the challenge's eval limit; TTT projected past it is flagged
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
@@ -248,7 +258,9 @@ FIELD_RANGES = dict(
     enable_looping_at=UNIT, parallel_start_layer=NONNEG, sparse_attn_gate_scale="(0, inf)", gate_window=POS,
     min_lr=UNIT, embed_wd="[-1, inf)", matrix_clip_sigmas=NONNEG, attn_clip_sigmas=NONNEG, mlp_clip_sigmas=NONNEG,
     embed_clip_sigmas="(0, inf)", matrix_bits="[0, 8]", embed_bits="[0, 8]", gptq_calibration_batches=POS,
-    gptq_reserve_seconds=NONNEG, target_bytes=NONNEG, lqer_rank=POS, lqer_top_k=POS)
+    gptq_reserve_seconds=NONNEG, target_bytes=NONNEG, lqer_rank=POS, lqer_top_k=POS,
+    ttt_lr=NONNEG, ttt_epochs=POS, ttt_momentum=UNIT_OPEN, ttt_chunk_tokens=POS, ttt_grad_clip=NONNEG,
+    ttt_batch_seqs=POS, eval_budget_seconds="(0, inf)")
 COMPRESS_LEVELS = dict(zstd=(1, 22), zlib=(0, 9), constriction=(0, 22))  # constriction: level unused
 FIELD_CHOICES = dict(compressor=tuple(COMPRESS_LEVELS), mlp_act=("relu2", "leaky_relu2"),
                      parallel_final_lane=("mean", "attn", "mlp"), muon_ns=("ns5", "polar"))  # PRESET: see from_env
@@ -273,7 +285,7 @@ FRONTIER_V1 = dict(
     enable_looping_at=0.35, parallel_start_layer=7, ortho_init=True, muon_row_normalize=True, matrix_lr=0.026,
     muon_momentum=0.97, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, muon_wd=0.095, beta2=0.99,
     tied_embed_lr=0.03, embed_wd=0.085, scalar_lr=0.02, adam_wd=0.02, grad_clip_norm=0.3, ema_decay=0.9965,
-    warmdown_frac=0.75, min_lr=0.1, fp16_keep_patterns="")  # an 8192 x 512 fp16 embedding alone would be 8.4 MB
+    warmdown_frac=0.75, min_lr=0.1, fp16_keep_patterns="", ttt_enabled=True)  # fp16 8192 x 512 embedding: 8.4 MB
 # The frontier's export (frontier.md section 5): int6 GPTQ with SDClip, GPTQ'd int8 embedding, range-coded codes,
 # size fitted to TARGET_BYTES. QAT off: the records dropped it once GPTQ landed (QAT=1 still fakes SDClip).
 # TARGET_BYTES: the fit counts the real code and artifact bytes exactly; the 10 KB margin (~13 K int6 weights) is
@@ -296,7 +308,7 @@ PRESETS = {
 ENV_FAMILIES = ("NUM_", "MODEL_", "MLP_", "TRAIN_", "VAL_", "EVAL_", "MUON_", "NORMUON_", "ADAM_", "QAT_", "SWA_",
                 "EMA_", "BIGRAM_", "SMEAR_", "MTP_", "QUANT_", "WARMDOWN_", "WARMUP_", "LR_", "TIED_", "EMBED_",
                 "MATRIX_", "SCALAR_", "ROPE_", "QK_", "LOGIT_", "VOCAB_", "GRAD_", "ORTHO_", "COMPRESS_", "INT8_",
-                "GPTQ_", "ATTN_", "TARGET_", "LQER_")
+                "GPTQ_", "ATTN_", "TARGET_", "LQER_", "TTT_")
 
 
 def reject_unknown_env(env, known):
@@ -1338,38 +1350,225 @@ def sliding_windows(num_targets: int, seq_len: int, stride: int) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, val: Tensor, luts, args, rt, stride: int, ctx: Ctx | None = None) -> dict:
+def evaluate(model, val: Tensor, luts, args, rt, stride: int, ctx: Ctx | None = None, docs: Tensor | None = None) -> dict:
     """Sum of target nats and target bytes over all validation targets, each scored once, split across ranks; ctx
-    (mid-run validation) picks the layer order, default: the one training ends in."""
+    (mid-run validation) picks the layer order, default: the one training ends in. With docs (document_ids), the
+    sums are also kept per document (result["docs"]: [D, 3] nats, targets, bytes) and the totals are their sums."""
     t0 = time.perf_counter()
-    seq_len = args.eval_seq_len or args.train_seq_len
-    windows = sliding_windows(val.numel() - 1, seq_len, stride)
-    mine = windows.tensor_split(rt.world_size)[rt.rank]
+    windows, L, batch_seqs = eval_plan(val, args, rt, stride)
+    sums = score_sums(val, docs, rt)
+    score_windows(model, val.to(rt.device), [t.to(rt.device) for t in luts], windows.tensor_split(rt.world_size)[rt.rank],
+                  batch_seqs, rt, ctx, sums, None if docs is None else docs.to(rt.device))
+    return totals(sums, rt, t0, min(stride or L, L), docs is not None)
+
+
+def eval_plan(val: Tensor, args, rt, stride: int) -> tuple[Tensor, int, int]:
+    """All windows, the window length, and the windows per forward call on each rank."""
+    windows = sliding_windows(val.numel() - 1, args.eval_seq_len or args.train_seq_len, stride)
     L = int(windows[0, 2] - windows[0, 0])
     # sliding windows go EVAL_BATCH_SEQS at a time; non-overlapping ones VAL_BATCH_SIZE tokens across all ranks
     batch_seqs = args.eval_batch_seqs if 0 < stride < L else max(1, args.val_batch_size // (rt.world_size * L))
-    batch_seqs = min(batch_seqs, max(len(mine), 1))
-    val_d, luts_d = val.to(rt.device), [t.to(rt.device) for t in luts]
-    sums = torch.zeros(3, device=rt.device, dtype=torch.float64)  # nats, targets, bytes
-    pos = torch.arange(L, device=rt.device)
-    for batch in mine.to(rt.device).split(batch_seqs):
+    return windows, L, min(batch_seqs, max(-(-len(windows) // rt.world_size), 1))
+
+
+def score_sums(val: Tensor, docs: Tensor | None, rt) -> Tensor:
+    rows = 1 if docs is None or docs.numel() == 0 else int(docs[-1]) + 1
+    return torch.zeros(rows, 3, device=rt.device, dtype=torch.float64)  # per document: nats, targets, bytes
+
+
+def score_windows(model, val_d, luts_d, windows: Tensor, batch_seqs: int, rt, ctx, sums: Tensor, docs_d=None):
+    """Adds the nats, count and bytes of the scored targets [lo, hi) of each window (start, lo, hi) to sums, by the
+    document of each target when docs_d is given. No gradient, no state change."""
+    pos = torch.arange(int(windows[0, 2] - windows[0, 0]) if len(windows) else 0, device=rt.device)
+    for batch in windows.to(rt.device).split(batch_seqs):
         pad = batch_seqs - batch.size(0)  # keep one static shape for compile; padded rows score nothing
         if pad:
             batch = torch.cat((batch, batch[-1:].repeat(pad, 1) * torch.tensor([1, 0, 0], device=rt.device)))
         idx = batch[:, :1] + pos  # [B, L] target positions
         x, y = val_d[idx], val_d[idx + 1]
-        with rt.autocast():
+        with torch.no_grad(), rt.autocast():
             nll = model(x, y, ctx=ctx, per_token=True).double()
         scored = (idx >= batch[:, 1:2]) & (idx < batch[:, 2:3])
-        sums[0] += nll[scored].sum()
-        sums[1] += scored.sum()
-        sums[2] += target_bytes(x, y, luts_d)[scored].sum()
+        row = docs_d[idx[scored]] if docs_d is not None else torch.zeros_like(idx[scored])
+        values = torch.stack((nll[scored], torch.ones_like(nll[scored]), target_bytes(x, y, luts_d)[scored].double()), 1)
+        sums.index_add_(0, row, values)
+
+
+def totals(sums: Tensor, rt, t0: float, stride: int, keep_docs: bool) -> dict:
     if rt.distributed:
-        dist.all_reduce(sums)
-    nats, tokens, nbytes = sums.tolist()
-    val_loss = nats / tokens
-    return dict(val_loss=val_loss, val_bpb=nats / math.log(2) / nbytes, tokens=int(tokens), bytes=int(nbytes),
-                eval_time_s=time.perf_counter() - t0, stride=min(stride or L, L))
+        dist.all_reduce(sums.view(-1))
+    nats, tokens, nbytes = sums.sum(0).tolist()
+    out = dict(val_loss=nats / tokens, val_bpb=nats / math.log(2) / nbytes, tokens=int(tokens), bytes=int(nbytes),
+               eval_time_s=time.perf_counter() - t0, stride=stride)
+    return dict(out, docs=sums.cpu()) if keep_docs else out
+
+
+def document_ids(val: Tensor) -> tuple[Tensor, Tensor]:
+    """(document of each target, first position of each document). A document runs from one BOS to the next; the
+    target val[t+1] belongs to the document of val[t], so each document's last target is the next BOS. Text before
+    the first BOS, if any, is document 0."""
+    bos = val[:-1] == BOS_ID
+    docs = torch.cumsum(bos, 0) - int(bos[0])
+    starts = torch.nonzero(bos).flatten()
+    if not bos[0]:
+        starts = torch.cat((torch.zeros(1, dtype=starts.dtype), starts))
+    return docs, starts
+
+
+# Score-first TTT (records 03-23 and 04-06; frontier.md section 6). The windows are cut into chunks by their first
+# scored target; each chunk is scored with no gradient, then (except the last) the model trains on exactly the
+# targets those windows scored. So no target is trained on before it is scored, each is scored once, in one pass.
+
+def ttt_chunks(windows: Tensor, chunk_tokens: int) -> list[Tensor]:
+    chunk = windows[:, 1] // chunk_tokens
+    return [windows[chunk == c] for c in torch.unique(chunk).tolist()]
+
+
+def ttt_lr(args, c: int, n_chunks: int) -> float:
+    return args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+
+
+def ttt_step(model, params, opt, x: Tensor, y: Tensor, n_global: int, args, rt):
+    """One SGD step on the mean nats of a global batch whose rows are split over the ranks (x may be empty here):
+    each rank's sum / n_global, then the gradients summed over ranks, so every rank applies the same update."""
+    if x.numel():
+        with rt.autocast():
+            nll = model(x, y, per_token=True)
+        (nll.float().sum() / n_global).backward()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if rt.distributed:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        grads = list(flat.split([g.numel() for g in grads]))
+    for p, g in zip(params, grads):
+        p.grad = g.view_as(p)
+    if args.ttt_grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def ttt_train(model, params, opt, val_d, lo: int, hi: int, args, rt):
+    """TTT_EPOCHS passes over the targets [lo, hi) (already scored) in windows of the eval length, TTT_BATCH_SEQS
+    windows per step across all ranks."""
+    seq_len = args.eval_seq_len or args.train_seq_len
+    windows = sliding_windows(hi - lo, seq_len, 0)
+    starts, L = windows[:, 0] + lo, int(windows[0, 2] - windows[0, 0])
+    pos = torch.arange(L, device=val_d.device)
+    for _ in range(args.ttt_epochs):
+        for batch in starts.split(args.ttt_batch_seqs):
+            idx = batch.tensor_split(rt.world_size)[rt.rank].to(val_d.device)[:, None] + pos
+            ttt_step(model, params, opt, val_d[idx], val_d[idx + 1], batch.numel() * L, args, rt)
+
+
+def ttt_plan(val: Tensor, args, rt, stride: int) -> tuple[list[Tensor], int, int]:
+    """The chunks of windows, the window length, and the windows per scoring call on each rank."""
+    windows, L, batch_seqs = eval_plan(val, args, rt, stride)
+    chunks = ttt_chunks(windows, args.ttt_chunk_tokens)
+    return chunks, L, min(batch_seqs, -(-max(map(len, chunks)) // rt.world_size))
+
+
+def ttt_warmup(base, model, args, rt, stride: int, batch_seqs: int, L: int):
+    """Compiles the TTT graphs (a scoring call, an SGD step) on random tokens in the shapes TTT uses, then restores
+    the weights: no validation token is seen before it is scored."""
+    state = copy.deepcopy(base.state_dict())
+    step_seqs = min(args.ttt_batch_seqs, -(-args.ttt_chunk_tokens // L))  # a chunk's windows, or a full step
+    n = max(step_seqs, batch_seqs * rt.world_size) * L
+    tokens = torch.randint(args.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0)).to(rt.device)
+    windows = sliding_windows(n, L, stride)[:batch_seqs]
+    luts = [torch.zeros(args.vocab_size, dtype=d, device=rt.device) for d in (torch.long, torch.bool, torch.bool)]
+    score_windows(model, tokens, luts, windows, batch_seqs, rt, None, torch.zeros(1, 3, dtype=torch.float64,
+                  device=rt.device))
+    params = [p for p in base.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    ttt_train(model, params, opt, tokens, 0, step_seqs * L, dataclasses.replace(args, ttt_epochs=1), rt)
+    base.load_state_dict(state)
+
+
+def evaluate_ttt(base, model, val: Tensor, luts, args, rt, stride: int, log, docs: Tensor | None = None,
+                 spent_s: float = 0.0) -> dict:
+    """Score-first TTT over the validation stream: trains `base` (model = its compiled form) in place, so pass a
+    copy. spent_s: eval seconds already used, for the EVAL_BUDGET_SECONDS projection made after TTT_PROJECT_CHUNKS."""
+    t0 = time.perf_counter()
+    chunks, L, batch_seqs = ttt_plan(val, args, rt, stride)
+    val_d, luts_d = val.to(rt.device), [t.to(rt.device) for t in luts]
+    docs_d = None if docs is None else docs.to(rt.device)
+    params = [p for p in base.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    sums, projection = score_sums(val, docs, rt), None
+    for c, chunk in enumerate(chunks):
+        score_windows(model, val_d, luts_d, chunk.tensor_split(rt.world_size)[rt.rank], batch_seqs, rt, None, sums, docs_d)
+        if c < len(chunks) - 1:  # the last chunk's targets are scored by nothing later: never trained on
+            for group in opt.param_groups:
+                group["lr"] = ttt_lr(args, c, len(chunks))
+            ttt_train(model, params, opt, val_d, int(chunk[0, 1]), int(chunk[-1, 2]), args, rt)
+        if c + 1 == min(TTT_PROJECT_CHUNKS, len(chunks)):
+            rt.sync()
+            projection = ttt_projection(args, rt, val, time.perf_counter() - t0, c + 1, len(chunks), spent_s, log)
+    out = totals(sums, rt, t0, min(stride or L, L), docs is not None)
+    out.update(chunks=len(chunks), chunk_time_s=out["eval_time_s"] / len(chunks), **projection)
+    out["over_budget"] = projection["over_budget"] or spent_s + out["eval_time_s"] > args.eval_budget_seconds
+    return out
+
+
+def final_ttt(args, rt, fresh, val, luts, docs, spent_s, log) -> dict:
+    """TTT on a copy of the reloaded artifact (the plain eval's model is left as it was), logged like the plain eval."""
+    base = copy.deepcopy(fresh)
+    model = torch.compile(base, dynamic=False, fullgraph=True) if use_compile(args, rt) else base
+    if model is not base:
+        _, L, batch_seqs = ttt_plan(val, args, rt, args.eval_stride)
+        ttt_warmup(base, model, args, rt, args.eval_stride, batch_seqs, L)
+    r = evaluate_ttt(base, model, val, luts, args, rt, args.eval_stride, log, docs, spent_s)
+    log(f"final_ttt_exact val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f} scored_tokens:{r['tokens']} "
+        f"scored_bytes:{r['bytes']} stride:{r['stride']} eval_time:{1000 * r['eval_time_s']:.0f}ms")
+    log(f"ttt: chunks:{r['chunks']} chunk_avg:{1000 * r['chunk_time_s']:.0f}ms eval_total:{spent_s + r['eval_time_s']:.1f}s "
+        f"budget:{args.eval_budget_seconds:g}s{' OVER BUDGET' if r['over_budget'] else ''}")
+    return r
+
+
+def write_doc_scores(path, starts: Tensor, columns: dict[str, Tensor]):
+    """One row per document: index, first token position, scored targets, bytes, then the nats of each eval."""
+    first = next(iter(columns.values()))
+    lines = ["\t".join(["doc", "first_pos", "targets", "bytes"] + [f"nats_{k}" for k in columns])]
+    for d in range(first.size(0)):
+        nats = [repr(float(c[d, 0])) for c in columns.values()]
+        lines.append("\t".join([str(d), str(int(starts[d])), str(int(first[d, 1])), str(int(first[d, 2]))] + nats))
+    write_atomic(path, ("\n".join(lines) + "\n").encode())
+
+
+def after_plain_eval(args, rt, fresh, val, luts, final, docs, spent_s, log) -> dict:
+    """What runs after the plain final eval: TTT (TTT_ENABLED) and the per-document file (SAVE_DOC_SCORES)."""
+    out = {}
+    if args.ttt_enabled:
+        out["ttt"] = final_ttt(args, rt, fresh, val, luts, docs, spent_s, log)
+    if docs is not None:
+        columns = {"plain": final.pop("docs")} | ({"ttt": out["ttt"].pop("docs")} if "ttt" in out else {})
+        out["docs_path"] = path = os.path.join(args.log_dir, args.run_id + ".docs.tsv")
+        if rt.is_main:
+            write_doc_scores(path, document_ids(val)[1], columns)
+    return out
+
+
+TTT_PROJECT_CHUNKS = 4  # chunks timed before projecting the whole TTT eval
+FULL_VAL_TOKENS = 62_021_632  # the sp1024 records' validation targets; sp8192 has fewer, so this errs long
+RECORD_RANKS = 8
+
+
+def ttt_projection(args, rt, val, elapsed_s, done, n_chunks, spent_s, log) -> dict:
+    """Projected TTT seconds for this stream on these ranks, the whole eval's, and (throughput scaled by tokens and
+    ranks) the full validation set's on 8 of these devices; loud when this eval would pass EVAL_BUDGET_SECONDS."""
+    projected = elapsed_s * n_chunks / done
+    full = projected * FULL_VAL_TOKENS / (val.numel() - 1) * rt.world_size / RECORD_RANKS
+    over = spent_s + projected > args.eval_budget_seconds
+    log(f"ttt_projection: chunks:{done}/{n_chunks} elapsed:{elapsed_s:.1f}s chunk_avg:{1000 * elapsed_s / done:.0f}ms "
+        f"projected_ttt:{projected:.1f}s projected_eval:{spent_s + projected:.1f}s "
+        f"full_val_{RECORD_RANKS}x:{full:.1f}s budget:{args.eval_budget_seconds:g}s")
+    if over:
+        log(f"WARNING: TTT_ENABLED=1 is projected to take {projected:.0f}s; with the {spent_s:.0f}s of plain evals "
+            f"that passes EVAL_BUDGET_SECONDS={args.eval_budget_seconds:g}: this eval would not fit the challenge's "
+            "limit (raise TTT_CHUNK_TOKENS, lower TTT_EPOCHS or set TTT_ENABLED=0)")
+    return dict(projected_ttt_s=projected, projected_eval_s=spent_s + projected, projected_full_val_s=full,
+                over_budget=over)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1581,7 +1780,8 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_he
                 "ln_scale", "mlp_act", "mlp_leaky_slope", "skip_gates_enabled", "num_loops", "loop_start", "loop_end",
                 "parallel_start_layer", "parallel_final_lane", "sparse_attn_gate_enabled", "sparse_attn_gate_scale",
                 "gate_window", "smear_gate_enabled", "doc_mask")
-EVAL_FIELDS = ("train_seq_len", "eval_seq_len", "eval_stride", "val_max_tokens")
+EVAL_FIELDS = ("train_seq_len", "eval_seq_len", "eval_stride", "val_max_tokens", "ttt_enabled", "ttt_lr", "ttt_epochs",
+               "ttt_momentum", "ttt_chunk_tokens", "ttt_grad_clip", "ttt_batch_seqs")
 ARTIFACT_VERSION = 2  # 2: range-coded codes (COMPRESSOR=constriction)
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CODED_MAGIC = b"PGrc"  # then sha256 of the rest, side-data length, lzma side data, range-coded uint32 words
@@ -1784,7 +1984,7 @@ def write_json(path, obj):
 def write_reports(args, rt, summary, log):
     path = output_path(args, ".json")
     write_json(path, summary)
-    final = summary["final"]
+    final = summary.get("ttt") or summary["final"]  # a record reports its TTT score; the plain one stays beside it
     record = rt.device.type == "cuda" and rt.world_size == 8 and not summary["smoke"] \
         and 0 < args.max_wallclock_seconds <= 600
     submission = dict(
@@ -1796,6 +1996,8 @@ def write_reports(args, rt, summary, log):
         step_stop=summary["steps"], wallclock_seconds=summary["train_time_ms"] / 1000,
         eval_time_seconds=final["eval_time_s"], bytes_total=summary["bytes_total"], bytes_code=summary["bytes_code"],
         bytes_model=summary["bytes_model"], artifact_valid=summary["artifact_valid"], seed=args.seed,
+        ttt="ttt" in summary, val_loss_no_ttt=summary["final"]["val_loss"], val_bpb_no_ttt=summary["final"]["val_bpb"],
+        eval_over_budget=bool(summary.get("ttt", {}).get("over_budget")),
         pytorch_version=torch.__version__, run_id=args.run_id)
     write_json(args.submission_json, submission)
     log(f"summary:{path} submission:{args.submission_json}")
@@ -1940,14 +2142,18 @@ def score_artifact(args, rt, path, val, luts, log) -> dict:
     standard = evaluate(fresh_compiled, val, luts, args, rt, stride=0)
     log(f"final_{label}_roundtrip val_loss:{standard['val_loss']:.4f} val_bpb:{standard['val_bpb']:.4f} "
         f"eval_time:{1000 * standard['eval_time_s']:.0f}ms")
-    final = evaluate(fresh_compiled, val, luts, args, rt, stride=args.eval_stride) if args.eval_stride else standard
+    docs = document_ids(val)[0] if args.save_doc_scores else None
+    final = evaluate(fresh_compiled, val, luts, args, rt, stride=args.eval_stride, docs=docs) \
+        if args.eval_stride or docs is not None else standard
     if not math.isfinite(final["val_loss"]):
         raise UserError(f"final val_loss is {final['val_loss']}; the model diverged, lower the learning rates")
     log(f"final_{label}_roundtrip_exact val_loss:{final['val_loss']:.8f} val_bpb:{final['val_bpb']:.8f} "
         f"scored_tokens:{final['tokens']} scored_bytes:{final['bytes']} stride:{final['stride']} "
         f"eval_time:{1000 * final['eval_time_s']:.0f}ms")
+    spent_s = standard["eval_time_s"] + (final["eval_time_s"] if final is not standard else 0.0)
+    extra = after_plain_eval(args, rt, fresh, val, luts, final, docs, spent_s, log)
     return dict(roundtrip=standard, final=final, bytes_code=bytes_code, bytes_model=bytes_model, bytes_total=total,
-                artifact_valid=total <= ARTIFACT_CAP_BYTES, artifact_path=path)
+                artifact_valid=total <= ARTIFACT_CAP_BYTES, artifact_path=path, **extra)
 
 
 def train_and_export(args, rt, loader, val, truncated, luts, log) -> dict:

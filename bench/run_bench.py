@@ -18,18 +18,21 @@ DRY_ENV = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", 
                EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024", ITERATIONS="4", WARMUP_STEPS="1",
                VAL_BATCH_SIZE="4096", VAL_MAX_TOKENS="4096", EVAL_STRIDE="32", EVAL_BATCH_SEQS="8",
                BIGRAM_BUCKETS="64", BIGRAM_DIM="16", MAX_WALLCLOCK_SECONDS="30", LOOP_START="0", LOOP_END="0",
-               GPTQ_RESERVE_SECONDS="0")
+               GPTQ_RESERVE_SECONDS="0", TTT_CHUNK_TOKENS="1024")  # the default stack's TTT over 4 chunks
 # (header, dotted key into the row: the run's summary plus status fields, format)
 COLUMNS = [
     ("config", "config", "{}"), ("status", "status", "{}"), ("steps", "steps", "{}"),
     ("ms/step", "step_avg_ms", "{:.1f}"), ("tokens/s", "tokens_per_s", "{:,.0f}"), ("MFU %", "mfu_pct", "{:.1f}"),
     ("peak MiB", "peak_mem_mib", "{:,.0f}"), ("pre-quant bpb", "pre_quant.val_bpb", "{:.4f}"),
     ("post-quant bpb", "final.val_bpb", "{:.4f}"), ("quant gap", "quant_gap_bpb", "{:+.4f}"),
-    ("eval s", "final.eval_time_s", "{:.1f}"), ("artifact bytes", "bytes_total", "{:,}"),
+    ("eval s", "final.eval_time_s", "{:.1f}"), ("TTT bpb", "ttt.val_bpb", "{:.4f}"), ("TTT s", "ttt.eval_time_s", "{:.1f}"),
+    ("evals 8x full s", "eval_full_8x_s", "{:.0f}"), ("artifact bytes", "bytes_total", "{:,}"),
     ("valid", "artifact_valid", "{}"),
 ]
 CSV_EXTRA = ["run_id", "returncode", "error", "wall_s", "model_params", "world_size", "train_flops_per_token",
-             "final.tokens", "final.stride", "hardware"]
+             "final.tokens", "final.stride", "hardware", "roundtrip.eval_time_s", "ttt.chunk_time_s",
+             "ttt.projected_full_val_s", "ttt.over_budget"]
+FULL_VAL_TOKENS, RECORD_RANKS = 62_021_632, 8  # the sp1024 records' validation targets, on 8 GPUs
 
 
 def tokenizer_name(vocab) -> str:
@@ -210,8 +213,21 @@ def mfu(summary, peak_flops):
     return tps * fpt / ((world or 1) * peak_flops)
 
 
+def eval_full_seconds(summary):
+    """Seconds of all the final evals (round trip, sliding, TTT) on the full validation set on 8 of this run's
+    devices: each phase's measured time scaled by full/scored targets and by ranks/8 (the work splits over ranks)."""
+    tokens, world = get(summary, "final.tokens"), get(summary, "world_size") or 1
+    phases = [summary.get("roundtrip"), summary.get("final"), summary.get("ttt")]
+    if phases[1] == phases[0]:  # EVAL_STRIDE=0: the final eval is the round-trip one
+        phases[1] = None
+    times = [p.get("eval_time_s") for p in phases if isinstance(p, dict)]
+    if not tokens or not times or None in times:
+        return None
+    return sum(times) * FULL_VAL_TOKENS / tokens * world / RECORD_RANKS
+
+
 def make_row(label, result, summary, peak_flops) -> dict:
-    row = {**summary, "config": label, **result}
+    row = {**summary, "config": label, **result, "eval_full_8x_s": eval_full_seconds(summary)}
     if row["status"] == "ok" and not summary:
         row.update(status="no summary", error="the run exited 0 but wrote no summary JSON")
     m = mfu(summary, peak_flops)

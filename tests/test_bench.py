@@ -137,5 +137,19 @@ def test_dry_run_end_to_end(tmp_path):
         assert 0 < float(r["post-quant bpb"]) < 20 and 0 < float(r["pre-quant bpb"]) < 20
         assert float(r["MFU %"]) > 0 and int(r["artifact bytes"]) > 0
         assert (tmp_path / "runs" / f"{r['run_id']}.json").exists()
+        assert (r["TTT bpb"] != "-") == (r["config"] == "default")  # TTT: on in the default stack only
+        assert float(r["evals 8x full s"]) > 0
     assert not list((tmp_path / "runs").glob("*.ptz"))
     assert "NOT FineWeb" in csv_path.read_text() and "post-quant bpb" in proc.stdout
+
+
+def test_eval_projection_to_the_full_validation_set_on_8_devices():
+    s = dict(SUMMARY, world_size=1, roundtrip=dict(eval_time_s=2.0, tokens=100),
+             final=dict(SUMMARY["final"], eval_time_s=3.0), ttt=dict(eval_time_s=5.0, val_bpb=1.1))
+    # 10 s for 100 targets on 1 device: 62,021,632 targets on 8 devices
+    assert rb.eval_full_seconds(s) == pytest.approx(10.0 * 62_021_632 / 100 / 8)
+    same = dict(s, final=dict(s["roundtrip"], tokens=100), ttt=None)  # EVAL_STRIDE=0: one eval, counted once
+    assert rb.eval_full_seconds(same) == pytest.approx(2.0 * 62_021_632 / 100 / 8)
+    assert rb.eval_full_seconds({}) is None
+    row = rb.make_row("default", OK, s, 1.0)
+    assert "1.1000" in rb.format_table([row]).splitlines()[2].split()

@@ -1,13 +1,15 @@
 """tools/plot_runs.py and tools/compare_runs.py: the log parser reads every line kind, runs plot and compare, bad
 inputs get one line each naming the file, and train_gpt.py logs the switch events the plot marks."""
 import json
+import math
 import shutil
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, cpu_runtime, tiny_env
 import train_gpt
-from tools import compare_runs, plot_runs
+from tools import compare_runs, plot_runs, runlog
 from tools.runlog import RunError, load_run, parse_log
 
 EXAMPLES = ROOT / "docs" / "example_runs"
@@ -192,7 +194,7 @@ def test_plotting_two_tiny_cpu_runs_writes_a_png(markov_data, tmp_path, capsys):
 
 def test_compare_table_holds_each_summary_figure(tmp_path, capsys):
     s = json.loads((EXAMPLES / "cpu_sample_wd50.json").read_text())
-    s["ttt"] = dict(val_bpb=1.23456)  # a run with test-time training (no script writes one yet)
+    s["ttt"] = dict(val_bpb=1.23456)  # a run with test-time training
     s["run_id"] = "with_ttt"
     paths = [str(EXAMPLES / "cpu_sample_wd50.json"), write(tmp_path / "with_ttt.json", json.dumps(s)),
              write(tmp_path / "junk.txt", "junk\n")]
@@ -216,9 +218,85 @@ def test_compare_reads_a_log_alone_and_marks_an_artifact_over_the_cap(tmp_path, 
     assert lines[3].startswith("* over the 16,000,000-byte artifact cap")
 
 
-def test_compare_dispatches_per_document_files_to_their_own_mode(capsys):
-    assert compare_runs.main(["a.docs.tsv", "b.docs.tsv"]) == 2
-    assert "per-document score files (a.docs.tsv)" in capsys.readouterr().err
+def write_docs(path, nats: dict, nbytes, targets=None):
+    lines = ["\t".join(["doc", "first_pos", "targets", "bytes"] + [f"nats_{k}" for k in nats])]
+    for i, b in enumerate(nbytes):
+        t = targets[i] if targets is not None else b // 2
+        lines.append("\t".join([str(i), str(100 * i), str(t), str(b)] + [repr(float(v[i])) for v in nats.values()]))
+    return write(path, "\n".join(lines) + "\n")
+
+
+def docs_output(capsys) -> dict:
+    out = capsys.readouterr().out.strip().splitlines()
+    ci = lambda s: [float(v) for v in s.split("[")[1].split("]")[0].split(",")]
+    return dict(a=float(out[1].split("val_bpb:")[1]), b=float(out[2].split("val_bpb:")[1]),
+                diff=float(out[3].split()[3]), t_ci=ci(out[4]), p=float(out[4].split("p=")[1]), boot_ci=ci(out[5]))
+
+
+def test_per_document_comparison_by_hand(tmp_path, capsys):
+    nbytes = np.array([100, 300, 200, 400])
+    a = np.array([50.0, 160.0, 90.0, 230.0])
+    delta = np.array([1.0, 2.0, 0.0, 3.0])  # B is worse on 3 documents of 4
+    pa = write_docs(tmp_path / "a.docs.tsv", dict(plain=a), nbytes)
+    pb = write_docs(tmp_path / "b.docs.tsv", dict(plain=a - 5, ttt=a + delta), nbytes)
+    assert compare_runs.main([pa, pb]) == 0  # default column: each file's last (B's ttt, A's plain)
+    r = docs_output(capsys)
+    ln2 = math.log(2)
+    assert r["a"] == pytest.approx(a.sum() / ln2 / 1000, abs=1e-8)
+    assert r["diff"] == pytest.approx(6 / ln2 / 1000, abs=1e-8)
+    d = delta / ln2  # by hand: sum of per-document bits, its standard error sqrt(n) * sd
+    se = 2 * np.std(d, ddof=1) / 1000
+    assert r["t_ci"] == pytest.approx([6 / ln2 / 1000 - 2.5758293 * se, 6 / ln2 / 1000 + 2.5758293 * se], abs=1e-8)
+    assert r["p"] == pytest.approx(math.erfc(6 / ln2 / 1000 / se / math.sqrt(2)), rel=5e-3)  # printed to 3 digits
+    assert r["boot_ci"][0] <= r["diff"] <= r["boot_ci"][1]
+    assert compare_runs.main([pa, pb, "--column", "plain"]) == 0
+    assert docs_output(capsys)["diff"] == pytest.approx(-20 / ln2 / 1000, abs=1e-8)
+
+
+def test_per_document_pairing_separates_a_small_consistent_gain_from_noise(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    nbytes = rng.integers(200, 5000, size=2000)
+    a = nbytes * rng.uniform(0.5, 1.0, size=2000)  # documents differ far more than the two runs do
+    better = a * (1 - 0.002 + rng.normal(0, 0.002, size=2000))
+    noise = a * (1 + rng.normal(0, 0.002, size=2000))
+    pa = write_docs(tmp_path / "a.docs.tsv", dict(plain=a), nbytes)
+    assert compare_runs.main([pa, write_docs(tmp_path / "b.docs.tsv", dict(plain=better), nbytes)]) == 0
+    r = docs_output(capsys)
+    assert r["p"] < 0.01 and r["t_ci"][1] < 0 and r["boot_ci"][1] < 0
+    assert compare_runs.main([pa, write_docs(tmp_path / "c.docs.tsv", dict(plain=noise), nbytes)]) == 0
+    r = docs_output(capsys)
+    assert r["t_ci"][0] < 0 < r["t_ci"][1] and r["boot_ci"][0] < 0 < r["boot_ci"][1] and r["p"] > 0.01
+
+
+def test_per_document_one_file_audits_its_ttt_gain(tmp_path, capsys):
+    nbytes = np.array([10, 20, 30])
+    p = write_docs(tmp_path / "r.docs.tsv", dict(plain=np.array([7.0, 14, 21]), ttt=np.array([6.0, 14, 20])), nbytes)
+    assert compare_runs.main([p]) == 0
+    assert docs_output(capsys)["diff"] == pytest.approx(-2 / math.log(2) / 60, abs=1e-8)
+
+
+def test_per_document_errors_are_one_line(tmp_path, capsys):
+    nbytes = np.array([10, 20, 30])
+    pa = write_docs(tmp_path / "a.docs.tsv", dict(plain=np.ones(3)), nbytes)
+    other = write_docs(tmp_path / "b.docs.tsv", dict(plain=np.ones(3)), nbytes, targets=[5, 9, 15])
+    cases = [([pa, other], "score different documents (targets differs)"),
+             ([pa], "compares its plain and TTT columns, and it has only plain"),
+             ([pa, pa, "--column", "ttt"], "no nats_ttt column (it has plain)"),
+             ([pa, str(tmp_path / "missing.docs.tsv")], "missing.docs.tsv: No such file"),
+             ([pa, str(EXAMPLES / "cpu_sample_wd50.json")], "one or two .docs.tsv files and nothing else"),
+             ([write(tmp_path / "x.docs.tsv", "doc\tfoo\n")], "not a per-document score file")]
+    for argv, message in cases:
+        assert compare_runs.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_runlog_reads_the_ttt_line(tmp_path):
+    log = LOG + "final_ttt_exact val_loss:2.1 val_bpb:1.98765432 scored_tokens:9 scored_bytes:20 stride:64 " \
+                "eval_time:10ms\n"
+    run = runlog.load_run(write(tmp_path / "t.txt", log))
+    assert run.ttt_bpb == 1.98765432
+    assert runlog.load_run(write(tmp_path / "u.txt", LOG)).ttt_bpb is None
 
 
 def test_readme_picture_is_committed_small_and_its_runs_say_what_data_they_saw():

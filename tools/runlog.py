@@ -14,6 +14,7 @@ The log lines relied on (anything else is ignored, so older and newer logs both 
     final_<label>_roundtrip val_loss:<x> val_bpb:<x> eval_time:<ms>ms
     final_<label>_roundtrip_exact val_loss:<x> val_bpb:<x> scored_tokens:<n> scored_bytes:<n> stride:<n>
         eval_time:<ms>ms                                                    (all on one line)
+    final_ttt_exact val_loss:<x> val_bpb:<x> scored_tokens:<n> ... eval_time:<ms>ms   (TTT_ENABLED=1)
     quant_gap_bpb:<x> ...
 
 Steps are counted as in the log: `step:s` is logged after s optimizer steps, and `<name>:on step:s` means the switch
@@ -114,6 +115,8 @@ def parse_line(line, out):
         out["bytes_total"] = int(m[1])
     elif line.startswith("ARTIFACT OVER CAP"):
         out["artifact_valid"] = False
+    elif line.startswith("final_ttt_exact "):
+        out["ttt_bpb"] = float(fields(line)["val_bpb"])
     elif m := FINAL.match(line):
         f = fields(m[3])
         if m[2]:
@@ -244,7 +247,7 @@ def load_run(path) -> Run:
     if log is not None:
         run.steps, run.step_avg_ms = steps_and_avg(log)
         for key in ("train", "val", "events", "pre_quant_bpb", "roundtrip_bpb", "final_bpb", "quant_gap_bpb",
-                    "bytes_total", "artifact_valid", "eval_s"):
+                    "ttt_bpb", "bytes_total", "artifact_valid", "eval_s"):
             if key in log:
                 setattr(run, key, log[key])
     if summary is not None:  # exact figures win over the log's rounded ones; curves with times stay the log's
