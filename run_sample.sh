@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Offline smoke run (CPU is fine, about 4 minutes on 2 cores): builds data/sample from the Python standard library's
 # docstrings with its own 1024-piece BPE tokenizer, then trains, quantizes and scores a small model on it (its MLP
-# matrices are big enough to be exported, and fake-quantized by QAT, as int6).
+# matrices are big enough to be exported as int6 by GPTQ, with the embedding as int8).
 # The numbers it prints are for that sample, never FineWeb. Any variable below can be overridden from the shell.
 # Training is bounded by ITERATIONS alone (no wall-clock cap), so a slow or busy machine gives the same numbers.
 # Each call is a new RUN_ID (train_gpt.py refuses a used one); it writes logs/sample_cpu_<time>.* and submission.json.

@@ -6,6 +6,7 @@
                                         # Student-t(6) weights and Hessians from random tokens: bytes and export time
                                         # per compressor, the empirical entropy of the codes, and the fitted k
   python bench/quant_bench.py sweep       # after `trained`: round-trip bpb and bytes against the matrix k
+  python bench/quant_bench.py zstd_split  # zstd-22 of each frontier tensor's codes alone, against the entropy
   python bench/quant_bench.py histograms  # after `trained`: per-tensor vs per-row-group vs per-column-group entropy
 
 Prints Markdown rows (bench/quant_results.md holds the results and the exact commands). One thread: the machine's
@@ -170,6 +171,32 @@ def sweep():
         print(f"| {k:g} | {row[0][0]:.4f} | {row[1][0]:.4f} | {row[0][1]:,} |", flush=True)
 
 
+def zstd_split():
+    """The frontier shape's SDClip RTN codes: zstd-22 of each tensor's codes alone (summed) against the entropy, to
+    place the whole artifact's zstd overhead."""
+    import zstandard
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    args = train_gpt.Hyperparameters.from_env(dict(FRONTIER))
+    model = train_gpt.GPT(args)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.ndim == 2 and "skip" not in n and "resid_mix" not in n:
+                student_t_(p, g)
+    q = train_gpt.quantize_state(train_gpt.export_state(model), args)
+    zc = zstandard.ZstdCompressor(level=22)
+    by_kind = {}
+    for n, e in q.items():
+        if "q" in e:
+            kind = "embedding int8" if n == "tok_emb.weight" else "block int6"
+            z = len(zc.compress(e["q"].numpy().tobytes()))
+            h = entropy_bytes({n: e})
+            a, b = by_kind.get(kind, (0, 0))
+            by_kind[kind] = (a + z, b + h)
+    for kind, (z, h) in by_kind.items():
+        print(f"| {kind} | zstd-22 per tensor {z:,} | entropy {h:,.0f} | {100 * (z / h - 1):+.2f}% |", flush=True)
+
+
 def grouped_entropy(q: torch.Tensor, rows_per_group=0, cols_per_group=0) -> tuple[float, int]:
     """Bytes of ideal coding with one histogram per group of rows (or columns), and how many histograms."""
     x = q.numpy().astype(np.int64) + 128
@@ -206,4 +233,5 @@ def histograms():
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    {"trained": trained, "frontier": frontier, "histograms": histograms, "sweep": sweep}[sys.argv[1]]()
+    {"trained": trained, "frontier": frontier, "histograms": histograms, "sweep": sweep,
+     "zstd_split": zstd_split}[sys.argv[1]]()

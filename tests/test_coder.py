@@ -124,3 +124,20 @@ def test_words_that_pass_the_checksum_but_decode_wrongly_are_caught_by_the_histo
     else:
         assert torch.equal(out, q)  # only acceptable if the flip happened to decode to the same codes
     assert math.isclose(sum(counts), 6)
+
+
+def test_a_missing_package_is_one_line_naming_it(monkeypatch):
+    """The GPU image may lack constriction or zstandard: packing or reading then stops with one line, not a trace."""
+    q, blob, args = coded_artifact()
+    import sys
+    monkeypatch.setitem(sys.modules, "constriction", None)  # makes `import constriction` raise ImportError
+    with pytest.raises(train_gpt.UserError, match="^COMPRESSOR=constriction needs the constriction package: pip "
+                                                  "install constriction"):
+        train_gpt.pack(q, args)
+    with pytest.raises(train_gpt.UserError, match="^reading this artifact needs the constriction package"):
+        train_gpt.unpack(blob, "x.ptz")
+    import dataclasses
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    with pytest.raises(train_gpt.UserError, match="^COMPRESSOR=zstd needs the zstandard package"):
+        train_gpt.pack(q, dataclasses.replace(args, compressor="zstd"))
+    train_gpt.unpack(train_gpt.pack(q, dataclasses.replace(args, compressor="zlib", compress_level=9)))  # zlib: stdlib

@@ -134,6 +134,7 @@ def _two_ranks(rank, init_file, out_dir):
     mine = [[b[0] for b in batches(4)][2 * i + rank] for i in range(2)]  # micro-batch m*world + rank, as TrainLoader
     H = train_gpt.collect_hessians(model, [[m] for m in mine], args, rt)
     torch.save(H, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # as train_gpt.main(): no rank tears the group down while the other still works
     dist.destroy_process_group()
 
 

@@ -191,6 +191,7 @@ def two_rank_worker(rank, store, out):
         scores = all_scores(noisy_model(ttt_args()), train_gpt.Runtime(rank, 2, torch.device("cpu")))
         if rank == 0:
             torch.save(scores, out)
+        dist.barrier()  # as train_gpt.main(): no rank tears the group down while the other still works
     finally:
         dist.destroy_process_group()
 
