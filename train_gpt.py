@@ -1623,14 +1623,16 @@ def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int) -> Tensor:
     yet quantized through the upper Cholesky factor of H^-1; blocks of GPTQ_BLOCK columns, the rest updated once per
     block. Dead columns (H_ii = 0: an input that was always zero) get H_ii = 1 and weight 0. Returns int8 codes."""
     qmax = 2 ** (bits - 1) - 1
-    W, H, s = w.float().clone(), H.float().clone(), scale.float().to(w.device)
+    # float64 linear algebra: in float32 (TF32 on CUDA) the inverse of a damped H of cond ~1e5 is not even positive
+    # definite (seen on an H200: cholesky failed at the MLP projection's 2048-dim Hessian)
+    W, H, s = w.float().clone(), H.double().clone(), scale.float().to(w.device)
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     H.diagonal().add_(GPTQ_DAMP * H.diagonal().mean())
     perm = torch.argsort(H.diagonal(), descending=True, stable=True)
     W, H = W[:, perm], H[perm][:, perm]
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     Q = torch.zeros_like(W)
     for i in range(0, W.size(1), GPTQ_BLOCK):
         j = min(i + GPTQ_BLOCK, W.size(1))
