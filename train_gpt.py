@@ -802,6 +802,11 @@ class Block(nn.Module):
         return r[0] * lane0 + p[0, 0] * a + p[0, 1] * m, r[1] * lane1 + p[1, 0] * a + p[1, 1] * m
 
 
+def previous_in_document(x: Tensor, tokens: Tensor) -> Tensor:
+    """x_{t-1} at each position [B, T, D]; zero at the row start and where token t is a BOS (a new document)."""
+    return F.pad(x[:, :-1], (0, 0, 1, 0)) * (tokens != BOS_ID).unsqueeze(-1).to(x.dtype)
+
+
 class SmearGate(nn.Module):
     """x_t <- (1-g) x_t + g x_{t-1} with a learned per-dim gate g = sigmoid(w), w = 0 at init (PR #162). Where token t
     is BOS the previous position is dropped, so no document sees the one before it (the SOTA's BOS fix)."""
@@ -812,8 +817,7 @@ class SmearGate(nn.Module):
 
     def forward(self, x, tokens):
         g = torch.sigmoid(self.gate).to(x.dtype)
-        prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * (tokens != BOS_ID).unsqueeze(-1).to(x.dtype)
-        return (1 - g) * x + g * prev
+        return (1 - g) * x + g * previous_in_document(x, tokens)
 
 
 class BigramHash(nn.Module):
@@ -855,8 +859,7 @@ class LambdaSmear(nn.Module):
 
     def forward(self, x, tokens):
         g = torch.sigmoid(x[..., :self.gate.numel()] @ self.gate.to(x.dtype))[..., None]  # [B, T, 1]
-        prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * (tokens != BOS_ID).unsqueeze(-1).to(x.dtype)
-        return x + self.lam.to(x.dtype) * g * prev
+        return x + self.lam.to(x.dtype) * g * previous_in_document(x, tokens)
 
 
 def layer_order(num_layers, start, end, loops) -> list[int]:
@@ -1519,11 +1522,16 @@ def final_ttt(args, rt, fresh, val, luts, docs, spent_s, log) -> dict:
         _, L, batch_seqs = ttt_plan(val, args, rt, args.eval_stride)
         ttt_warmup(base, model, args, rt, args.eval_stride, batch_seqs, L)
     r = evaluate_ttt(base, model, val, luts, args, rt, args.eval_stride, log, docs, spent_s)
-    log(f"final_ttt_exact val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f} scored_tokens:{r['tokens']} "
-        f"scored_bytes:{r['bytes']} stride:{r['stride']} eval_time:{1000 * r['eval_time_s']:.0f}ms")
+    log(exact_line("final_ttt_exact", r))
     log(f"ttt: chunks:{r['chunks']} chunk_avg:{1000 * r['chunk_time_s']:.0f}ms eval_total:{spent_s + r['eval_time_s']:.1f}s "
         f"budget:{args.eval_budget_seconds:g}s{' OVER BUDGET' if r['over_budget'] else ''}")
     return r
+
+
+def exact_line(name, r) -> str:
+    """A final score line from which val_bpb = val_loss * scored_tokens / ln 2 / scored_bytes can be re-derived."""
+    return (f"{name} val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f} scored_tokens:{r['tokens']} "
+            f"scored_bytes:{r['bytes']} stride:{r['stride']} eval_time:{1000 * r['eval_time_s']:.0f}ms")
 
 
 def write_doc_scores(path, starts: Tensor, columns: dict[str, Tensor]):
@@ -1543,7 +1551,7 @@ def after_plain_eval(args, rt, fresh, val, luts, final, docs, spent_s, log) -> d
         out["ttt"] = final_ttt(args, rt, fresh, val, luts, docs, spent_s, log)
     if docs is not None:
         columns = {"plain": final.pop("docs")} | ({"ttt": out["ttt"].pop("docs")} if "ttt" in out else {})
-        out["docs_path"] = path = os.path.join(args.log_dir, args.run_id + ".docs.tsv")
+        out["docs_path"] = path = output_path(args, ".docs.tsv")
         if rt.is_main:
             write_doc_scores(path, document_ids(val)[1], columns)
     return out
@@ -2149,9 +2157,7 @@ def score_artifact(args, rt, path, val, luts, log) -> dict:
         if args.eval_stride or docs is not None else standard
     if not math.isfinite(final["val_loss"]):
         raise UserError(f"final val_loss is {final['val_loss']}; the model diverged, lower the learning rates")
-    log(f"final_{label}_roundtrip_exact val_loss:{final['val_loss']:.8f} val_bpb:{final['val_bpb']:.8f} "
-        f"scored_tokens:{final['tokens']} scored_bytes:{final['bytes']} stride:{final['stride']} "
-        f"eval_time:{1000 * final['eval_time_s']:.0f}ms")
+    log(exact_line(f"final_{label}_roundtrip_exact", final))
     spent_s = standard["eval_time_s"] + (final["eval_time_s"] if final is not standard else 0.0)
     extra = after_plain_eval(args, rt, fresh, val, luts, final, docs, spent_s, log)
     return dict(roundtrip=standard, final=final, bytes_code=bytes_code, bytes_model=bytes_model, bytes_total=total,
