@@ -82,3 +82,17 @@ def markov_data(tmp_path, tokenizer_path):
     write_shard(tmp_path / "fineweb_val_000000.bin", tokens[60000:])
     return dict(DATA_PATH=str(tmp_path), TOKENIZER_PATH=tokenizer_path, LOG_DIR=str(tmp_path / "logs"),
                 SUBMISSION_JSON=str(tmp_path / "submission.json"))
+
+
+def assert_every_corruption_fails(blob: bytes, positions, lengths, name="x.ptz"):
+    """Each single-byte flip at `positions` and each truncation to `lengths` fails to load with one line naming
+    the file."""
+    for pos in positions:
+        bad = bytearray(blob)
+        bad[pos] ^= 0x5A
+        with pytest.raises(train_gpt.UserError, match=f"^{name}: ") as e:
+            train_gpt.unpack(bytes(bad), name)
+        assert "\n" not in str(e.value)
+    for n in lengths:
+        with pytest.raises(train_gpt.UserError, match=f"^{name}: .*truncated or corrupt"):
+            train_gpt.unpack(blob[:n], name)
