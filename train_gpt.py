@@ -1624,23 +1624,46 @@ GPTQ_BLOCK = 128  # columns per lazy-update block (Frantar et al. 2022)
 GPTQ_DAMP = 0.01  # of mean(diag H), added to the diagonal
 
 
+class GPTQFactor(NamedTuple):
+    perm: Tensor  # columns in order of diag(H) descending
+    dead: Tensor  # columns whose input was always zero
+    U: Tensor  # upper Cholesky factor of the permuted, damped H^-1
+    damp: float  # the damping used, in units of mean(diag H)
+
+
 @torch.no_grad()
-def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int) -> Tensor:
-    """GPTQ (Frantar et al. 2022) of w [rows, cols] with per-row steps `scale` [rows, 1] and input Hessian H [cols,
-    cols]: columns in order of diag(H) descending, each rounded to nearest and its error spread over the columns not
-    yet quantized through the upper Cholesky factor of H^-1; blocks of GPTQ_BLOCK columns, the rest updated once per
-    block. Dead columns (H_ii = 0: an input that was always zero) get H_ii = 1 and weight 0. Returns int8 codes."""
-    qmax = 2 ** (bits - 1) - 1
-    # float64 linear algebra: in float32 (TF32 on CUDA) the inverse of a damped H of cond ~1e5 is not even positive
-    # definite (seen on an H200: cholesky failed at the MLP projection's 2048-dim Hessian)
-    W, H, s = w.float().clone(), H.double().clone(), scale.float().to(w.device)
+def gptq_factor(H: Tensor) -> GPTQFactor:
+    """What GPTQ needs from a Hessian, computed once per matrix (size fitting re-quantizes many times). Damping
+    GPTQ_DAMP * mean(diag H), raised tenfold (up to 3 times) while H does not factor: a Hessian summed in low
+    precision can have tiny negative eigenvalues. float64: in float32 (TF32 on CUDA) the inverse of a damped H of
+    cond ~1e5 is not even positive definite (an H200 run failed so at the MLP projection's 2048-dim Hessian)."""
+    H = H.double().clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H.diagonal().add_(GPTQ_DAMP * H.diagonal().mean())
     perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-    W, H = W[:, perm], H[perm][:, perm]
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    H, eye = H[perm][:, perm], torch.eye(H.size(0), dtype=H.dtype, device=H.device)
+    for k in range(4):
+        damp = GPTQ_DAMP * 10 ** k
+        L, info = torch.linalg.cholesky_ex(H + damp * H.diagonal().mean() * eye)
+        if not info:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if not info:
+                return GPTQFactor(perm, dead, U.float(), damp)
+    raise UserError(f"GPTQ: a Hessian is not positive definite even with damping {damp:g} x mean(diag); set GPTQ=0")
+
+
+@torch.no_grad()
+def gptq_quantize(w: Tensor, H: Tensor | GPTQFactor, scale: Tensor, bits: int) -> Tensor:
+    """GPTQ (Frantar et al. 2022) of w [rows, cols] with per-row steps `scale` [rows, 1] and input Hessian H [cols,
+    cols] (or its gptq_factor): columns in order of diag(H) descending, each rounded to nearest and its error spread
+    over the columns not yet quantized through the upper Cholesky factor of H^-1; blocks of GPTQ_BLOCK columns, the
+    rest updated once per block. Dead columns (H_ii = 0: an input that was always zero) get weight 0. Int8 codes."""
+    qmax = 2 ** (bits - 1) - 1
+    f = H if isinstance(H, GPTQFactor) else gptq_factor(H)
+    W, s, U = w.float().clone(), scale.float().to(w.device), f.U.to(w.device)
+    W[:, f.dead.to(w.device)] = 0.0
+    perm = f.perm.to(w.device)
+    W = W[:, perm]
     Q = torch.zeros_like(W)
     for i in range(0, W.size(1), GPTQ_BLOCK):
         j = min(i + GPTQ_BLOCK, W.size(1))
@@ -1662,7 +1685,8 @@ def quantize_entry(name, t: Tensor, args, hessian=None, matrix_sigmas=None) -> d
         group, sigmas = export_group(t, args), export_sigmas(name, args, matrix_sigmas)
         q, s = quantize_tensor(t, bits, group, args.quant_clip_search, args.quant_int8_upstream, sigmas)
         if hessian is not None:
-            q = gptq_quantize(t.to(hessian.device), hessian, s.to(hessian.device), bits).cpu()
+            dev = (hessian.U if isinstance(hessian, GPTQFactor) else hessian).device
+            q = gptq_quantize(t.to(dev), hessian, s.to(dev), bits).cpu()
         return dict(q=q, scale=s, bits=bits, group=group)
     if t.is_floating_point():
         fp32 = matches_any(name, args.int8_keep_float_fp32_name_patterns)
@@ -2106,6 +2130,10 @@ def export_artifact(args, rt, base, hessians=None, log=print) -> str:
     path = output_path(args, f".{artifact_label(args)}.ptz")
     if rt.is_main:
         t0, state = time.perf_counter(), export_state(base)
+        hessians = hessians and {name: gptq_factor(H) for name, H in hessians.items()}
+        for name, f in (hessians or {}).items():
+            if f.damp != GPTQ_DAMP:
+                log(f"WARNING: GPTQ {name}: its Hessian only factored with damping {f.damp:g} x mean(diag)")
         if args.target_bytes:
             blob = fit_artifact(state, args, hessians, os.path.getsize(__file__), log)
         else:

@@ -92,6 +92,38 @@ def test_gptq_dead_columns_and_a_singular_hessian():
     assert torch.equal(train_gpt.gptq_quantize(W, H, s, 6), q)  # deterministic
 
 
+def test_a_hessian_that_does_not_factor_gets_more_damping_and_a_warning():
+    """A Hessian summed in low precision can have a negative eigenvalue larger than the 1% damping: the damping is
+    raised tenfold until it factors, and the export log says which matrix needed it."""
+    X = correlated_inputs(n=256, d=32)
+    H = X.T @ X / X.size(0)
+    vals, vecs = torch.linalg.eigh(H.double())
+    vals[0] = -0.05 * float(H.diagonal().mean())  # beyond 1% of mean(diag), within 10%
+    bad = (vecs @ torch.diag(vals) @ vecs.T).float()
+    assert torch.linalg.cholesky_ex(bad.double() + 0.01 * bad.diagonal().mean() * torch.eye(32, dtype=torch.float64))[1]
+    f = train_gpt.gptq_factor(bad)
+    assert f.damp == pytest.approx(0.1) and torch.isfinite(f.U).all()
+    assert train_gpt.gptq_factor(H).damp == train_gpt.GPTQ_DAMP
+    W = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    _, s = train_gpt.quantize_tensor(W, 6, sigmas=12.85)
+    assert torch.equal(train_gpt.gptq_quantize(W, f, s, 6), train_gpt.gptq_quantize(W, bad, s, 6))  # factor = raw H
+    with pytest.raises(train_gpt.UserError, match="GPTQ: a Hessian is not positive definite .*set GPTQ=0"):
+        train_gpt.gptq_factor(-torch.eye(4) * 100 + torch.ones(4, 4) * 0.01)
+
+
+def test_export_logs_the_matrices_that_needed_more_damping(tmp_path):
+    args = tiny_args(LOG_DIR=tmp_path, RUN_ID="damp", GPTQ=1, MATRIX_CLIP_SIGMAS=12.85, MATRIX_BITS=6, TARGET_BYTES=0)
+    model = train_gpt.GPT(args)
+    name = "blocks.0.mlp.fc.weight"
+    d = model.state_dict()[name].size(1)
+    H = {name: torch.eye(d), "blocks.0.attn.c_q.weight": torch.eye(d)}
+    H[name][0, 0] = -0.5  # a negative eigenvalue of 0.5 / mean(diag) ~ 0.5: only damping 1.0 factors it
+    lines = []
+    train_gpt.export_artifact(args, cpu_runtime(), model, H, lines.append)
+    warned = [l for l in lines if l.startswith("WARNING: GPTQ")]
+    assert warned == [f"WARNING: GPTQ {name}: its Hessian only factored with damping 1 x mean(diag)"]
+
+
 def hessian_args(**kw):
     return tiny_args(MODEL_DIM=320, NUM_HEADS=4, NUM_KV_HEADS=2, NUM_LAYERS=1, BIGRAM_BUCKETS=0, GPTQ=1,
                      MATRIX_CLIP_SIGMAS=12.85, MATRIX_BITS=6, EMBED_BITS=8, FP16_KEEP_PATTERNS="", **kw)
