@@ -1327,8 +1327,9 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
     if stop and step < args.iterations:
         log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
         if step < args.iterations / 2:
-            log(f"WARNING: MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds:g} stopped this run at step {step}, "
-                f"before half of ITERATIONS={args.iterations}: the schedule and the score reflect a cut run")
+            log(f"WARNING: the training wall clock ({args.max_wallclock_seconds:g}s: MAX_WALLCLOCK_SECONDS, less "
+                f"GPTQ_RESERVE_SECONDS with GPTQ=1) stopped this run at step {step}, before half of "
+                f"ITERATIONS={args.iterations}: the schedule and the score reflect a cut run")
     if averager is not None and swa_count > 0:
         apply_average(base, averager)
         log(f"averaging: applied {'EMA' if args.ema_decay > 0 else 'SWA'} over {swa_count} updates")
