@@ -167,6 +167,27 @@ class Hyperparameters:
     ttt_chunk_tokens: int = 32768  # windows belong to the chunk of their first scored target
     ttt_grad_clip: float = 1.0  # 0 = no clipping
     ttt_batch_seqs: int = 32  # sequences per SGD step, across all ranks
+    ttt_mode: str = "sgd"  # sgd: the score-first SGD above; lora: per-document LoRA + phased global SGD (SOTA form)
+    ttt_lora_rank: int = 96
+    ttt_lora_alpha: float = 0.0  # adapter output scale ALPHA / RANK; 0 = TTT_LORA_RANK (scale 1)
+    ttt_lora_lr: float = 1e-4  # AdamW over each document's adapters, one step per scored chunk
+    ttt_beta1: float = 0.0
+    ttt_beta2: float = 0.99
+    ttt_weight_decay: float = 0.5
+    ttt_chunk_size: int = 48  # targets scored per step within a document
+    ttt_batch_size: int = 64  # documents adapted side by side, each with its own adapters
+    ttt_eval_seq_len: int = 0  # longest context of a scored target; 0 = EVAL_SEQ_LEN (or TRAIN_SEQ_LEN)
+    ttt_k_lora: bool = True  # adapters on Q and V always, on K, the attention output and the MLP output by these
+    ttt_o_lora: bool = True
+    ttt_mlp_lora: bool = True
+    phased_ttt_prefix_docs: int = 2000  # the first documents of the stream, scored in phases; 0 = no global SGD
+    phased_ttt_num_phases: int = 3
+    global_ttt_lr: float = 0.001  # SGD of the whole model after each phase, on every document scored so far
+    global_ttt_momentum: float = 0.9
+    global_ttt_epochs: int = 1
+    global_ttt_chunk_tokens: int = 32768  # cosine LR over chunks of this many positions
+    global_ttt_batch_seqs: int = 32
+    global_ttt_grad_clip: float = 1.0
     save_doc_scores: bool = False  # write LOG_DIR/<RUN_ID>.docs.tsv: the final evals' nats per document
     eval_budget_seconds: float = 600.0  # the challenge's eval limit; TTT projected past it is flagged
 
@@ -231,6 +252,11 @@ class Hyperparameters:
              "fits MATRIX_CLIP_SIGMAS: set MATRIX_CLIP_SIGMAS > 0 or TARGET_BYTES=0")
         need(not (self.gptq and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds), "GPTQ_RESERVE_SECONDS",
              "must be below MAX_WALLCLOCK_SECONDS (it is taken off the training time)")
+        need(self.ttt_mode != "lora" or self.ttt_chunk_size <= self.ttt_window(), "TTT_CHUNK_SIZE",
+             f"must be <= the TTT context ({self.ttt_window()}); lower it or raise TTT_EVAL_SEQ_LEN")
+
+    def ttt_window(self) -> int:
+        return self.ttt_eval_seq_len or self.eval_seq_len or self.train_seq_len
 
 
 def in_interval(v, spec: str) -> bool:
@@ -260,10 +286,15 @@ FIELD_RANGES = dict(
     embed_clip_sigmas="(0, inf)", matrix_bits="[0, 8]", embed_bits="[0, 8]", gptq_calibration_batches=POS,
     gptq_reserve_seconds=NONNEG, target_bytes=NONNEG, lqer_rank=POS, lqer_top_k=POS,
     ttt_lr=NONNEG, ttt_epochs=POS, ttt_momentum=UNIT_OPEN, ttt_chunk_tokens=POS, ttt_grad_clip=NONNEG,
-    ttt_batch_seqs=POS, eval_budget_seconds="(0, inf)")
+    ttt_batch_seqs=POS, eval_budget_seconds="(0, inf)", ttt_lora_rank=POS, ttt_lora_alpha=NONNEG,
+    ttt_lora_lr=NONNEG, ttt_beta1=UNIT_OPEN, ttt_beta2=UNIT_OPEN, ttt_weight_decay=NONNEG, ttt_chunk_size=POS,
+    ttt_batch_size=POS, ttt_eval_seq_len=NONNEG, phased_ttt_prefix_docs=NONNEG, phased_ttt_num_phases=POS,
+    global_ttt_lr=NONNEG, global_ttt_momentum=UNIT_OPEN, global_ttt_epochs=POS, global_ttt_chunk_tokens=POS,
+    global_ttt_batch_seqs=POS, global_ttt_grad_clip=NONNEG)
 COMPRESS_LEVELS = dict(zstd=(1, 22), zlib=(0, 9), constriction=(0, 22))  # constriction: level unused
 FIELD_CHOICES = dict(compressor=tuple(COMPRESS_LEVELS), mlp_act=("relu2", "leaky_relu2"),
-                     parallel_final_lane=("mean", "attn", "mlp"), muon_ns=("ns5", "polar"))  # PRESET: see from_env
+                     parallel_final_lane=("mean", "attn", "mlp"), muon_ns=("ns5", "polar"),
+                     ttt_mode=("sgd", "lora"))  # PRESET: see from_env
 FREE_TEXT_FIELDS = ("preset", "data_path", "tokenizer_path", "run_id", "log_dir", "submission_json", "data_label",
                     "author", "github_id", "name", "fp16_keep_patterns", "int8_keep_float_fp32_name_patterns",
                     "eval_artifact")
@@ -308,7 +339,7 @@ PRESETS = {
 ENV_FAMILIES = ("NUM_", "MODEL_", "MLP_", "TRAIN_", "VAL_", "EVAL_", "MUON_", "NORMUON_", "ADAM_", "QAT_", "SWA_",
                 "EMA_", "BIGRAM_", "SMEAR_", "MTP_", "QUANT_", "WARMDOWN_", "WARMUP_", "LR_", "TIED_", "EMBED_",
                 "MATRIX_", "SCALAR_", "ROPE_", "QK_", "LOGIT_", "VOCAB_", "GRAD_", "ORTHO_", "COMPRESS_", "INT8_",
-                "GPTQ_", "ATTN_", "TARGET_", "LQER_", "TTT_")
+                "GPTQ_", "ATTN_", "TARGET_", "LQER_", "TTT_", "PHASED_TTT_", "GLOBAL_TTT_")
 
 
 def reject_unknown_env(env, known):
@@ -951,8 +982,10 @@ class GPT(nn.Module):
         x = merge_lanes(lanes, how)
         return F.rms_norm(x, (x.size(-1),))
 
-    def logits(self, h: Tensor, ctx: Ctx = PLAIN) -> Tensor:
+    def logits(self, h: Tensor, ctx: Ctx = PLAIN, delta: Tensor | None = None) -> Tensor:
+        """Soft-capped logits; delta (the LoRA TTT head adapter's output) is added before the cap."""
         z = self.lm_head(h, ctx) if self.lm_head is not None else F.linear(h, self.tok_emb.weight.to(h.dtype))
+        z = z if delta is None else z + delta
         cap = self.args.logit_softcap
         return cap * torch.tanh(z.float() / cap)
 
@@ -1518,14 +1551,19 @@ def evaluate_ttt(base, model, val: Tensor, luts, args, rt, stride: int, log, doc
 def final_ttt(args, rt, fresh, val, luts, docs, spent_s, log) -> dict:
     """TTT on a copy of the reloaded artifact (the plain eval's model is left as it was), logged like the plain eval."""
     base = copy.deepcopy(fresh)
-    model = torch.compile(base, dynamic=False, fullgraph=True) if use_compile(args, rt) else base
-    if model is not base:
-        _, L, batch_seqs = ttt_plan(val, args, rt, args.eval_stride)
-        ttt_warmup(base, model, args, rt, args.eval_stride, batch_seqs, L)
-    r = evaluate_ttt(base, model, val, luts, args, rt, args.eval_stride, log, docs, spent_s)
+    if args.ttt_mode == "lora":  # eager: its shapes change with every chunk
+        r = evaluate_ttt_lora(base, val, luts, args, rt, log, docs, spent_s)
+    else:
+        model = torch.compile(base, dynamic=False, fullgraph=True) if use_compile(args, rt) else base
+        if model is not base:
+            _, L, batch_seqs = ttt_plan(val, args, rt, args.eval_stride)
+            ttt_warmup(base, model, args, rt, args.eval_stride, batch_seqs, L)
+        r = evaluate_ttt(base, model, val, luts, args, rt, args.eval_stride, log, docs, spent_s)
     log(exact_line("final_ttt_exact", r))
-    log(f"ttt: chunks:{r['chunks']} chunk_avg:{1000 * r['chunk_time_s']:.0f}ms eval_total:{spent_s + r['eval_time_s']:.1f}s "
-        f"budget:{args.eval_budget_seconds:g}s{' OVER BUDGET' if r['over_budget'] else ''}")
+    unit = "chunks" if args.ttt_mode == "sgd" else "doc_batches"
+    log(f"ttt: mode:{args.ttt_mode} {unit}:{r['chunks']} avg:{1000 * r['chunk_time_s']:.0f}ms "
+        f"eval_total:{spent_s + r['eval_time_s']:.1f}s budget:{args.eval_budget_seconds:g}s"
+        f"{' OVER BUDGET' if r['over_budget'] else ''}")
     return r
 
 
@@ -1563,21 +1601,198 @@ FULL_VAL_TOKENS = 62_021_632  # the sp1024 records' validation targets; sp8192 h
 RECORD_RANKS = 8
 
 
-def ttt_projection(args, rt, val, elapsed_s, done, n_chunks, spent_s, log) -> dict:
-    """Projected TTT seconds for this stream on these ranks, the whole eval's, and (throughput scaled by tokens and
-    ranks) the full validation set's on 8 of these devices; loud when this eval would pass EVAL_BUDGET_SECONDS."""
-    projected = elapsed_s * n_chunks / done
+def ttt_projection(args, rt, val, elapsed_s, done, total, spent_s, log, unit="chunks") -> dict:
+    """Projected TTT seconds for this stream on these ranks (elapsed * total / done units of work), the whole eval's,
+    and (throughput scaled by tokens and ranks) the full validation set's on 8 of these devices; loud when this eval
+    would pass EVAL_BUDGET_SECONDS."""
+    projected = elapsed_s * total / done
     full = projected * FULL_VAL_TOKENS / (val.numel() - 1) * rt.world_size / RECORD_RANKS
     over = spent_s + projected > args.eval_budget_seconds
-    log(f"ttt_projection: chunks:{done}/{n_chunks} elapsed:{elapsed_s:.1f}s chunk_avg:{1000 * elapsed_s / done:.0f}ms "
-        f"projected_ttt:{projected:.1f}s projected_eval:{spent_s + projected:.1f}s "
-        f"full_val_{RECORD_RANKS}x:{full:.1f}s budget:{args.eval_budget_seconds:g}s")
+    avg = f" chunk_avg:{1000 * elapsed_s / done:.0f}ms" if unit == "chunks" else ""
+    log(f"ttt_projection: {unit}:{done}/{total} elapsed:{elapsed_s:.1f}s{avg} projected_ttt:{projected:.1f}s "
+        f"projected_eval:{spent_s + projected:.1f}s full_val_{RECORD_RANKS}x:{full:.1f}s "
+        f"budget:{args.eval_budget_seconds:g}s")
     if over:
+        fix = ("raise TTT_CHUNK_TOKENS, lower TTT_EPOCHS" if args.ttt_mode == "sgd" else
+               "lower PHASED_TTT_PREFIX_DOCS or GLOBAL_TTT_EPOCHS, raise TTT_CHUNK_SIZE")
         log(f"WARNING: TTT_ENABLED=1 is projected to take {projected:.0f}s; with the {spent_s:.0f}s of plain evals "
             f"that passes EVAL_BUDGET_SECONDS={args.eval_budget_seconds:g}: this eval would not fit the challenge's "
-            "limit (raise TTT_CHUNK_TOKENS, lower TTT_EPOCHS or set TTT_ENABLED=0)")
+            f"limit ({fix} or set TTT_ENABLED=0)")
     return dict(projected_ttt_s=projected, projected_eval_s=spent_s + projected, projected_full_val_s=full,
                 over_budget=over)
+
+
+# Phased LoRA TTT (TTT_MODE=lora; the SOTA's form, frontier.md section 6). Each document is scored on its own, from
+# its first token, in chunks of TTT_CHUNK_SIZE targets with up to TTT_EVAL_SEQ_LEN tokens of its own context. After a
+# chunk is scored, one AdamW step on that chunk's mean nats trains the document's own adapters (fresh for every
+# document, none after its last chunk), so within a phase a document's score depends on its own tokens only.
+# Phases: the first PHASED_TTT_PREFIX_DOCS documents of the stream are scored in PHASED_TTT_NUM_PHASES groups; after
+# each group the whole model takes GLOBAL_TTT_* SGD on every position scored so far (the stream up to the group's
+# end), and the next group is scored on the updated weights. Groups follow stream order (the SOTA's code fills them
+# with the longest documents first), so no document is scored by weights trained on a document after it.
+
+class LoRA(nn.Module):
+    """Adapters of a batch of up to n documents, row i for document i: delta(x_i) = s (x_i A_i^T) B_i^T, s = alpha /
+    rank. reset() gives every row the same A (drawn once from SEED) and B = 0, so each adapter starts at zero."""
+
+    def __init__(self, n, fan_in, fan_out, rank, scale, a0):
+        super().__init__()
+        self.A = nn.Parameter(a0.expand(n, -1, -1).clone())
+        self.B = nn.Parameter(torch.zeros(n, fan_out, rank))
+        self.register_buffer("a0", a0, persistent=False)
+        self.scale = scale
+
+    def reset(self):
+        self.A.data.copy_(self.a0.expand_as(self.A))
+        self.B.data.zero_()
+
+    def forward(self, x):  # x [m, T, fan_in], m <= n: the batch's first m documents
+        A, B = self.A[:x.size(0)].to(x.dtype), self.B[:x.size(0)].to(x.dtype)
+        return torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2)) * self.scale
+
+
+class DocAdapters(nn.Module):
+    """The adapters of one batch of documents: Q and V of every block, K, the attention output and the MLP output by
+    TTT_K_LORA / TTT_O_LORA / TTT_MLP_LORA, and the head. Hooked in as output + delta(input); the attention-output
+    and MLP adapters read the sublayer's normed input, beside it. Looped blocks share their adapters across passes."""
+
+    def __init__(self, base, args):
+        super().__init__()
+        dim, r = args.model_dim, args.ttt_lora_rank
+        widths = {}
+        for i, block in enumerate(base.blocks):
+            a = f"blocks.{i}.attn"
+            widths[f"{a}.c_q"], widths[f"{a}.c_v"] = block.attn.c_q.weight.size(0), block.attn.c_v.weight.size(0)
+            widths.update({f"{a}.c_k": block.attn.c_k.weight.size(0)} if args.ttt_k_lora else {})
+            widths.update({a: dim} if args.ttt_o_lora else {})
+            widths.update({f"blocks.{i}.mlp": dim} if args.ttt_mlp_lora else {})
+        self.names = [*widths, "head"]
+        widths["head"] = args.vocab_size
+        g, bound = torch.Generator().manual_seed(args.seed), 1 / math.sqrt(dim)
+        self.loras = nn.ModuleList(LoRA(args.ttt_batch_size, dim, w, r, (args.ttt_lora_alpha or r) / r,
+                                        torch.empty(r, dim).uniform_(-bound, bound, generator=g)) for w in widths.values())
+
+    @contextlib.contextmanager
+    def attached(self, base):
+        """Resets the adapters and hooks them into base; yields the head's adapter."""
+        modules = dict(base.named_modules())
+        for lora in self.loras:
+            lora.reset()
+        hooks = [modules[name].register_forward_hook(lambda m, inp, out, lora=lora: out + lora(inp[0]))
+                 for name, lora in zip(self.names[:-1], self.loras)]
+        try:
+            yield self.loras[-1]
+        finally:
+            for h in hooks:
+                h.remove()
+
+
+def lora_nats(base, head, x: Tensor, y: Tensor, ctx: Ctx) -> Tensor:
+    h = base.hidden(x, ctx)
+    return F.cross_entropy(base.logits(h, delta=head(h)).flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+
+
+def lora_step(base, head, opt, val_d, luts_d, idx: Tensor, lo: Tensor, hi: Tensor, train: Tensor, rows: Tensor,
+              rt, sums: Tensor):
+    """Scores the targets [lo, hi) of each row's window idx (positions) into sums by document (rows), then one AdamW
+    step on the mean nats of that chunk for the rows marked train. Rows never mix, so each gradient reaches only its
+    own document's adapters."""
+    x, y = val_d[idx], val_d[idx + 1]
+    with torch.enable_grad(), rt.autocast():
+        nll = lora_nats(base, head, x, y, Ctx(looping=base.final_ctx.looping)).float()
+    scored = (idx >= lo[:, None]) & (idx < hi[:, None])
+    values = torch.stack((nll.detach().double(), torch.ones_like(idx, dtype=torch.float64),
+                          target_bytes(x, y, luts_d).double()), -1)
+    sums.index_add_(0, rows[:, None].expand_as(idx)[scored], values[scored])
+    if train.any():
+        per_doc = (nll * scored).sum(1) / scored.sum(1)
+        opt.zero_grad(set_to_none=True)
+        per_doc[train].sum().backward()
+        opt.step()
+
+
+def lora_batch(base, adapters, rows: Tensor, spans: Tensor, val_d, luts_d, args, rt, sums: Tensor):
+    """Scores and adapts documents `rows` (longest first; spans: [first, end) target positions) chunk by chunk. A
+    chunk's window is the TTT_EVAL_SEQ_LEN positions of its document ending at the chunk's end (fewer near the start);
+    shorter windows are padded on the right, which causal attention never lets a scored target see."""
+    opt = torch.optim.AdamW(adapters.parameters(), lr=args.ttt_lora_lr, betas=(args.ttt_beta1, args.ttt_beta2),
+                            eps=1e-10, weight_decay=args.ttt_weight_decay)
+    first, end = spans[rows].unbind(1)  # index math on the host, one transfer per chunk
+    C, L, rows_d = args.ttt_chunk_size, args.ttt_window(), rows.to(rt.device)
+    with adapters.attached(base) as head:
+        for c in range(-(-int((end - first).max()) // C)):
+            m = int((end - first > c * C).sum())  # documents with a chunk c: the first m
+            lo = first[:m] + c * C
+            hi = torch.minimum(lo + C, end[:m])
+            start = torch.maximum(first[:m], hi - L)
+            idx = (start[:, None] + torch.arange(int((hi - start).max()))).clamp(max=val_d.numel() - 2)
+            lo, hi, idx, train = (t.to(rt.device) for t in (lo, hi, idx, hi < end[:m]))
+            lora_step(base, head, opt, val_d, luts_d, idx, lo, hi, train, rows_d[:m], rt, sums)
+
+
+def phase_groups(n_docs: int, args) -> list[tuple[int, int]]:
+    """Document ranges scored between global SGD phases: the prefix split at PREFIX * (p+1) // PHASES, then the rest."""
+    prefix, phases = args.phased_ttt_prefix_docs, args.phased_ttt_num_phases
+    bounds = sorted({min(n_docs, prefix * (p + 1) // phases) for p in range(phases)} | {n_docs})
+    return [(a, b) for a, b in zip([0] + bounds, bounds) if b > a]
+
+
+def global_sgd(base, params, val_d, hi: int, args, rt):
+    """GLOBAL_TTT_EPOCHS SGD passes over positions [0, hi), every document scored so far, in chunks of
+    GLOBAL_TTT_CHUNK_TOKENS with a cosine LR over them; gradients averaged over ranks (ttt_train)."""
+    g = dataclasses.replace(args, ttt_lr=args.global_ttt_lr, ttt_epochs=args.global_ttt_epochs,
+                            ttt_batch_seqs=args.global_ttt_batch_seqs, ttt_grad_clip=args.global_ttt_grad_clip)
+    opt = torch.optim.SGD(params, lr=g.ttt_lr, momentum=args.global_ttt_momentum)
+    size = args.global_ttt_chunk_tokens
+    n = -(-hi // size)
+    for p in params:
+        p.requires_grad_(True)
+    for c in range(n):
+        for group in opt.param_groups:
+            group["lr"] = ttt_lr(g, c, n)
+        ttt_train(base, params, opt, val_d, c * size, min(hi, (c + 1) * size), g, rt)
+    for p in params:
+        p.requires_grad_(False)
+
+
+def evaluate_ttt_lora(base, val: Tensor, luts, args, rt, log, docs: Tensor | None = None, spent_s: float = 0.0) -> dict:
+    """Phased LoRA TTT over the validation stream; trains `base` in place, so pass a copy. This rank scores every
+    world_size-th batch of each group (documents sorted by length, TTT_BATCH_SIZE per batch); all ranks run the
+    global SGD. The time projection counts scored targets plus globally trained positions."""
+    t0 = time.perf_counter()
+    _, starts = document_ids(val)
+    spans = torch.stack((starts, torch.cat((starts[1:], torch.tensor([val.numel() - 1])))), 1)
+    groups = phase_groups(len(spans), args)
+    val_d, luts_d = val.to(rt.device), [t.to(rt.device) for t in luts]
+    sums = torch.zeros(len(spans), 3, device=rt.device, dtype=torch.float64)
+    params = [p for p in base.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    adapters = DocAdapters(base, args).to(rt.device)
+    trained = [int(spans[b - 1, 1]) for _, b in groups[:-1]]
+    work = val.numel() - 1 + args.global_ttt_epochs * sum(trained)
+    done, mine, batches, projection = 0, 0, 0, None  # work done (scaled to all ranks), this rank's batches, all
+    for g, (d0, d1) in enumerate(groups):
+        ids = torch.arange(d0, d1)
+        split = ids[torch.argsort(spans[ids, 1] - spans[ids, 0], descending=True, stable=True)].split(args.ttt_batch_size)
+        batches += len(split)
+        for rows in split[rt.rank::rt.world_size]:
+            lora_batch(base, adapters, rows, spans, val_d, luts_d, args, rt, sums)
+            done, mine = done + int((spans[rows, 1] - spans[rows, 0]).sum()) * rt.world_size, mine + 1
+            if mine == TTT_PROJECT_CHUNKS:
+                rt.sync()
+                projection = ttt_projection(args, rt, val, time.perf_counter() - t0, done, work, spent_s, log, "work")
+        if g < len(groups) - 1:
+            global_sgd(base, params, val_d, trained[g], args, rt)
+            done += args.global_ttt_epochs * trained[g]
+            log(f"ttt_phase: {g + 1}/{len(groups) - 1} docs_scored:{d1} trained_positions:{trained[g]} "
+                f"elapsed:{time.perf_counter() - t0:.1f}s")
+    if projection is None:
+        projection = ttt_projection(args, rt, val, time.perf_counter() - t0, work, work, spent_s, log, "work")
+    out = totals(sums, rt, t0, args.ttt_chunk_size, docs is not None)
+    out.update(chunks=batches, chunk_time_s=out["eval_time_s"] / max(batches, 1), phases=len(groups) - 1, **projection)
+    out["over_budget"] = projection["over_budget"] or spent_s + out["eval_time_s"] > args.eval_budget_seconds
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1816,7 +2031,11 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_he
                 "parallel_start_layer", "parallel_final_lane", "sparse_attn_gate_enabled", "sparse_attn_gate_scale",
                 "gate_window", "smear_gate_enabled", "doc_mask")
 EVAL_FIELDS = ("train_seq_len", "eval_seq_len", "eval_stride", "val_max_tokens", "ttt_enabled", "ttt_lr", "ttt_epochs",
-               "ttt_momentum", "ttt_chunk_tokens", "ttt_grad_clip", "ttt_batch_seqs")
+               "ttt_momentum", "ttt_chunk_tokens", "ttt_grad_clip", "ttt_batch_seqs", "ttt_mode", "ttt_lora_rank",
+               "ttt_lora_alpha", "ttt_lora_lr", "ttt_beta1", "ttt_beta2", "ttt_weight_decay", "ttt_chunk_size",
+               "ttt_batch_size", "ttt_eval_seq_len", "ttt_k_lora", "ttt_o_lora", "ttt_mlp_lora",
+               "phased_ttt_prefix_docs", "phased_ttt_num_phases", "global_ttt_lr", "global_ttt_momentum",
+               "global_ttt_epochs", "global_ttt_chunk_tokens", "global_ttt_batch_seqs", "global_ttt_grad_clip")
 ARTIFACT_VERSION = 2  # 2: range-coded codes (COMPRESSOR=constriction)
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CODED_MAGIC = b"PGrc"  # then sha256 of the rest, side-data length, lzma side data, range-coded uint32 words

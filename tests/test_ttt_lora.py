@@ -1,0 +1,253 @@
+"""Phased LoRA TTT (TTT_MODE=lora) is legal by construction: every target scored exactly once (the plain eval's targets
+and bytes, per document); each document's adapters train only on the chunk of that document just scored; the whole
+model trains only on documents already scored; prefix invariance on 1 and 2 ranks, 2 ranks == 1 rank; within a phase
+a document's score depends on its own tokens only; TTT helps on text that repeats and leaves the plain eval alone."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import cpu_runtime, tiny_args
+from test_ttt import noisy_model, ones_luts, random_docs
+import train_gpt
+
+SEQ = 16
+
+
+def lora_args(**kw):
+    base = dict(TRAIN_SEQ_LEN=SEQ, EVAL_BATCH_SEQS=3, TTT_MODE="lora", TTT_CHUNK_SIZE=5, TTT_BATCH_SIZE=3,
+                TTT_LORA_RANK=4, TTT_LORA_LR=0.01, PHASED_TTT_PREFIX_DOCS=4, PHASED_TTT_NUM_PHASES=2,
+                GLOBAL_TTT_LR=0.02, GLOBAL_TTT_CHUNK_TOKENS=64, GLOBAL_TTT_BATCH_SEQS=4)
+    return tiny_args(**dict(base, **kw))
+
+
+def varied_luts(n=1024):
+    """Byte counts that differ by token and a leading-space rule that depends on the previous token, so per-document
+    bytes are a real check."""
+    g = torch.Generator().manual_seed(3)
+    return (torch.randint(0, 5, (n,), generator=g), torch.rand(n, generator=g) < 0.5, torch.rand(n, generator=g) < 0.2)
+
+
+def stream(docs) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate(docs).astype(np.int64))
+
+
+def streams():
+    """a and b share their first 4 documents; c differs from a in document 0 only."""
+    rng = np.random.default_rng(0)
+    shared, tail_a, tail_b, other0 = random_docs(rng, 4), random_docs(rng, 4), random_docs(rng, 4), random_docs(rng, 1)
+    return dict(a=stream(shared + tail_a), b=stream(shared + tail_b), c=stream(other0 + shared[1:] + tail_a))
+
+
+def lora_scores(model, val, args, rt, luts=None) -> torch.Tensor:
+    luts = ones_luts(1024) if luts is None else luts
+    m = copy.deepcopy(model)
+    return train_gpt.evaluate_ttt_lora(m, val, luts, args, rt, lambda msg: None,
+                                       docs=train_gpt.document_ids(val)[0])["docs"]
+
+
+# ---- exactly once, with the plain eval's targets and bytes per document
+
+@pytest.mark.parametrize("chunk,window,batch,prefix,phases", [(5, 16, 3, 4, 2), (1, 16, 1, 0, 1), (16, 16, 8, 100, 3),
+                                                              (7, 9, 2, 3, 3), (3, 32, 4, 1, 1)])
+def test_every_target_scored_exactly_once(monkeypatch, chunk, window, batch, prefix, phases):
+    args = lora_args(TTT_CHUNK_SIZE=chunk, TTT_EVAL_SEQ_LEN=window, TTT_BATCH_SIZE=batch,
+                     PHASED_TTT_PREFIX_DOCS=prefix, PHASED_TTT_NUM_PHASES=phases)
+    val = torch.cat((torch.tensor([7, 8, 9]), streams()["a"]))  # text before the first BOS is document 0
+    seen = torch.zeros(val.numel() - 1, dtype=torch.long)
+    step = train_gpt.lora_step
+
+    def counting(base, head, opt, val_d, luts_d, idx, lo, hi, *a):
+        seen.index_add_(0, idx[(idx >= lo[:, None]) & (idx < hi[:, None])], torch.ones((), dtype=torch.long).expand(
+            int(((idx >= lo[:, None]) & (idx < hi[:, None])).sum())))
+        return step(base, head, opt, val_d, luts_d, idx, lo, hi, *a)
+    monkeypatch.setattr(train_gpt, "lora_step", counting)
+    model, luts = noisy_model(args), varied_luts()
+    docs = train_gpt.document_ids(val)[0]
+    r = train_gpt.evaluate_ttt_lora(copy.deepcopy(model), val, luts, args, cpu_runtime(), lambda m: None, docs=docs)
+    assert (seen == 1).all()
+    plain = train_gpt.evaluate(model, val, luts, args, cpu_runtime(), SEQ, docs=docs)
+    assert (r["tokens"], r["bytes"]) == (plain["tokens"], plain["bytes"]) == (val.numel() - 1, plain["bytes"])
+    assert torch.equal(r["docs"][:, 1:], plain["docs"][:, 1:])  # the same targets and bytes in every document
+    assert r["stride"] == chunk
+
+
+# ---- score before update: per-document adapters and the phases' global SGD
+
+def recorded(monkeypatch, args, val, leak=False):
+    """Events in call order: ("score", doc, positions) for each row of a scoring call, ("adapt", doc, positions) for
+    the positions each row's adapter step trains on, ("global", None, positions) for each global SGD phase."""
+    events, step, sgd = [], train_gpt.lora_step, train_gpt.global_sgd
+
+    def recording_step(base, head, opt, val_d, luts_d, idx, lo, hi, train, rows, rt, sums):
+        scored = (idx >= lo[:, None]) & (idx < hi[:, None])
+        for i, d in enumerate(rows.tolist()):
+            events.append(("score", d, set(idx[i][scored[i]].tolist())))
+        for i in torch.nonzero(train).flatten().tolist():
+            events.append(("adapt", int(rows[i]), set(idx[i][scored[i]].tolist())))
+        return step(base, head, opt, val_d, luts_d, idx, lo, hi, train, rows, rt, sums)
+
+    def recording_sgd(base, params, val_d, hi, args, rt):
+        hi = val_d.numel() - 1 if leak else hi  # the leak: train on the whole stream, later documents included
+        events.append(("global", None, set(range(hi))))
+        return sgd(base, params, val_d, hi, args, rt)
+    monkeypatch.setattr(train_gpt, "lora_step", recording_step)
+    monkeypatch.setattr(train_gpt, "global_sgd", recording_sgd)
+    train_gpt.evaluate_ttt_lora(noisy_model(args), val, ones_luts(1024), args, cpu_runtime(), lambda m: None)
+    return events
+
+
+def violations(events) -> list:
+    """Trained positions that a later scoring call scores: an adapter step against later scores of its document,
+    a global step against any later score."""
+    bad = []
+    for i, (kind, doc, trained) in enumerate(events):
+        for kind2, doc2, scored in events[i + 1:]:
+            if kind2 == "score" and (kind == "global" or doc2 == doc) and trained & scored:
+                bad.append((i, kind, doc, sorted(trained & scored)[:3]))
+    return bad
+
+
+def test_no_position_is_trained_on_before_it_is_scored(monkeypatch):
+    val = streams()["a"]
+    events = recorded(monkeypatch, lora_args(), val)
+    assert violations(events) == []
+    # each adapter step trains on exactly the chunk of its document that was just scored, and not on its last chunk
+    for i, (kind, doc, pos) in enumerate(events):
+        if kind == "adapt":
+            last_score = next(e for e in reversed(events[:i]) if e[0] == "score" and e[1] == doc)
+            assert pos == last_score[2]
+    spans = train_gpt.document_ids(val)[1].tolist() + [val.numel() - 1]
+    last_chunks = {d: max(p for k, dd, ps in events if k == "score" and dd == d for p in ps) for d in range(8)}
+    assert all(last_chunks[d] == spans[d + 1] - 1 for d in range(8))
+    assert not any(k == "adapt" and last_chunks[d] in ps for k, d, ps in events)
+    # not vacuous: adapters trained in every document with more than one chunk; two global phases, on docs 0-1, 0-3
+    assert {d for k, d, _ in events if k == "adapt"} == set(range(8))
+    assert [max(ps) + 1 for k, _, ps in events if k == "global"] == [spans[2], spans[4]]
+
+
+def test_the_check_fails_when_a_phase_trains_ahead(monkeypatch):
+    assert violations(recorded(monkeypatch, lora_args(), streams()["a"], leak=True))
+
+
+def test_phase_groups():
+    groups = lambda n, prefix, phases: train_gpt.phase_groups(n, lora_args(PHASED_TTT_PREFIX_DOCS=prefix,
+                                                                           PHASED_TTT_NUM_PHASES=phases))
+    assert groups(10, 4, 2) == [(0, 2), (2, 4), (4, 10)]
+    assert groups(10, 0, 3) == [(0, 10)]  # no prefix: pure per-document LoRA
+    assert groups(10, 5, 3) == [(0, 1), (1, 3), (3, 5), (5, 10)]
+    assert groups(3, 2000, 3) == [(0, 3)]  # bounds come from the prefix alone (666, ...): no phase inside 3 docs
+    assert groups(4, 2, 4) == [(0, 1), (1, 2), (2, 4)]  # empty groups dropped
+
+
+# ---- prefix invariance, document independence, 1 rank vs 2 ranks
+
+def all_scores(rt) -> dict:
+    args = lora_args()
+    model = noisy_model(args)
+    out = {}
+    for name, val in streams().items():
+        out[name, True] = lora_scores(model, val, args, rt)
+        out[name, False] = train_gpt.evaluate(model, val, ones_luts(1024), args, rt, 8,
+                                              docs=train_gpt.document_ids(val)[0])["docs"]
+    return out
+
+
+def check_prefix_invariance(scores):
+    for ttt in (False, True):  # a and b share documents 0-3: identical scores; the rest differ
+        assert torch.equal(scores["a", ttt][:4], scores["b", ttt][:4])
+        assert not torch.equal(scores["a", ttt][4:, 0], scores["b", ttt][4:, 0])
+    assert not torch.allclose(scores["a", True][:, 0], scores["a", False][:, 0])  # TTT changed the scores
+    # c differs from a in document 0 only. Document 1 shares its phase: adapted on its own tokens only, its score
+    # stays (up to float noise from the batch it rides in); documents 2-3 come after a global phase that trained on
+    # document 0, so theirs move.
+    torch.testing.assert_close(scores["c", True][1], scores["a", True][1], rtol=1e-6, atol=1e-6)
+    assert (scores["c", True][2:4, 0] - scores["a", True][2:4, 0]).abs().min() > 1e-4
+
+
+def test_prefix_invariance_one_rank():
+    check_prefix_invariance(all_scores(cpu_runtime()))
+
+
+def two_rank_worker(rank, store, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        scores = all_scores(train_gpt.Runtime(rank, 2, torch.device("cpu")))
+        if rank == 0:
+            torch.save(scores, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_prefix_invariance_and_match_one_rank(tmp_path):
+    """On 2 gloo ranks each phase's batches of documents are dealt out and the global SGD batches split, gradients
+    summed; prefix invariance holds exactly and the scores equal 1 rank's up to summation order."""
+    out = tmp_path / "scores.pt"
+    mp.start_processes(two_rank_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, start_method="spawn")
+    two = torch.load(out)
+    check_prefix_invariance(two)
+    one = all_scores(cpu_runtime())
+    for key in one:
+        assert torch.equal(one[key][:, 1:], two[key][:, 1:])
+        torch.testing.assert_close(two[key][:, 0], one[key][:, 0], rtol=1e-6, atol=1e-6)
+
+
+# ---- adapters and configuration
+
+def test_adapters_start_at_zero_and_reach_every_target_module():
+    args = lora_args(TTT_K_LORA=0)
+    model = noisy_model(args)
+    adapters = train_gpt.DocAdapters(model, args)
+    assert adapters.names == ["blocks.0.attn.c_q", "blocks.0.attn.c_v", "blocks.0.attn", "blocks.0.mlp",
+                              "blocks.1.attn.c_q", "blocks.1.attn.c_v", "blocks.1.attn", "blocks.1.mlp", "head"]
+    x = streams()["a"][:SEQ + 1]
+    xb, yb = x[None, :-1].repeat(3, 1), x[None, 1:].repeat(3, 1)
+    ctx = train_gpt.Ctx(looping=model.final_ctx.looping)
+    with torch.no_grad():
+        plain = model(xb, yb, per_token=True)
+        with adapters.attached(model) as head:  # B = 0: the adapted model is the model
+            assert torch.equal(train_gpt.lora_nats(model, head, xb, yb, ctx), plain)
+            for lora in adapters.loras:
+                lora.B.normal_()
+            moved = train_gpt.lora_nats(model, head, xb, yb, ctx)
+        assert torch.equal(model(xb, yb, per_token=True), plain)  # hooks removed on exit
+    assert not torch.allclose(moved, plain)
+    for lora in adapters.loras:  # every row starts from the same A, drawn from SEED
+        assert torch.equal(lora.A[0], lora.A[2]) and lora.scale == 1.0
+    assert train_gpt.DocAdapters(model, lora_args(TTT_LORA_ALPHA=8)).loras[0].scale == 2.0
+
+
+def test_rows_are_independent_documents():
+    """Row i's nats depend only on row i's tokens and adapter: changing row 0's tokens and adapter leaves row 1."""
+    args = lora_args()
+    model = noisy_model(args)
+    adapters = train_gpt.DocAdapters(model, args)
+    val = streams()["a"]
+    x, y = torch.stack((val[:SEQ], val[20:20 + SEQ], val[40:40 + SEQ])), torch.stack((val[1:SEQ + 1], val[21:21 + SEQ], val[41:41 + SEQ]))
+    ctx = train_gpt.Ctx(looping=model.final_ctx.looping)
+    with torch.no_grad(), adapters.attached(model) as head:
+        for lora in adapters.loras:
+            lora.B.normal_()
+        before = train_gpt.lora_nats(model, head, x, y, ctx)
+        x2 = x.clone()
+        x2[0] = torch.flip(x2[0], (0,))
+        for lora in adapters.loras:
+            lora.B[0].normal_()
+        after = train_gpt.lora_nats(model, head, x2, y, ctx)
+    torch.testing.assert_close(after[1:], before[1:], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(after[0], before[0])
+
+
+def test_config_checks():
+    with pytest.raises(train_gpt.UserError, match="TTT_CHUNK_SIZE=64: must be <= the TTT context .16."):
+        lora_args(TTT_CHUNK_SIZE=64)
+    with pytest.raises(train_gpt.UserError, match="TTT_MODE='adam': must be one of sgd, lora"):
+        lora_args(TTT_MODE="adam")
+    with pytest.raises(train_gpt.UserError, match="unknown environment variable GLOBAL_TTT_LRR"):
+        train_gpt.Hyperparameters.from_env({"GLOBAL_TTT_LRR": "1"})
+    assert train_gpt.Hyperparameters.from_env({}).ttt_mode == "sgd"  # the default stack keeps the measured SGD form
