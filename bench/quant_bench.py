@@ -142,11 +142,12 @@ def frontier():
             h = entropy_bytes(q)
             print(f"| {name} | {comp} | {n:,} | {h:,.0f} | {len(blob):,} | {100 * (len(blob) / h - 1):+.2f}% | "
                   f"{tq:.1f} | {tc:.1f} |", flush=True)
+    factors = {n: train_gpt.gptq_factor(H) for n, H in hessians.items()}  # as export_artifact: once per matrix
     for target in (16_000_000 - 10_000, 13_000_000):
         a = dataclasses.replace(args, compressor="constriction", target_bytes=target)
         lines = []
         t0 = time.perf_counter()
-        blob = train_gpt.fit_artifact(state, a, hessians, os.path.getsize(train_gpt.__file__), lines.append)
+        blob = train_gpt.fit_artifact(state, a, factors, os.path.getsize(train_gpt.__file__), lines.append)
         print(f"\nsize fit, TARGET_BYTES={target:,} (GPTQ, constriction, code {os.path.getsize(train_gpt.__file__):,} "
               f"bytes): {time.perf_counter() - t0:.0f}s, artifact {len(blob):,} bytes")
         print("\n".join("    " + l for l in lines), flush=True)
