@@ -81,7 +81,7 @@ def test_summary_numbers_win_and_the_log_beside_it_gives_the_curves():
     assert run.val and all(t is not None for *_, t in run.train) and not run.times_estimated
     from_log = load_run(str(EXAMPLES / "cpu_sample_wd50.txt"))
     assert from_log.final_bpb == run.final_bpb and from_log.val == run.val  # the .json is read beside the .txt
-    assert [e["name"] for e in run.events] == [e["name"] for e in s["events"]] == ["warmdown", "qat"]
+    assert [e["name"] for e in run.events] == [e["name"] for e in s["events"]] == ["looping", "warmdown", "qat"]
 
 
 def test_summary_alone_estimates_times_from_the_step_average(tmp_path):
@@ -194,7 +194,8 @@ def test_plotting_two_tiny_cpu_runs_writes_a_png(markov_data, tmp_path, capsys):
 
 def test_compare_table_holds_each_summary_figure(tmp_path, capsys):
     s = json.loads((EXAMPLES / "cpu_sample_wd50.json").read_text())
-    s["ttt"] = dict(val_bpb=1.23456)  # a run with test-time training
+    ran_ttt = f"{s['ttt']['val_bpb']:.4f}"  # the example ran the default stack's TTT
+    s["ttt"] = dict(val_bpb=1.23456)  # another TTT score
     s["run_id"] = "with_ttt"
     paths = [str(EXAMPLES / "cpu_sample_wd50.json"), write(tmp_path / "with_ttt.json", json.dumps(s)),
              write(tmp_path / "junk.txt", "junk\n")]
@@ -205,7 +206,7 @@ def test_compare_table_holds_each_summary_figure(tmp_path, capsys):
                       "artifact_bytes", "eval_s"]
     assert plain == ["cpu_sample_wd50", s["config"]["preset"], str(s["steps"]), f"{s['step_avg_ms']:.1f}",
                      f"{s['pre_quant']['val_bpb']:.4f}", f"{s['final']['val_bpb']:.4f}", f"{s['quant_gap_bpb']:+.5f}",
-                     "-", f"{s['bytes_total']:,}", f"{s['final']['eval_time_s']:.1f}"]
+                     ran_ttt, f"{s['bytes_total']:,}", f"{s['final']['eval_time_s']:.1f}"]
     assert ttt[0] == "with_ttt" and ttt[7] == "1.2346" and ttt[1:7] == plain[1:7]
     assert err.strip() == f"compare_runs.py: skipping {paths[2]}: not a train_gpt.py log (no run_id:, config: or " \
                           "step: lines)"
