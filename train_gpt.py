@@ -342,6 +342,11 @@ ENV_FAMILIES = ("NUM_", "MODEL_", "MLP_", "TRAIN_", "VAL_", "EVAL_", "MUON_", "N
                 "GPTQ_", "ATTN_", "TARGET_", "LQER_", "TTT_", "PHASED_TTT_", "GLOBAL_TTT_")
 
 
+# Upstream switches that are a value of one of our variables here
+UPSTREAM_SWITCHES = dict(PHASED_TTT_ENABLED="upstream's switch for phased LoRA TTT: here TTT_MODE=lora turns it on, "
+                                            "TTT_MODE=sgd (the default) off")
+
+
 def reject_unknown_env(env, known):
     for key in env:
         if key in known:
@@ -349,6 +354,7 @@ def reject_unknown_env(env, known):
         close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.85)
         if close or key.startswith(ENV_FAMILIES):
             hint = f" (did you mean {close[0]}?)" if close else ""
+            hint = f" ({UPSTREAM_SWITCHES[key]})" if key in UPSTREAM_SWITCHES else hint
             raise UserError(f"unknown environment variable {key}{hint}; fix its name or unset it")
 
 

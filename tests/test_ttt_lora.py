@@ -250,4 +250,7 @@ def test_config_checks():
         lora_args(TTT_MODE="adam")
     with pytest.raises(train_gpt.UserError, match="unknown environment variable GLOBAL_TTT_LRR"):
         train_gpt.Hyperparameters.from_env({"GLOBAL_TTT_LRR": "1"})
+    with pytest.raises(train_gpt.UserError, match=r"unknown environment variable PHASED_TTT_ENABLED \(upstream's switch "
+                       r"for phased LoRA TTT: here TTT_MODE=lora turns it on"):
+        train_gpt.Hyperparameters.from_env({"PHASED_TTT_ENABLED": "1"})
     assert train_gpt.Hyperparameters.from_env({}).ttt_mode == "sgd"  # the default stack keeps the measured SGD form
