@@ -254,3 +254,23 @@ def test_config_checks():
                        r"for phased LoRA TTT: here TTT_MODE=lora turns it on"):
         train_gpt.Hyperparameters.from_env({"PHASED_TTT_ENABLED": "1"})
     assert train_gpt.Hyperparameters.from_env({}).ttt_mode == "sgd"  # the default stack keeps the measured SGD form
+
+
+def test_over_budget_projection_is_loud_and_marked():
+    """The projection comes after this rank's first 4 batches of documents; past EVAL_BUDGET_SECONDS it warns with
+    the LoRA knobs to turn, and the result is marked."""
+    lines = []
+    for budget, warned in (("1e-6", True), ("600", False)):
+        args = lora_args(TTT_BATCH_SIZE=1, EVAL_BUDGET_SECONDS=budget)
+        lines.clear()
+        r = train_gpt.evaluate_ttt_lora(noisy_model(args), streams()["a"], ones_luts(1024), args, cpu_runtime(),
+                                        lines.append)
+        proj = [l for l in lines if l.startswith("ttt_projection: work:")]
+        assert len(proj) == 1 and r["over_budget"] == warned and r["chunks"] == 8
+        warning = [l for l in lines if l.startswith("WARNING: TTT_ENABLED=1 is projected")]
+        assert len(warning) == warned
+        if warned:
+            assert "lower PHASED_TTT_PREFIX_DOCS or GLOBAL_TTT_EPOCHS, raise TTT_CHUNK_SIZE" in warning[0]
+        # one document per batch, groups 0-1 | 2-3 | 4-7: the 4th batch is document 3, after the first phase
+        phases = [i for i, l in enumerate(lines) if l.startswith("ttt_phase:")]
+        assert phases[0] < lines.index(proj[0]) < phases[1]
