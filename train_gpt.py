@@ -1217,13 +1217,17 @@ def use_compile(args, rt) -> bool:
 def build_model(args, rt, mtp=True):
     margs = args if mtp else dataclasses.replace(args, mtp_heads=0)
     base = GPT(margs).to(rt.device)
+    return base, compile_model(base, args, rt)
+
+
+def compile_model(base, args, rt):
+    """base under torch.compile (CUDA by default, see COMPILE), else base itself."""
     if not use_compile(args, rt):
-        return base, base
+        return base
     # one graph per context, eval shape and model instance: more than dynamo's default of 8 for one code object,
     # and with fullgraph=True going past the limit is an error, not a fallback
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    compiled = torch.compile(base, dynamic=False, fullgraph=True)
-    return base, compiled
+    return torch.compile(base, dynamic=False, fullgraph=True)
 
 
 def train_step(model, batches, optimizers, args, rt, ctx: Ctx) -> Tensor:
@@ -1432,9 +1436,13 @@ def score_windows(model, val_d, luts_d, windows: Tensor, batch_seqs: int, rt, ct
         with torch.no_grad(), rt.autocast():
             nll = model(x, y, ctx=ctx, per_token=True).double()
         scored = (idx >= batch[:, 1:2]) & (idx < batch[:, 2:3])
-        row = docs_d[idx[scored]] if docs_d is not None else torch.zeros_like(idx[scored])
-        values = torch.stack((nll[scored], torch.ones_like(nll[scored]), target_bytes(x, y, luts_d)[scored].double()), 1)
-        sums.index_add_(0, row, values)
+        add_scores(sums, docs_d[idx] if docs_d is not None else torch.zeros_like(idx), nll, x, y, luts_d, scored)
+
+
+def add_scores(sums: Tensor, rows: Tensor, nll: Tensor, x: Tensor, y: Tensor, luts_d, scored: Tensor):
+    """Adds the nats, count and bytes of the scored targets to sums[rows] (rows: each target's document)."""
+    nll = nll.detach().double()[scored]
+    sums.index_add_(0, rows[scored], torch.stack((nll, torch.ones_like(nll), target_bytes(x, y, luts_d)[scored].double()), 1))
 
 
 def totals(sums: Tensor, rt, t0: float, stride: int, keep_docs: bool) -> dict:
@@ -1549,7 +1557,12 @@ def evaluate_ttt(base, model, val: Tensor, luts, args, rt, stride: int, log, doc
             rt.sync()
             projection = ttt_projection(args, rt, val, time.perf_counter() - t0, c + 1, len(chunks), spent_s, log)
     out = totals(sums, rt, t0, min(stride or L, L), docs is not None)
-    out.update(chunks=len(chunks), chunk_time_s=out["eval_time_s"] / len(chunks), **projection)
+    return ttt_result(out, len(chunks), projection, spent_s, args)
+
+
+def ttt_result(out: dict, units: int, projection: dict, spent_s: float, args, **extra) -> dict:
+    """A TTT eval's totals with its work units (chunks, or batches of documents), projection and budget verdict."""
+    out.update(chunks=units, chunk_time_s=out["eval_time_s"] / max(units, 1), **projection, **extra)
     out["over_budget"] = projection["over_budget"] or spent_s + out["eval_time_s"] > args.eval_budget_seconds
     return out
 
@@ -1560,7 +1573,7 @@ def final_ttt(args, rt, fresh, val, luts, docs, spent_s, log) -> dict:
     if args.ttt_mode == "lora":  # eager: its shapes change with every chunk
         r = evaluate_ttt_lora(base, val, luts, args, rt, log, docs, spent_s)
     else:
-        model = torch.compile(base, dynamic=False, fullgraph=True) if use_compile(args, rt) else base
+        model = compile_model(base, args, rt)
         if model is not base:
             _, L, batch_seqs = ttt_plan(val, args, rt, args.eval_stride)
             ttt_warmup(base, model, args, rt, args.eval_stride, batch_seqs, L)
@@ -1707,9 +1720,7 @@ def lora_step(base, head, opt, val_d, luts_d, idx: Tensor, lo: Tensor, hi: Tenso
     with torch.enable_grad(), rt.autocast():
         nll = lora_nats(base, head, x, y, Ctx(looping=base.final_ctx.looping)).float()
     scored = (idx >= lo[:, None]) & (idx < hi[:, None])
-    values = torch.stack((nll.detach().double(), torch.ones_like(idx, dtype=torch.float64),
-                          target_bytes(x, y, luts_d).double()), -1)
-    sums.index_add_(0, rows[:, None].expand_as(idx)[scored], values[scored])
+    add_scores(sums, rows[:, None].expand_as(idx), nll, x, y, luts_d, scored)
     if train.any():
         per_doc = (nll * scored).sum(1) / scored.sum(1)
         opt.zero_grad(set_to_none=True)
@@ -1796,9 +1807,7 @@ def evaluate_ttt_lora(base, val: Tensor, luts, args, rt, log, docs: Tensor | Non
     if projection is None:
         projection = ttt_projection(args, rt, val, time.perf_counter() - t0, work, work, spent_s, log, "work")
     out = totals(sums, rt, t0, args.ttt_chunk_size, docs is not None)
-    out.update(chunks=batches, chunk_time_s=out["eval_time_s"] / max(batches, 1), phases=len(groups) - 1, **projection)
-    out["over_budget"] = projection["over_budget"] or spent_s + out["eval_time_s"] > args.eval_budget_seconds
-    return out
+    return ttt_result(out, batches, projection, spent_s, args, phases=len(groups) - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1882,9 +1891,9 @@ def gptq_quantize(w: Tensor, H: Tensor | GPTQFactor, scale: Tensor, bits: int) -
     rest updated once per block. Dead columns (H_ii = 0: an input that was always zero) get weight 0. Int8 codes."""
     qmax = 2 ** (bits - 1) - 1
     f = H if isinstance(H, GPTQFactor) else gptq_factor(H)
-    W, s, U = w.float().clone(), scale.float().to(w.device), f.U.to(w.device)
-    W[:, f.dead.to(w.device)] = 0.0
-    perm = f.perm.to(w.device)
+    U, perm = f.U, f.perm  # on the Hessian's device: the work goes there
+    W, s = w.to(U.device, torch.float32, copy=True), scale.to(U.device, torch.float32)
+    W[:, f.dead] = 0.0
     W = W[:, perm]
     Q = torch.zeros_like(W)
     for i in range(0, W.size(1), GPTQ_BLOCK):
@@ -1907,8 +1916,7 @@ def quantize_entry(name, t: Tensor, args, hessian=None, matrix_sigmas=None) -> d
         group, sigmas = export_group(t, args), export_sigmas(name, args, matrix_sigmas)
         q, s = quantize_tensor(t, bits, group, args.quant_clip_search, args.quant_int8_upstream, sigmas)
         if hessian is not None:
-            dev = (hessian.U if isinstance(hessian, GPTQFactor) else hessian).device
-            q = gptq_quantize(t.to(dev), hessian, s.to(dev), bits).cpu()
+            q = gptq_quantize(t, hessian, s, bits).cpu()
         return dict(q=q, scale=s, bits=bits, group=group)
     if t.is_floating_point():
         fp32 = matches_any(name, args.int8_keep_float_fp32_name_patterns)
@@ -2036,12 +2044,8 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_he
                 "ln_scale", "mlp_act", "mlp_leaky_slope", "skip_gates_enabled", "num_loops", "loop_start", "loop_end",
                 "parallel_start_layer", "parallel_final_lane", "sparse_attn_gate_enabled", "sparse_attn_gate_scale",
                 "gate_window", "smear_gate_enabled", "doc_mask")
-EVAL_FIELDS = ("train_seq_len", "eval_seq_len", "eval_stride", "val_max_tokens", "ttt_enabled", "ttt_lr", "ttt_epochs",
-               "ttt_momentum", "ttt_chunk_tokens", "ttt_grad_clip", "ttt_batch_seqs", "ttt_mode", "ttt_lora_rank",
-               "ttt_lora_alpha", "ttt_lora_lr", "ttt_beta1", "ttt_beta2", "ttt_weight_decay", "ttt_chunk_size",
-               "ttt_batch_size", "ttt_eval_seq_len", "ttt_k_lora", "ttt_o_lora", "ttt_mlp_lora",
-               "phased_ttt_prefix_docs", "phased_ttt_num_phases", "global_ttt_lr", "global_ttt_momentum",
-               "global_ttt_epochs", "global_ttt_chunk_tokens", "global_ttt_batch_seqs", "global_ttt_grad_clip")
+EVAL_FIELDS = ("train_seq_len", "eval_seq_len", "eval_stride", "val_max_tokens") + tuple(
+    f.name for f in dataclasses.fields(Hyperparameters) if f.name.startswith(("ttt_", "phased_ttt_", "global_ttt_")))
 ARTIFACT_VERSION = 2  # 2: range-coded codes (COMPRESSOR=constriction)
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CODED_MAGIC = b"PGrc"  # then sha256 of the rest, side-data length, lzma side data, range-coded uint32 words

@@ -61,8 +61,8 @@ def test_every_target_scored_exactly_once(monkeypatch, chunk, window, batch, pre
     step = train_gpt.lora_step
 
     def counting(base, head, opt, val_d, luts_d, idx, lo, hi, *a):
-        seen.index_add_(0, idx[(idx >= lo[:, None]) & (idx < hi[:, None])], torch.ones((), dtype=torch.long).expand(
-            int(((idx >= lo[:, None]) & (idx < hi[:, None])).sum())))
+        scored = idx[(idx >= lo[:, None]) & (idx < hi[:, None])]
+        seen.index_add_(0, scored, torch.ones_like(scored))
         return step(base, head, opt, val_d, luts_d, idx, lo, hi, *a)
     monkeypatch.setattr(train_gpt, "lora_step", counting)
     model, luts = noisy_model(args), varied_luts()
