@@ -274,3 +274,37 @@ def test_over_budget_projection_is_loud_and_marked():
         # one document per batch, groups 0-1 | 2-3 | 4-7: the 4th batch is document 3, after the first phase
         phases = [i for i, l in enumerate(lines) if l.startswith("ttt_phase:")]
         assert phases[0] < lines.index(proj[0]) < phases[1]
+
+
+def test_lora_delta_by_hand_and_causality_with_adapters_on():
+    """delta(x_i) = (alpha/rank) x_i A_i^T B_i^T, row by row, written out with explicit sums; and with every adapter
+    moved off zero, changing the token at position t leaves the nats of every earlier target unchanged."""
+    g = torch.Generator().manual_seed(5)
+    a0 = torch.randn(3, 4, generator=g)
+    lora = train_gpt.LoRA(2, 4, 5, 3, 1.5, a0)
+    with torch.no_grad():
+        lora.B.copy_(torch.randn(2, 5, 3, generator=g))
+    x = torch.randn(2, 6, 4, generator=g)
+    by_hand = torch.zeros(2, 6, 5)
+    for i in range(2):
+        for t in range(6):
+            for o in range(5):
+                by_hand[i, t, o] = 1.5 * sum(float(x[i, t] @ a0[r]) * float(lora.B.detach()[i, o, r]) for r in range(3))
+    torch.testing.assert_close(lora(x).detach(), by_hand, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lora(x[:1]).detach(), by_hand[:1], rtol=1e-5, atol=1e-5)  # the first m rows
+
+    args = lora_args()
+    model = noisy_model(args)
+    adapters = train_gpt.DocAdapters(model, args)
+    val = streams()["a"]
+    x, y = val[None, :SEQ].clone(), val[None, 1:SEQ + 1]
+    ctx = train_gpt.Ctx(looping=model.final_ctx.looping)
+    with torch.no_grad(), adapters.attached(model) as head:
+        for a in adapters.loras:
+            a.B.normal_()
+        before = train_gpt.lora_nats(model, head, x, y, ctx)
+        for t in (3, 9, SEQ - 1):
+            x2 = x.clone()
+            x2[0, t] = (x2[0, t] + 7) % 1024
+            after = train_gpt.lora_nats(model, head, x2, y, ctx)
+            assert torch.equal(after[0, :t], before[0, :t]) and not torch.equal(after[0, t:], before[0, t:])
