@@ -1715,11 +1715,13 @@ def lora_step(base, head, opt, val_d, luts_d, idx: Tensor, lo: Tensor, hi: Tenso
               rt, sums: Tensor):
     """Scores the targets [lo, hi) of each row's window idx (positions) into sums by document (rows), then one AdamW
     step on the mean nats of that chunk for the rows marked train. Rows never mix, so each gradient reaches only its
-    own document's adapters."""
+    own document's adapters. Padding past the stream's last target reads that target's tokens but is never scored:
+    `scored` comes from the positions themselves, before they are clamped."""
+    scored = (idx >= lo[:, None]) & (idx < hi[:, None])
+    idx = idx.clamp(max=val_d.numel() - 2)
     x, y = val_d[idx], val_d[idx + 1]
     with torch.enable_grad(), rt.autocast():
         nll = lora_nats(base, head, x, y, Ctx(looping=base.final_ctx.looping)).float()
-    scored = (idx >= lo[:, None]) & (idx < hi[:, None])
     add_scores(sums, rows[:, None].expand_as(idx), nll, x, y, luts_d, scored)
     if train.any():
         per_doc = (nll * scored).sum(1) / scored.sum(1)
@@ -1742,7 +1744,7 @@ def lora_batch(base, adapters, rows: Tensor, spans: Tensor, val_d, luts_d, args,
             lo = first[:m] + c * C
             hi = torch.minimum(lo + C, end[:m])
             start = torch.maximum(first[:m], hi - L)
-            idx = (start[:, None] + torch.arange(int((hi - start).max()))).clamp(max=val_d.numel() - 2)
+            idx = start[:, None] + torch.arange(int((hi - start).max()))
             lo, hi, idx, train = (t.to(rt.device) for t in (lo, hi, idx, hi < end[:m]))
             lora_step(base, head, opt, val_d, luts_d, idx, lo, hi, train, rows_d[:m], rt, sums)
 

@@ -77,6 +77,20 @@ def test_ttt_scores_every_target_exactly_once(monkeypatch, n, seq, stride, chunk
     assert (plain["tokens"], plain["bytes"], plain["stride"]) == (r["tokens"], r["bytes"], r["stride"])
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_exactly_once_over_random_sizes(monkeypatch, seed):
+    """Random stream length, window, stride, chunk and batch: the plain eval and TTT each score every target once."""
+    rng = np.random.default_rng(seed)
+    seq = int(rng.integers(4, 40))
+    n, stride, chunk = int(rng.integers(1, 200)), int(rng.integers(0, seq + 1)), int(rng.integers(1, 90))
+    r, _, _ = recorded_ttt(monkeypatch, n, seq, stride, chunk, batch=int(rng.integers(1, 6)))
+    args = tiny_args(TRAIN_SEQ_LEN=seq, EVAL_BATCH_SEQS=int(rng.integers(1, 6)))
+    plain = train_gpt.evaluate(Recorder(), torch.arange(n + 1), ones_luts(n + 1), args, cpu_runtime(), stride)
+    for out in (r, plain):
+        assert (out["tokens"], out["bytes"]) == (n, n), (n, seq, stride, chunk)
+        assert out["val_loss"] * n == pytest.approx(n * (n - 1) / 2, rel=1e-12)
+
+
 @pytest.mark.parametrize("n,seq,stride,chunk", CASES)
 def test_no_target_is_trained_on_before_it_is_scored(monkeypatch, n, seq, stride, chunk):
     r, model, events = recorded_ttt(monkeypatch, n, seq, stride, chunk)

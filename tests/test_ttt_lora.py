@@ -308,3 +308,29 @@ def test_lora_delta_by_hand_and_causality_with_adapters_on():
             x2[0, t] = (x2[0, t] + 7) % 1024
             after = train_gpt.lora_nats(model, head, x2, y, ctx)
             assert torch.equal(after[0, :t], before[0, :t]) and not torch.equal(after[0, t:], before[0, t:])
+
+
+# ---- exactly once over document-length mixes (a short last document beside longer ones once scored its padding)
+
+def mixed_docs(rng, lengths) -> torch.Tensor:
+    return stream([np.concatenate(([train_gpt.BOS_ID], rng.integers(4, 1024, size=n))) for n in lengths])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exactly_once_for_every_document_length_mix(seed):
+    """Random document lengths (0 to 40 tokens after the BOS, the last one often shorter than the window), random
+    chunk, window and batch sizes: every document gets exactly the plain eval's targets and bytes, and the stream's
+    last target is scored once."""
+    rng = np.random.default_rng(seed)
+    lengths = [int(n) for n in rng.integers(0, 40, size=int(rng.integers(2, 9)))]
+    lengths[-1] = int(rng.integers(0, 6))  # a short last document, batched with longer ones
+    val = mixed_docs(rng, lengths)
+    chunk, window, batch = int(rng.integers(1, 12)), int(rng.integers(8, 33)), int(rng.integers(1, 6))
+    args = lora_args(TTT_CHUNK_SIZE=chunk, TTT_EVAL_SEQ_LEN=window, TTT_BATCH_SIZE=batch,
+                     PHASED_TTT_PREFIX_DOCS=int(rng.integers(0, 4)), PHASED_TTT_NUM_PHASES=1)
+    model, luts = noisy_model(args), varied_luts()
+    docs = train_gpt.document_ids(val)[0]
+    r = train_gpt.evaluate_ttt_lora(copy.deepcopy(model), val, luts, args, cpu_runtime(), lambda m: None, docs=docs)
+    plain = train_gpt.evaluate(model, val, luts, args, cpu_runtime(), SEQ, docs=docs)
+    assert r["tokens"] == plain["tokens"] == val.numel() - 1, (lengths, chunk, window, batch)
+    assert torch.equal(r["docs"][:, 1:], plain["docs"][:, 1:]), (lengths, chunk, window, batch)
