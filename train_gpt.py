@@ -9,7 +9,7 @@ submission).
 from __future__ import annotations
 
 import contextlib, copy, dataclasses, difflib, glob, hashlib, json, math, os, platform, signal, sys, tempfile, time
-import lzma, uuid, zlib
+import lzma, re, uuid, zlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -201,8 +201,11 @@ class Hyperparameters:
             raise UserError(f"PRESET={preset!r} is unknown; use one of {', '.join(PRESETS)}")
         values = dict(PRESETS[preset], preset=preset)
         explicit = {f.name: parse_env_value(key, env[key], type(f.default)) for key, f in known.items() if key in env}
-        if explicit.get("eval_artifact"):  # the artifact's stored config sits between the preset and explicit vars
-            stored = read_artifact(explicit["eval_artifact"])[1]["config"]
+        if "eval_artifact" in explicit and not explicit["eval_artifact"]:
+            raise UserError("EVAL_ARTIFACT is empty; give the path of the .ptz to score, or unset it to train")
+        header = read_artifact(explicit["eval_artifact"], tensors=False)[1] if "eval_artifact" in explicit else None
+        if header:  # the artifact's stored config sits between the preset and explicit vars
+            stored = header["config"]
             for k in MODEL_FIELDS:
                 if k in explicit and explicit[k] != stored[k]:
                     raise UserError(f"{k.upper()}={explicit[k]!r} but the artifact was trained with {stored[k]!r}; "
@@ -210,6 +213,9 @@ class Hyperparameters:
             values.update(stored)
         args = cls(**dict(values, **explicit))
         args.validate()
+        if header and os.path.isfile(args.tokenizer_path) and header["tokenizer_sha256"] != file_sha256(args.tokenizer_path):
+            raise UserError(f"TOKENIZER_PATH={args.tokenizer_path} is not the tokenizer the artifact was trained with "
+                            f"(sha256 {header['tokenizer_sha256'][:16]}...); point it to that tokenizer's .model file")
         return args
 
     def validate(self):
@@ -250,6 +256,10 @@ class Hyperparameters:
         need(not self.gptq or self.quant_group_size == 0, "QUANT_GROUP_SIZE", "must be 0 with GPTQ=1 (per-row scales)")
         need(not self.target_bytes or self.matrix_clip_sigmas > 0, "TARGET_BYTES",
              "fits MATRIX_CLIP_SIGMAS: set MATRIX_CLIP_SIGMAS > 0 or TARGET_BYTES=0")
+        code = os.path.getsize(__file__)
+        need(not self.target_bytes or self.eval_artifact or self.target_bytes > code, "TARGET_BYTES",
+             f"leaves no room for a model: the code alone is {code} bytes; raise it (the cap is {ARTIFACT_CAP_BYTES}) "
+             "or set TARGET_BYTES=0")
         need(not (self.gptq and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds), "GPTQ_RESERVE_SECONDS",
              "must be below MAX_WALLCLOCK_SECONDS (it is taken off the training time)")
         need(self.ttt_mode != "lora" or self.ttt_chunk_size <= self.ttt_window(), "TTT_CHUNK_SIZE",
@@ -358,6 +368,15 @@ def reject_unknown_env(env, known):
             raise UserError(f"unknown environment variable {key}{hint}; fix its name or unset it")
 
 
+# What a shell user means by a number: ASCII digits, an optional sign, a decimal point and exponent for floats. Python's
+# int()/float() also take '1_0', surrounding spaces and other scripts' digits, which are typos here.
+NUMBER_SYNTAX = {int: re.compile(r"[+-]?[0-9]+"), float: re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")}
+
+
+SYNTAX_HINT = {bool: "0, 1, true or false", int: "ASCII digits, optional sign",
+               float: "ASCII digits, optional sign, decimal point and exponent"}
+
+
 def parse_env_value(key, text, kind):
     try:
         if kind is bool:
@@ -365,9 +384,12 @@ def parse_env_value(key, text, kind):
             if low not in ("0", "1", "true", "false"):
                 raise ValueError
             return low in ("1", "true")
+        if kind in NUMBER_SYNTAX and not NUMBER_SYNTAX[kind].fullmatch(text):
+            raise ValueError
         return kind(text)
     except ValueError:
-        raise UserError(f"{key}={text!r} is not a valid {kind.__name__}; fix its value or unset it") from None
+        hint = f" ({SYNTAX_HINT[kind]})" if kind in SYNTAX_HINT else ""
+        raise UserError(f"{key}={text!r} is not a valid {kind.__name__}{hint}; fix its value or unset it") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -422,8 +444,6 @@ class Logger:
 
     def __init__(self, path, enabled):
         self.path, self.enabled = path, enabled
-        if enabled:
-            open(path + ".partial", "x").close()
 
     def __call__(self, msg, console=True):
         if self.enabled:
@@ -435,6 +455,14 @@ class Logger:
     def close(self):
         if self.enabled:
             os.replace(self.path + ".partial", self.path)
+
+
+def file_sha256(path) -> str | None:
+    """Fingerprint of a file (the tokenizer's, stored in the artifact and the summary); None if it does not exist."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def write_atomic(path, data: bytes):
@@ -460,16 +488,60 @@ def check_writable_dir(path, var):
         raise UserError(f"{var}: cannot write in {path} ({e.strerror}); point {var} to a writable folder") from None
 
 
+# The files a run writes in LOG_DIR, after "<RUN_ID>": log (.partial while it runs), summary, submission, artifact,
+# per-document scores. Other files that start with the RUN_ID (a shell's redirect of stdout, say) are not the run's.
+RUN_OUTPUTS = r"\.(txt|txt\.partial|json|submission\.json|docs\.tsv|int\d+_[a-z]+\.ptz)"
+
+
+def run_files(log_dir, run_id) -> list[str]:
+    names = os.listdir(log_dir) if os.path.isdir(log_dir) else []
+    return sorted(n for n in names if re.fullmatch(re.escape(run_id) + RUN_OUTPUTS, n))
+
+
+def is_submission(path) -> bool:
+    """Whether `path` holds a submission file as write_reports writes it (the only file SUBMISSION_JSON may replace)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and {"val_bpb", "bytes_total", "track", "run_id"} <= obj.keys() and "config" not in obj
+
+
 def check_outputs(args):
-    """Before anything is written: LOG_DIR and the submission's folder are writable, and this RUN_ID is new."""
+    """Before anything is written: LOG_DIR and the submission's folder are writable, this RUN_ID is new, and
+    SUBMISSION_JSON is neither one of this run's other outputs nor an existing file other than a submission."""
     check_writable_dir(args.log_dir, "LOG_DIR")
-    taken = sorted(glob.glob(os.path.join(glob.escape(args.log_dir), glob.escape(args.run_id) + ".*")))
+    taken = run_files(args.log_dir, args.run_id)
     if taken:
-        raise UserError(f"RUN_ID={args.run_id} already has files in {args.log_dir} "
-                        f"({', '.join(map(os.path.basename, taken))}); set a new RUN_ID or remove those files")
-    if os.path.isdir(args.submission_json):
-        raise UserError(f"SUBMISSION_JSON={args.submission_json} is a folder; give a file path")
-    check_writable_dir(os.path.dirname(args.submission_json) or ".", "SUBMISSION_JSON")
+        raise UserError(f"RUN_ID={args.run_id} already has files in {args.log_dir} ({', '.join(taken)}); set a new "
+                        "RUN_ID or remove those files")
+    sub = args.submission_json
+    if os.path.isdir(sub):
+        raise UserError(f"SUBMISSION_JSON={sub} is a folder; give a file path")
+    others = (".txt", ".txt.partial", ".json", ".docs.tsv", f".{artifact_label(args)}.ptz")
+    if os.path.realpath(sub) in {os.path.realpath(output_path(args, s)) for s in others}:
+        raise UserError(f"SUBMISSION_JSON={sub} is where this run writes another of its files; give another path")
+    if os.path.exists(sub) and not is_submission(sub):
+        raise UserError(f"SUBMISSION_JSON={sub} exists and is not a submission file (a run's summary, log or "
+                        "artifact?); give another path or remove it")
+    check_writable_dir(os.path.dirname(sub) or ".", "SUBMISSION_JSON")
+
+
+def claim_run_id(args, rt):
+    """Creates the log's .partial file exclusively (rank 0), so two runs started at once with one RUN_ID cannot both
+    write: the second stops with one line."""
+    ok = [True]
+    if rt.is_main:
+        try:
+            open(output_path(args, ".txt.partial"), "x").close()
+        except FileExistsError:
+            ok[0] = False
+    if rt.distributed:
+        dist.broadcast_object_list(ok, src=0)
+    if not ok[0]:
+        raise UserError(f"RUN_ID={args.run_id} is being used by another run that just started in {args.log_dir}; "
+                        "set a new RUN_ID")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -589,8 +661,10 @@ def load_tokenizer(args):
         raise UserError(f"tokenizer {args.tokenizer_path} is not a SentencePiece model; set TOKENIZER_PATH to the "
                         ".model file that made the shards") from None
     if sp.vocab_size() != args.vocab_size:
+        fix = (f"the artifact was trained with VOCAB_SIZE={args.vocab_size}: set TOKENIZER_PATH to its tokenizer"
+               if args.eval_artifact else f"set VOCAB_SIZE={sp.vocab_size()} or use the matching tokenizer")
         raise UserError(f"tokenizer {args.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE="
-                        f"{args.vocab_size}; set VOCAB_SIZE={sp.vocab_size()} or use the matching tokenizer")
+                        f"{args.vocab_size}; {fix}")
     return sp
 
 
@@ -1373,6 +1447,10 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
             log(f"WARNING: the training wall clock ({args.max_wallclock_seconds:g}s: MAX_WALLCLOCK_SECONDS, less "
                 f"GPTQ_RESERVE_SECONDS with GPTQ=1) stopped this run at step {step}, before half of "
                 f"ITERATIONS={args.iterations}: the schedule and the score reflect a cut run")
+    base.final_ctx = Ctx(looping=ctx.looping)  # evaluation runs the order training ended in
+    if args.num_loops and not ctx.looping:
+        log(f"WARNING: looping never turned on (ENABLE_LOOPING_AT={args.enable_looping_at:g} was not reached); "
+            "the model is exported and scored in the plain layer order")
     if averager is not None and swa_count > 0:
         apply_average(base, averager)
         log(f"averaging: applied {'EMA' if args.ema_decay > 0 else 'SWA'} over {swa_count} updates")
@@ -1579,11 +1657,18 @@ def final_ttt(args, rt, fresh, val, luts, docs, spent_s, log) -> dict:
             ttt_warmup(base, model, args, rt, args.eval_stride, batch_seqs, L)
         r = evaluate_ttt(base, model, val, luts, args, rt, args.eval_stride, log, docs, spent_s)
     log(exact_line("final_ttt_exact", r))
+    require_finite(r, "test-time training diverged: lower TTT_LR (TTT_LORA_LR with TTT_MODE=lora) or set TTT_GRAD_CLIP")
     unit = "chunks" if args.ttt_mode == "sgd" else "doc_batches"
     log(f"ttt: mode:{args.ttt_mode} {unit}:{r['chunks']} avg:{1000 * r['chunk_time_s']:.0f}ms "
         f"eval_total:{spent_s + r['eval_time_s']:.1f}s budget:{args.eval_budget_seconds:g}s"
         f"{' OVER BUDGET' if r['over_budget'] else ''}")
     return r
+
+
+def require_finite(r, fix):
+    """A non-finite final score is an error, never a number in a summary or submission."""
+    if not math.isfinite(r["val_loss"]):
+        raise UserError(f"final val_loss is {r['val_loss']}: {fix}; no summary or submission written")
 
 
 def exact_line(name, r) -> str:
@@ -2046,9 +2131,9 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_he
                 "ln_scale", "mlp_act", "mlp_leaky_slope", "skip_gates_enabled", "num_loops", "loop_start", "loop_end",
                 "parallel_start_layer", "parallel_final_lane", "sparse_attn_gate_enabled", "sparse_attn_gate_scale",
                 "gate_window", "smear_gate_enabled", "doc_mask")
-EVAL_FIELDS = ("train_seq_len", "eval_seq_len", "eval_stride", "val_max_tokens") + tuple(
+EVAL_FIELDS = ("train_seq_len", "eval_seq_len", "eval_stride", "val_max_tokens", "seed") + tuple(
     f.name for f in dataclasses.fields(Hyperparameters) if f.name.startswith(("ttt_", "phased_ttt_", "global_ttt_")))
-ARTIFACT_VERSION = 2  # 2: range-coded codes (COMPRESSOR=constriction)
+ARTIFACT_VERSION = 3  # 2: range-coded codes (COMPRESSOR=constriction); 3: tokenizer hash, seed, eval order
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CODED_MAGIC = b"PGrc"  # then sha256 of the rest, side-data length, lzma side data, range-coded uint32 words
 
@@ -2091,7 +2176,7 @@ def range_decode(words: np.ndarray, lo: int, counts: list[int], n: int) -> np.nd
     return dec.decode(code_model(counts), n) + lo
 
 
-def pack(qstate, args) -> bytes:
+def pack(qstate, args, looping: bool | None = None) -> bytes:
     """body = 4-byte header length + JSON header (version, label, config, one entry per tensor with its arrays' dtype,
     shape and offset) + the raw arrays. zstd/zlib: compress(sha256(body) + body). constriction: each tensor's codes
     are range-coded (their array entry holds lo, counts and where its words are) and the body keeps the rest (scales,
@@ -2118,7 +2203,9 @@ def pack(qstate, args) -> bytes:
             meta["arrays"].append(entry)
         tensors.append(meta)
     config = {k: getattr(args, k) for k in MODEL_FIELDS + EVAL_FIELDS}
-    header = dict(version=ARTIFACT_VERSION, label=artifact_label(args), config=config, tensors=tensors)
+    looping = args.num_loops > 0 if looping is None else looping  # the layer order training ended in
+    header = dict(version=ARTIFACT_VERSION, label=artifact_label(args), config=config, tensors=tensors,
+                  tokenizer_sha256=file_sha256(args.tokenizer_path), looping=looping)
     head = json.dumps(header, separators=(",", ":")).encode()
     body = len(head).to_bytes(4, "little") + head + b"".join(chunks)
     if coded:
@@ -2148,15 +2235,17 @@ def open_container(data: bytes, bad) -> tuple[bytes, np.ndarray]:
         return body, np.frombuffer(rest[4 + n:], dtype="<u4").astype(np.uint32)
     if data[:4] == ZSTD_MAGIC:
         zstd = optional_module("zstandard", "reading this artifact")
-        try:
-            blob = zstd.ZstdDecompressor().decompress(data)
-        except zstd.ZstdError as e:
-            raise bad(f"cannot decompress ({e})") from None
+        d, error = zstd.ZstdDecompressor().decompressobj(), zstd.ZstdError
     else:
-        try:
-            blob = zlib.decompress(data)
-        except zlib.error as e:
-            raise bad(f"cannot decompress ({e})") from None
+        d, error = zlib.decompressobj(), zlib.error
+    try:
+        blob = d.decompress(data)
+    except error as e:
+        raise bad(f"cannot decompress ({e})") from None
+    if not d.eof:
+        raise bad("the compressed stream is cut short")
+    if d.unused_data:  # the checksum covers the compressed stream only: bytes after it would count but not load
+        raise bad(f"{len(d.unused_data)} bytes follow the end of the compressed stream")
     body = blob[32:]
     if len(blob) < 36 or hashlib.sha256(body).digest() != blob[:32]:
         raise bad("checksum mismatch")
@@ -2176,8 +2265,9 @@ def read_array(a, arrays_at, words, bad) -> Tensor:
     return torch.frombuffer(raw, dtype=dtype).reshape(a["shape"]) if nbytes else torch.empty(a["shape"], dtype=dtype)
 
 
-def unpack(data: bytes, path="artifact") -> tuple[dict[str, dict], dict]:
-    """(quantized state, header). Any truncation or altered byte is a one-line UserError naming the file."""
+def unpack(data: bytes, path="artifact", tensors=True) -> tuple[dict[str, dict], dict]:
+    """(quantized state, header); tensors=False: the header alone (checksums still verified). Any truncation or altered
+    byte is a one-line UserError naming the file."""
     def bad(why):
         return UserError(f"{path}: {why}; the file is truncated or corrupt, copy or regenerate it")
     body, words = open_container(data, bad)
@@ -2186,7 +2276,7 @@ def unpack(data: bytes, path="artifact") -> tuple[dict[str, dict], dict]:
     if header.get("version") != ARTIFACT_VERSION:
         raise UserError(f"{path}: artifact version {header.get('version')}, this script reads {ARTIFACT_VERSION}")
     out = {}
-    for meta in header["tensors"]:
+    for meta in header["tensors"] if tensors else ():
         arrays = [read_array(a, arrays_at, words, bad) for a in meta["arrays"]]
         if meta["bits"]:
             out[meta["name"]] = dict(q=arrays[0], scale=arrays[1], bits=meta["bits"], group=meta["group"])
@@ -2197,11 +2287,25 @@ def unpack(data: bytes, path="artifact") -> tuple[dict[str, dict], dict]:
     return out, header
 
 
-def read_artifact(path) -> tuple[dict[str, dict], dict]:
+# First bytes of files that get mistaken for an artifact, for a message that says what the file is
+FOREIGN_MAGICS = {b"PK\x03\x04": "a ZIP archive (torch.save writes these)", b"\x80": "a pickle",
+                  b"\x1f\x8b": "a gzip file", b"\xfd7zXZ": "an xz file", b"{": "JSON text"}
+
+
+def read_artifact(path, tensors=True) -> tuple[dict[str, dict], dict]:
+    if os.path.isdir(path):
+        raise UserError(f"EVAL_ARTIFACT={path} is a folder; give the .ptz file inside it")
     if not os.path.isfile(path):
         raise UserError(f"artifact {path} not found; set EVAL_ARTIFACT to a .ptz file written by train_gpt.py")
     with open(path, "rb") as f:
-        return unpack(f.read(), path)
+        data = f.read()
+    zlib_header = len(data) >= 2 and data[0] & 0x0F == 8 and int.from_bytes(data[:2], "big") % 31 == 0
+    if data[:4] not in (CODED_MAGIC, ZSTD_MAGIC) and not zlib_header:
+        what = next((w for m, w in FOREIGN_MAGICS.items() if data.startswith(m)),
+                    "empty" if not data else "text" if data[:64].isascii() else "of an unknown format")
+        raise UserError(f"{path} is not a train_gpt.py artifact (the file is {what}); set EVAL_ARTIFACT to a .ptz "
+                        "written by train_gpt.py")
+    return unpack(data, path, tensors)
 
 
 def artifact_label(args) -> str:
@@ -2234,6 +2338,7 @@ def build_summary(args, rt, base, n_params, result, pre, out, val_truncated) -> 
     return dict(run_id=args.run_id, config=dataclasses.asdict(args), device=rt.device.type, hardware=hardware_name(rt),
                 world_size=rt.world_size, torch_version=torch.__version__, cuda_version=torch.version.cuda,
                 seed=args.seed, data=args.data_label or os.path.basename(os.path.normpath(args.data_path)),
+                tokenizer_sha256=file_sha256(args.tokenizer_path),
                 smoke=bool(smoke), smoke_reasons=smoke,
                 model_params=n_params, train_flops_per_token=train_flops_per_token(args, base), steps=steps,
                 train_time_ms=result["train_time_ms"], step_avg_ms=result["train_time_ms"] / max(steps, 1),
@@ -2243,8 +2348,17 @@ def build_summary(args, rt, base, n_params, result, pre, out, val_truncated) -> 
                 quant_gap_bpb=out["roundtrip"]["val_bpb"] - pre["val_bpb"], **out)
 
 
+def json_safe(obj):
+    """obj with every NaN or infinity replaced by null: strict JSON parsers reject those tokens."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    return [json_safe(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
+
+
 def write_json(path, obj):
-    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+    write_atomic(path, (json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n").encode())
 
 
 def write_reports(args, rt, summary, log):
@@ -2263,7 +2377,8 @@ def write_reports(args, rt, summary, log):
         eval_time_seconds=final["eval_time_s"], bytes_total=summary["bytes_total"], bytes_code=summary["bytes_code"],
         bytes_model=summary["bytes_model"], artifact_valid=summary["artifact_valid"], seed=args.seed,
         ttt="ttt" in summary, val_loss_no_ttt=summary["final"]["val_loss"], val_bpb_no_ttt=summary["final"]["val_bpb"],
-        eval_over_budget=bool(summary.get("ttt", {}).get("over_budget")),
+        eval_over_budget=bool(summary.get("ttt", {}).get("over_budget")), size_fit=summary.get("size_fit"),
+        tokenizer_sha256=summary["tokenizer_sha256"],
         pytorch_version=torch.__version__, run_id=args.run_id)
     write_json(args.submission_json, submission)
     log(f"summary:{path} submission:{args.submission_json}")
@@ -2299,6 +2414,7 @@ def prepare(args, rt):
     loader = None if args.eval_artifact else TrainLoader(args, rt, args.grad_accum_steps or 8 // rt.world_size)
     if rt.distributed:
         dist.barrier()  # no rank creates a file before every rank has checked
+    claim_run_id(args, rt)
     return luts, val, truncated, loader
 
 
@@ -2316,31 +2432,44 @@ FIT_SIGMAS = (4.0, 48.0)  # bracket of the size fit's matrix k: 4 sigma already 
 FIT_BISECTIONS = 10  # after both ends: k within a factor (48/4)^(1/1024), 0.25% (~15 KB at the frontier size)
 
 
-def fit_artifact(state, args, hessians, code_bytes, log) -> bytes:
+def fit_artifact(state, args, hessians, code_bytes, log, looping=None) -> tuple[bytes, dict]:
     """TARGET_BYTES: the smallest matrix k in FIT_SIGMAS (finest steps, most precise codes) whose real artifact fits
     code_bytes + artifact <= TARGET_BYTES. A larger k means coarser steps and lower code entropy, so the size falls
     as k grows: bisection (in log k) on the real quantizer and encoder, keeping the smallest k seen to fit. Tensors
-    whose k does not move (embedding, kept tensors) are quantized once. Every trial is logged."""
+    whose k does not move (embedding, kept tensors) are quantized once. Every trial is logged. Returns the artifact
+    and what the fit did (fits: whether code + artifact <= TARGET_BYTES; matrix_clip_sigmas: the k, None if none)."""
     budget = args.target_bytes - code_bytes
-    moves = {n for n in state if export_sigmas(n, args, 1.0) != export_sigmas(n, args, 2.0)}
+    moves = {n for n, t in state.items() if t.is_floating_point() and export_bits(n, t, args)
+             and export_sigmas(n, args, 1.0) != export_sigmas(n, args, 2.0)}
     fixed = quantize_state({n: t for n, t in state.items() if n not in moves}, dataclasses.replace(args, lqer_enabled=False),
                            hessians)
 
+    def result(blob, k):
+        fit = dict(target_bytes=args.target_bytes, bytes_total=len(blob) + code_bytes, fits=len(blob) <= budget,
+                   matrix_clip_sigmas=k, trials=len(tried))
+        log(f"size_fit: {'fits' if fit['fits'] else 'FAILED'} matrix_clip_sigmas:{'none' if k is None else f'{k:.4f}'} "
+            f"bytes_model:{len(blob)} bytes_total:{fit['bytes_total']} target:{args.target_bytes} trials:{len(tried)}")
+        return blob, fit
+
     def trial(k):
         moved = {n: quantize_entry(n, state[n], args, (hessians or {}).get(n), k) for n in moves}
-        blob = pack(add_lqer({n: fixed[n] if n in fixed else moved[n] for n in state}, state, args), args)
+        blob = pack(add_lqer({n: fixed[n] if n in fixed else moved[n] for n in state}, state, args), args, looping)
         verdict = "fits" if len(blob) <= budget else "over"
         log(f"size_fit trial:{len(tried) + 1} matrix_clip_sigmas:{k:.4f} bytes_model:{len(blob)} "
             f"bytes_total:{len(blob) + code_bytes} target:{args.target_bytes} {verdict}")
         tried.append(k)
         return blob
     tried = []
+    if not moves:
+        log("size_fit: nothing to fit: no quantized matrix takes its SDClip k from MATRIX_CLIP_SIGMAS (all kept in "
+            "fp16 or fixed), so the artifact is written as it is")
+        return result(pack(add_lqer(fixed, state, args), args, looping), None)
     lo, hi = FIT_SIGMAS
     best = trial(hi)
     if len(best) > budget:
-        log(f"SIZE FIT FAILED: even MATRIX_CLIP_SIGMAS={hi:g} gives {len(best) + code_bytes} bytes > TARGET_BYTES="
-            f"{args.target_bytes}; writing that artifact (lower MATRIX_BITS or the model size)")
-        return best
+        log(f"WARNING: SIZE FIT FAILED: even MATRIX_CLIP_SIGMAS={hi:g} gives {len(best) + code_bytes} bytes > "
+            f"TARGET_BYTES={args.target_bytes}; lower MATRIX_BITS, EMBED_BITS or the model size, or raise TARGET_BYTES")
+        return result(best, None)
     blob = trial(lo)
     if len(blob) <= budget:
         hi, best = lo, blob
@@ -2351,15 +2480,13 @@ def fit_artifact(state, args, hessians, code_bytes, log) -> bytes:
             hi, best = mid, blob
         else:
             lo = mid
-    log(f"size_fit: matrix_clip_sigmas:{hi:.4f} bytes_model:{len(best)} bytes_total:{len(best) + code_bytes} "
-        f"target:{args.target_bytes} trials:{len(tried)}")
-    return best
+    return result(best, hi)
 
 
-def export_artifact(args, rt, base, hessians=None, log=print) -> str:
+def export_artifact(args, rt, base, hessians=None, log=print) -> tuple[str, dict | None]:
     """Quantize (GPTQ for the matrices in `hessians`) and compress in memory, fitting TARGET_BYTES when set, then write
-    the file atomically (rank 0)."""
-    path = output_path(args, f".{artifact_label(args)}.ptz")
+    the file atomically (rank 0). Returns its path and, on rank 0 with TARGET_BYTES, what the size fit did."""
+    path, fit = output_path(args, f".{artifact_label(args)}.ptz"), None
     if rt.is_main:
         t0, state = time.perf_counter(), export_state(base)
         hessians = hessians and {name: gptq_factor(H) for name, H in hessians.items()}
@@ -2367,15 +2494,15 @@ def export_artifact(args, rt, base, hessians=None, log=print) -> str:
             if f.damp != GPTQ_DAMP:
                 log(f"WARNING: GPTQ {name}: its Hessian only factored with damping {f.damp:g} x mean(diag)")
         if args.target_bytes:
-            blob = fit_artifact(state, args, hessians, os.path.getsize(__file__), log)
+            blob, fit = fit_artifact(state, args, hessians, os.path.getsize(__file__), log, base.final_ctx.looping)
         else:
-            blob = pack(quantize_state(state, args, hessians), args)
+            blob = pack(quantize_state(state, args, hessians), args, base.final_ctx.looping)
         write_atomic(path, blob)
         log(f"export: {'gptq' if hessians else 'round-to-nearest'} {args.compressor} bytes_model:{len(blob)} "
             f"time:{time.perf_counter() - t0:.1f}s")
     if rt.distributed:
         dist.barrier()
-    return path
+    return path, fit
 
 
 def calibrate(args, rt, base, loader, log) -> dict[str, Tensor] | None:
@@ -2404,6 +2531,7 @@ def score_artifact(args, rt, path, val, luts, log) -> dict:
         log(f"ARTIFACT OVER CAP: {total} bytes is {total - ARTIFACT_CAP_BYTES} over {ARTIFACT_CAP_BYTES}; "
             "this run is not a valid submission")
     fresh, fresh_compiled = build_model(args, rt, mtp=False)
+    fresh.final_ctx = Ctx(looping=header["looping"])
     try:
         fresh.load_state_dict(dequantize_state(qstate), strict=True)
     except RuntimeError:
@@ -2415,9 +2543,8 @@ def score_artifact(args, rt, path, val, luts, log) -> dict:
     docs = document_ids(val)[0] if args.save_doc_scores else None
     final = evaluate(fresh_compiled, val, luts, args, rt, stride=args.eval_stride, docs=docs) \
         if args.eval_stride or docs is not None else standard
-    if not math.isfinite(final["val_loss"]):
-        raise UserError(f"final val_loss is {final['val_loss']}; the model diverged, lower the learning rates")
     log(exact_line(f"final_{label}_roundtrip_exact", final))
+    require_finite(final, "the model diverged in training: lower the learning rates (MATRIX_LR, SCALAR_LR)")
     spent_s = standard["eval_time_s"] + (final["eval_time_s"] if final is not standard else 0.0)
     extra = after_plain_eval(args, rt, fresh, val, luts, final, docs, spent_s, log)
     return dict(roundtrip=standard, final=final, bytes_code=bytes_code, bytes_model=bytes_model, bytes_total=total,
@@ -2443,9 +2570,11 @@ def train_and_export(args, rt, loader, val, truncated, luts, log) -> dict:
     pre = evaluate(compiled, val, luts, args, rt, stride=0)
     log(f"pre_quant val_loss:{pre['val_loss']:.4f} val_bpb:{pre['val_bpb']:.4f} eval_time:{1000 * pre['eval_time_s']:.0f}ms")
     rt.stage = "export"
-    path = export_artifact(args, rt, base, hessians, log)
+    path, fit = export_artifact(args, rt, base, hessians, log)
     rt.stage = "eval"
     out = score_artifact(args, rt, path, val, luts, log)
+    if fit:  # a size fit that failed makes the artifact invalid as a submission of this run, whatever the cap says
+        out.update(size_fit=fit, artifact_valid=out["artifact_valid"] and fit["fits"])
     summary = build_summary(args, rt, base, n_params, result, pre, out, truncated)
     log(f"quant_gap_bpb:{summary['quant_gap_bpb']:+.5f} (standard eval, post - pre)")
     log(f"peak memory allocated: {summary['peak_mem_mib']:.0f} MiB")
@@ -2456,6 +2585,13 @@ def train_and_export(args, rt, loader, val, truncated, luts, log) -> dict:
 
 def rescore(args, rt, val, truncated, luts, log) -> dict:
     """EVAL_ARTIFACT: the final evaluation of a saved artifact, no training; writes the log and a summary."""
+    rt.stage = "rescore"
+    stored = read_artifact(args.eval_artifact, tensors=False)[1]["config"]
+    defaults = {f.name: f.default for f in dataclasses.fields(args)} | PRESETS[args.preset]
+    inherited = {k: stored[k] for k in EVAL_FIELDS if stored[k] == getattr(args, k) != defaults[k]}
+    if inherited:
+        log("eval_artifact: from the artifact (set a variable to override): "
+            + " ".join(f"{k.upper()}={v}" for k, v in inherited.items()))
     out = score_artifact(args, rt, args.eval_artifact, val, luts, log)
     summary = dict(run_id=args.run_id, mode="eval_artifact", config=dataclasses.asdict(args), hardware=hardware_name(rt),
                    world_size=rt.world_size, torch_version=torch.__version__, val_truncated=truncated, **out)
@@ -2477,7 +2613,9 @@ def run(args: Hyperparameters, rt: Runtime) -> dict:
         msg = {"setup": "interrupted before training; no artifact written",
                "train": f"interrupted at step {rt.step}; no artifact written",
                "export": "interrupted during export; previous files untouched",
-               "eval": "interrupted during the final evaluation; artifact kept, no summary written"}[rt.stage]
+               "eval": "interrupted during the final evaluation; artifact kept, no summary written",
+               "rescore": "interrupted while scoring EVAL_ARTIFACT; the artifact is untouched, no summary written",
+               }[rt.stage]
         log(msg, console=False)
         raise Interrupted(msg) from None
     except UserError as e:
@@ -2506,9 +2644,26 @@ def main():
         msg, code = str(e), 130
     except KeyboardInterrupt:
         msg, code = "interrupted before training; nothing written", 130
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one line is enough
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":  # under torchrun every rank fails alike; one line is enough
         print(f"train_gpt.py: {msg}", file=sys.stderr, flush=True)
+    elif code == 2:
+        wait_for_rank0(rank, msg)
     sys.exit(code)
+
+
+RANK0_WAIT_S = 60.0
+
+
+def wait_for_rank0(rank, msg):
+    """Under torchrun a rank that exits gets the others terminated, rank 0 too, maybe before it has printed the error
+    they all met. So the other ranks wait: torchrun ends them once rank 0 has printed and exited. A rank still alive
+    after RANK0_WAIT_S met an error rank 0 did not, and prints its own line."""
+    try:
+        time.sleep(RANK0_WAIT_S)
+    except KeyboardInterrupt:  # SIGTERM from torchrun: rank 0 is done
+        return
+    print(f"train_gpt.py (rank {rank}): {msg}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def frontier():
         a = dataclasses.replace(args, compressor="constriction", target_bytes=target)
         lines = []
         t0 = time.perf_counter()
-        blob = train_gpt.fit_artifact(state, a, factors, os.path.getsize(train_gpt.__file__), lines.append)
+        blob, _ = train_gpt.fit_artifact(state, a, factors, os.path.getsize(train_gpt.__file__), lines.append)
         print(f"\nsize fit, TARGET_BYTES={target:,} (GPTQ, constriction, code {os.path.getsize(train_gpt.__file__):,} "
               f"bytes): {time.perf_counter() - t0:.0f}s, artifact {len(blob):,} bytes")
         print("\n".join("    " + l for l in lines), flush=True)

@@ -70,18 +70,19 @@ def tokenizer_path():
     return str(TOKENIZER)
 
 
+def write_markov_data(folder, tokenizer_path) -> dict:
+    """A DATA_PATH with a generated train shard and val shard (vocab 1024 ids, BOS every 200 tokens)."""
+    tokens = markov_tokens(63000, seed=1)  # one source: train and val share its transition table
+    tokens[::200] = train_gpt.BOS_ID
+    write_shard(folder / "fineweb_train_000000.bin", tokens[:60000])
+    write_shard(folder / "fineweb_val_000000.bin", tokens[60000:])
+    return dict(DATA_PATH=str(folder), TOKENIZER_PATH=tokenizer_path, LOG_DIR=str(folder / "logs"),
+                SUBMISSION_JSON=str(folder / "submission.json"))
+
+
 @pytest.fixture
 def markov_data(tmp_path, tokenizer_path):
-    """A DATA_PATH with a generated train shard and val shard (vocab 1024 ids, BOS every 200 tokens)."""
-    def with_bos(tokens):
-        tokens = tokens.copy()
-        tokens[::200] = train_gpt.BOS_ID
-        return tokens
-    tokens = with_bos(markov_tokens(63000, seed=1))  # one source: train and val share its transition table
-    write_shard(tmp_path / "fineweb_train_000000.bin", tokens[:60000])
-    write_shard(tmp_path / "fineweb_val_000000.bin", tokens[60000:])
-    return dict(DATA_PATH=str(tmp_path), TOKENIZER_PATH=tokenizer_path, LOG_DIR=str(tmp_path / "logs"),
-                SUBMISSION_JSON=str(tmp_path / "submission.json"))
+    return write_markov_data(tmp_path, tokenizer_path)
 
 
 def assert_every_corruption_fails(blob: bytes, positions, lengths, name="x.ptz"):

@@ -211,7 +211,8 @@ def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
 def test_sigterm_during_export_leaves_previous_files_untouched(markov_data, tmp_path):
     sub = tmp_path / "keep" / "submission.json"
     sub.parent.mkdir()
-    sub.write_text('{"previous": true}')
+    previous = '{"run_id": "earlier", "track": "non-record", "val_bpb": 1.5, "bytes_total": 100}'  # an earlier submission
+    sub.write_text(previous)
     patch = """
         import os, signal
         real = train_gpt.pack
@@ -223,7 +224,7 @@ def test_sigterm_during_export_leaves_previous_files_untouched(markov_data, tmp_
     proc = launch(tiny_env(**dict(markov_data, SUBMISSION_JSON=str(sub)), ITERATIONS=2, RUN_ID="killed"), patch)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr == "train_gpt.py: interrupted during export; previous files untouched\n"
-    assert sub.read_text() == '{"previous": true}'
+    assert sub.read_text() == previous
     files = sorted(os.listdir(markov_data["LOG_DIR"]))
     assert files == ["killed.txt"]  # the log, closed; no artifact, no temporary file, no summary
     log = open(os.path.join(markov_data["LOG_DIR"], "killed.txt")).read()
@@ -263,7 +264,7 @@ def test_input_error_under_torchrun_is_printed_once(tmp_path):
 def artifact(tmp_path):
     args = tiny_args(LOG_DIR=str(tmp_path), RUN_ID="a")
     model = train_gpt.GPT(args)
-    path = train_gpt.export_artifact(args, cpu_runtime(), model)
+    path, _ = train_gpt.export_artifact(args, cpu_runtime(), model)
     return path, open(path, "rb").read()
 
 

@@ -170,7 +170,7 @@ def make_val():
 
 
 def finish(args, rt, model, val, luts, log):
-    return train_gpt.score_artifact(args, rt, train_gpt.export_artifact(args, rt, model), val, luts, log)
+    return train_gpt.score_artifact(args, rt, train_gpt.export_artifact(args, rt, model)[0], val, luts, log)
 
 
 def test_finish_accounts_sizes_and_scores_what_is_on_disk(tmp_path, luts):

@@ -50,13 +50,14 @@ def test_fit_converges_to_the_smallest_k_that_fits_and_never_exceeds(where):
     small, big = size_at(state, args, 48.0), size_at(state, args, 4.0)
     args.target_bytes = code + int(small + where * (big - small))
     log = Lines()
-    blob = train_gpt.fit_artifact(state, args, None, code, log)
-    assert len(blob) + code <= args.target_bytes
+    blob, fit = train_gpt.fit_artifact(state, args, None, code, log)
+    assert len(blob) + code <= args.target_bytes and fit["fits"] and fit["bytes_total"] == len(blob) + code
     t = trials(log)
     assert len(t) == 2 + train_gpt.FIT_BISECTIONS and [x[2] for x in t[:2]] == ["fits", "over"]
     fits = [k for k, _, v in t if v == "fits"]
     over = [k for k, _, v in t if v == "over"]
-    chosen = float(re.search(r"size_fit: matrix_clip_sigmas:([\d.]+)", log[-1])[1])
+    chosen = float(re.search(r"size_fit: fits matrix_clip_sigmas:([\d.]+)", log[-1])[1])
+    assert fit["matrix_clip_sigmas"] == pytest.approx(chosen, abs=1e-4) and fit["trials"] == len(t)
     assert chosen == pytest.approx(min(fits), abs=1e-4) and max(over) < chosen
     assert chosen / max(over) < 1.03  # converged: the bracket is under 3% wide
     assert len(blob) == [b for k, b, v in t if abs(k - chosen) < 1e-4][0]  # the written blob is the fitted trial's
@@ -67,13 +68,26 @@ def test_fit_converges_to_the_smallest_k_that_fits_and_never_exceeds(where):
 def test_everything_fits_takes_the_finest_k_and_nothing_fits_says_so():
     state, args = setup()
     log = Lines()
-    blob = train_gpt.fit_artifact(state, args, None, 0, log)  # TARGET_BYTES 10 MB: even k = 4 fits
+    blob, _ = train_gpt.fit_artifact(state, args, None, 0, log)  # TARGET_BYTES 10 MB: even k = 4 fits
     assert [k for k, _, _ in trials(log)] == [48.0, 4.0] and len(blob) == size_at(state, args, 4.0)
     args.target_bytes = 100
     log = Lines()
-    blob = train_gpt.fit_artifact(state, args, None, 0, log)
-    assert len(trials(log)) == 1 and any(l.startswith("SIZE FIT FAILED") for l in log)
+    blob, fit = train_gpt.fit_artifact(state, args, None, 0, log)
+    assert len(trials(log)) == 1 and any(l.startswith("WARNING: SIZE FIT FAILED") for l in log)
     assert len(blob) == size_at(state, args, 48.0)
+    assert not fit["fits"] and fit["matrix_clip_sigmas"] is None and "size_fit: FAILED" in log[-1]
+
+
+def test_a_fit_with_nothing_to_move_says_so_and_runs_no_trial():
+    """Matrices of at most 65,536 weights are kept in fp16: no k moves anything, with GPTQ on or off (the fit used to
+    run its trials anyway, every one of the same size, and report the floor k)."""
+    for gptq in (0, 1):
+        args = tiny_args(GPTQ=gptq, TARGET_BYTES=10_000_000)
+        state = train_gpt.export_state(train_gpt.GPT(args))
+        log = Lines()
+        blob, fit = train_gpt.fit_artifact(state, args, None, 0, log)
+        assert trials(log) == [] and any("nothing to fit" in l for l in log)
+        assert fit == dict(target_bytes=10_000_000, bytes_total=len(blob), fits=True, matrix_clip_sigmas=None, trials=0)
 
 
 def test_only_the_block_matrices_move_with_the_fitted_k():
