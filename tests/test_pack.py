@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tokenize
@@ -84,6 +85,45 @@ def test_check_compares_a_packed_file_with_a_source(tmp_path, capsys):
     assert err.count("\n") == 1 and "does not run" in err
     assert ps.main(["--unpack", str(packed)]) == 0
     assert capsys.readouterr().out == "x = 1\nprint(x)\n"
+
+
+def tree_bytes(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(argv, capsys, folder):
+    before = tree_bytes(folder)
+    assert ps.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pack_submission.py: error: "), err
+    assert tree_bytes(folder) == before  # nothing written
+    return err
+
+
+def test_packing_refuses_folders_it_would_damage(tmp_path, capsys, monkeypatch):
+    # a repository of its own, so that a packing that is not refused damages only this copy
+    repo = tmp_path / "repo"
+    (repo / "tools").mkdir(parents=True)
+    (repo / "train_gpt.py").write_bytes(b'"""Readable."""\nprint(1)\n')
+    (repo / "requirements.txt").write_text("torch\n")
+    monkeypatch.setattr(ps, "ROOT", str(repo))
+    monkeypatch.setattr(ps, "TOOLS", str(repo / "tools"), raising=False)
+    monkeypatch.chdir(repo)
+    assert "repository's own folder" in refused(["."], capsys, repo)
+    assert "repository's own folder" in refused([str(repo / "tools")], capsys, repo)
+    readable = tmp_path / "readable"
+    readable.mkdir()
+    shutil.copy(repo / "train_gpt.py", readable / "train_gpt.py")
+    assert "not a packed file" in refused([str(readable)], capsys, readable)
+    out = tmp_path / "records_run"
+    assert ps.main([str(out)]) == 0 and ps.main([str(out)]) == 0  # re-packing a folder without a run is fine
+    capsys.readouterr()
+    (out / "logs").mkdir()
+    (out / "logs" / "my_run.txt").write_text("run_id:my_run code_bytes:1 code_sha256:0\n")
+    assert "already holds a run" in refused([str(out)], capsys, out)
+    (out / "logs" / "my_run.txt").unlink()
+    (out / "submission.json").write_text("{}")
+    assert "already holds a run" in refused([str(out)], capsys, out)
 
 
 def run(script, env, cwd):

@@ -34,7 +34,8 @@ import os
 import shutil
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TOOLS)
 PROG = "pack_submission.py"
 HEADER = "# coding:latin-1 | packed train_gpt.py (tools/pack_submission.py), source sha256 "
 BODY = ("import bz2\n"
@@ -130,7 +131,23 @@ prints the program it runs, `--check train_gpt.py --source SOURCE` compares it w
 """
 
 
+def check_out_dir(out_dir):
+    """Refuses, before anything is written, a folder where the packed train_gpt.py would replace a readable source
+    or the file an existing run ran."""
+    target, logs = os.path.join(out_dir, "train_gpt.py"), os.path.join(out_dir, "logs")
+    if os.path.realpath(out_dir) in (os.path.realpath(ROOT), os.path.realpath(TOOLS)):
+        raise PackError(f"{out_dir} is the repository's own folder, whose train_gpt.py packing would replace; "
+                        "give a new records folder, e.g. records/my_run")
+    if os.path.exists(os.path.join(out_dir, "submission.json")) or (os.path.isdir(logs) and os.listdir(logs)):
+        raise PackError(f"{out_dir} already holds a run (submission.json or logs/), which a new train_gpt.py would "
+                        "leave describing another file; pack into a new folder")
+    if os.path.exists(target) and open(target, "rb").read(len(HEADER)) != HEADER.encode():
+        raise PackError(f"{target} is not a packed file (a readable source?) and packing would replace it; "
+                        "pack into a new folder")
+
+
 def write_folder(out_dir, source_path):
+    check_out_dir(out_dir)
     source = open(source_path, "rb").read()
     packed = pack_source(source)
     os.makedirs(out_dir, exist_ok=True)
