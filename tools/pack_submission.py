@@ -56,7 +56,7 @@ def strip_tree(source: bytes) -> ast.Module:
             else node.name if isinstance(node, ast.alias) else None
         if name in READS_OWN_TEXT:
             raise PackError(f"the source uses {name} (line {getattr(node, 'lineno', '?')}), whose result "
-                                "stripping docstrings would change; read the text some other way")
+                            "stripping docstrings would change; read the text some other way")
         for field, value in ast.iter_fields(node):
             if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
                 kept = [s for s in value if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
