@@ -1,9 +1,14 @@
 """tools/pack_submission.py: the packed train_gpt.py unpacks to the source byte for byte and runs identically."""
+import ast
+import collections
 import hashlib
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tokenize
 
 import pytest
 
@@ -14,12 +19,111 @@ from tools import pack_submission as ps
 def test_packed_source_round_trips_and_is_much_smaller():
     source = (ROOT / "train_gpt.py").read_bytes()
     packed = ps.pack_source(source)
-    assert hashlib.sha256(ps.unpack_source(packed)).digest() == hashlib.sha256(source).digest()
+    assert ps.unpack_source(packed) == ps.strip_source(source)
     assert len(packed) < 0.45 * len(source)
-    assert hashlib.sha256(source).hexdigest() in packed.decode().splitlines()[0]
+    assert hashlib.sha256(source).hexdigest() in packed.decode("latin-1").split("\n")[0]
     assert ps.pack_source(source) == packed  # deterministic
     with pytest.raises(ps.PackError):
         ps.unpack_source(b"print('hello')\n")
+
+
+def test_the_packed_train_gpt_counts_at_most_32000_bytes():
+    # the SOTA's counted code is 31,999 bytes; this fails when train_gpt.py outgrows that, which is intended
+    assert len(ps.pack_source((ROOT / "train_gpt.py").read_bytes())) <= 32_000
+
+
+def is_string(node):
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+
+
+def test_stripping_keeps_the_program_and_drops_only_string_statements():
+    source = (ROOT / "train_gpt.py").read_bytes()
+    program = ps.strip_source(source)
+    compile(program, "stripped", "exec")
+    assert ast.unparse(ast.parse(program)) + "\n" == program.decode()  # unparse(parse(unparse(x))) == unparse(x)
+    comments = [t for t in tokenize.tokenize(io.BytesIO(program).readline) if t.type == tokenize.COMMENT]
+    assert not comments and b"# " in source
+    # the trees differ by the string statements only (an Expr and its Constant each), and a `pass` where a body
+    # held nothing else
+    full, stripped = ast.parse(source), ast.parse(program)
+    strings = sum(map(is_string, ast.walk(full)))
+    assert strings > 0 and not any(map(is_string, ast.walk(stripped)))
+    kinds = lambda tree: collections.Counter(type(n).__name__ for n in ast.walk(tree))  # noqa: E731
+    assert kinds(full) - kinds(stripped) == collections.Counter(Expr=strings, Constant=strings)
+    assert set(kinds(stripped) - kinds(full)) <= {"Pass"}
+    assert ps.strip_source(b'def f():\n    """doc"""\n\n\nclass A:\n    "doc"\n    x = 1  # one\n') == \
+        b"def f():\n    pass\n\nclass A:\n    x = 1\n"
+    for reader in (b"print(__doc__)", b"import inspect\ninspect.getsource(print)", b"import linecache"):
+        with pytest.raises(ps.PackError):
+            ps.strip_source(reader)
+
+
+def test_every_byte_survives_the_latin1_literal_in_a_real_file(tmp_path):
+    data = bytes(range(256)) + b"\x000\x007\x009\x00a\r\n\n\r'\\'\x85\x1c\x00"
+    script = tmp_path / "literal.py"
+    script.write_bytes(f"# coding:latin-1\nprint({ps.latin1_literal(data)}.encode('latin1').hex())\n".encode("latin-1"))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == data.hex(), out.stderr
+    plain = bytes(b for b in range(256) if b not in ps.ESCAPES)
+    assert ps.latin1_literal(plain) == "'" + plain.decode("latin-1") + "'"  # one byte each: escapes only where needed
+
+
+def test_check_compares_a_packed_file_with_a_source(tmp_path, capsys):
+    source = tmp_path / "src.py"
+    source.write_bytes(b'"""A program."""\nx = 1  # one\nprint(x)\n')
+    packed = tmp_path / "packed.py"
+    packed.write_bytes(ps.pack_source(source.read_bytes()))
+    assert subprocess.run([sys.executable, str(packed)], capture_output=True, text=True).stdout == "1\n"
+    assert ps.main(["--check", str(packed), "--source", str(source)]) == 0
+    assert capsys.readouterr().out.count("\n") == 1
+    source.write_bytes(b'"""A program, reworded."""\nx = 1  # the same program\nprint(x)\n')
+    assert ps.main(["--check", str(packed), "--source", str(source)]) == 0
+    assert "only docstrings or comments differ" in capsys.readouterr().out
+    source.write_bytes(b"x = 2\nprint(x)\n")
+    assert ps.main(["--check", str(packed), "--source", str(source)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not run" in err
+    assert ps.main(["--unpack", str(packed)]) == 0
+    assert capsys.readouterr().out == "x = 1\nprint(x)\n"
+
+
+def tree_bytes(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(argv, capsys, folder):
+    before = tree_bytes(folder)
+    assert ps.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pack_submission.py: error: "), err
+    assert tree_bytes(folder) == before  # nothing written
+    return err
+
+
+def test_packing_refuses_folders_it_would_damage(tmp_path, capsys, monkeypatch):
+    # a repository of its own, so that a packing that is not refused damages only this copy
+    repo = tmp_path / "repo"
+    (repo / "tools").mkdir(parents=True)
+    (repo / "train_gpt.py").write_bytes(b'"""Readable."""\nprint(1)\n')
+    (repo / "requirements.txt").write_text("torch\n")
+    monkeypatch.setattr(ps, "ROOT", str(repo))
+    monkeypatch.setattr(ps, "TOOLS", str(repo / "tools"), raising=False)
+    monkeypatch.chdir(repo)
+    assert "repository's own folder" in refused(["."], capsys, repo)
+    assert "repository's own folder" in refused([str(repo / "tools")], capsys, repo)
+    readable = tmp_path / "readable"
+    readable.mkdir()
+    shutil.copy(repo / "train_gpt.py", readable / "train_gpt.py")
+    assert "not a packed file" in refused([str(readable)], capsys, readable)
+    out = tmp_path / "records_run"
+    assert ps.main([str(out)]) == 0 and ps.main([str(out)]) == 0  # re-packing a folder without a run is fine
+    capsys.readouterr()
+    (out / "logs").mkdir()
+    (out / "logs" / "my_run.txt").write_text("run_id:my_run code_bytes:1 code_sha256:0\n")
+    assert "already holds a run" in refused([str(out)], capsys, out)
+    (out / "logs" / "my_run.txt").unlink()
+    (out / "submission.json").write_text("{}")
+    assert "already holds a run" in refused([str(out)], capsys, out)
 
 
 def run(script, env, cwd):
