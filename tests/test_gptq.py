@@ -219,6 +219,6 @@ def test_a_whole_run_with_gptq_the_range_coder_and_a_size_target(markov_data, mo
     log = open(os.path.join(markov_data["LOG_DIR"], "gptq.txt")).read()
     assert s["steps"] < 1000 and "stopping_early: wallclock_cap" in log
     assert len(seen) == 2 and all(len(b) == 8 for b in seen)  # 2 training batches of 8 micro-batches
-    assert "gptq_calibration: batches:2 " in log and "size_fit: matrix_clip_sigmas:" in log
+    assert "gptq_calibration: batches:2 " in log and "size_fit: fits matrix_clip_sigmas:" in log and s["size_fit"]["fits"]
     assert "export: gptq constriction" in log and s["bytes_total"] <= target and "SIZE FIT FAILED" not in log
     assert s["artifact_path"].endswith("gptq.int6_constriction.ptz") and s["artifact_valid"]
