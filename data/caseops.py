@@ -108,44 +108,48 @@ def char_original_bytes(transformed: str) -> np.ndarray:
     return np.where(operator, 0, nbytes).astype(np.int64)
 
 
-def token_byte_counts(transformed: str, ends) -> np.ndarray:
-    """Original UTF-8 bytes per token of one document, from SentencePiece's alignment: `ends[k]` is where (in
-    characters of `transformed`) the input span of token k ends.
+def token_byte_counts(transformed: str, spans) -> np.ndarray:
+    """Original UTF-8 bytes per token of one document, from SentencePiece's alignment: `spans[k]` = (begin, end),
+    in characters of `transformed`, is the input span token k came from.
 
-    Token k carries the original bytes of transformed[ends[k-1]:ends[k]] (operators 0, see char_original_bytes).
-    This is upstream's rule (its surface_piece_original_byte_counts over each piece's surface), with one change:
-    the tokenizer's nmt_nfkc normalizer drops leading and trailing whitespace, which no piece's span covers and
-    upstream leaves uncounted; here they go to the first and the last token. So the counts always sum to the
-    original document's UTF-8 bytes (the BPB denominator) for a document with at least one token.
+    Token k carries the original bytes of transformed[ends[k-1]:ends[k]] (operators 0, see char_original_bytes):
+    upstream's rule (its surface_piece_original_byte_counts over each piece's surface), with one change. The
+    tokenizer's nmt_nfkc normalizer drops leading and trailing whitespace, which no span covers and upstream leaves
+    uncounted; here they go to the first and the last token that carry bytes (never to an operator). So the counts
+    always sum to the original document's UTF-8 bytes, the BPB denominator, for a document with at least one token.
 
     What the normalizer rewrites inside a document (a newline or a run of spaces becomes one space, NFKC folds
     "…" to "...", control characters vanish) stays counted at its original size, on the token whose span holds
-    it: the model predicts the normalized text, but the score's denominator is the original document, as upstream
-    (sp.decode(ids) is therefore not the original text in general). A character split into byte-fallback pieces
-    has all its bytes on the last of those pieces, where SentencePiece's alignment puts it.
+    it: the model predicts the normalized text, but the denominator is the original document, as upstream's (so
+    sp.decode(ids) is not the transformed text in general). A character split into byte-fallback pieces has all
+    its bytes on the last of those pieces, where SentencePiece's alignment puts it.
     """
-    if len(ends) == 0:
+    if len(spans) == 0:
         return np.zeros(0, np.int64)
-    bounds = np.asarray(ends, dtype=np.int64)
-    if np.any(np.diff(bounds) < 0) or bounds[0] < 0 or bounds[-1] > len(transformed):
+    spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    begin, ends = spans[0, 0], spans[:, 1]
+    if np.any(np.diff(ends) < 0) or not 0 <= begin <= ends[0] or ends[-1] > len(transformed):
         raise ValueError("token spans must end in order inside the text")
-    bounds[-1] = len(transformed)
     cum = np.concatenate([[0], np.cumsum(char_original_bytes(transformed))])
-    return np.diff(cum[bounds], prepend=0)
+    counts = np.diff(cum[ends], prepend=cum[begin])
+    carriers = np.flatnonzero(counts) if counts.any() else [0]
+    counts[carriers[0]] += cum[begin]
+    counts[carriers[-1]] += cum[-1] - cum[ends[-1]]
+    return counts
 
 
-def encode_with_ends(sp, texts) -> list[tuple[list[int], list[int]]]:
-    """(ids, span ends in characters) of each text. SentencePiece 0.2.3 gives the alignment as an offset mapping;
-    0.1.99 to 0.2.1 as immutable protos (upstream's path)."""
+def encode_with_spans(sp, texts) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, input span of each token in characters) of each text. SentencePiece 0.2.3 gives the alignment as an
+    offset mapping; 0.1.99 to 0.2.1 as immutable protos (upstream's path). Both give the same spans."""
     if hasattr(sp, "encode_as_immutable_proto"):
         out = []
         for text in texts:
             pieces = sp.encode_as_immutable_proto(text).pieces
             for p in pieces:
                 assert text[p.begin:p.end] == p.surface, "span offsets are not character offsets"
-            out.append(([p.id for p in pieces], [p.end for p in pieces]))
+            out.append(([p.id for p in pieces], [(p.begin, p.end) for p in pieces]))
         return out
-    return [(r["ids"], [end for _, end in r["offsets"]]) for r in sp.encode(list(texts), out_type="offset_mapping")]
+    return [(r["ids"], r["offsets"]) for r in sp.encode(list(texts), out_type="offset_mapping")]
 
 
 def check_tokenizer(sp, path) -> None:
@@ -176,8 +180,8 @@ def _val_batch(texts) -> dict:
     carry (a document the normalizer empties, such as whitespace only, has no token)."""
     transformed = [encode(t) for t in texts]
     tokens, sidecar, unscored = [], [], 0
-    for text, enc, (ids, ends) in zip(texts, transformed, encode_with_ends(_sp, transformed)):
-        counts = token_byte_counts(enc, ends)
+    for text, enc, (ids, spans) in zip(texts, transformed, encode_with_spans(_sp, transformed)):
+        counts = token_byte_counts(enc, spans)
         raw = len(text.encode("utf-8"))
         assert not ids or counts.sum() == raw, "sidecar total differs from the document's bytes"
         unscored += 0 if ids else raw
