@@ -206,18 +206,18 @@ class ShardWriter:
 
     def __init__(self, out_dir, kind, shard_tokens):
         self.out_dir, self.kind, self.shard_tokens = out_dir, kind, shard_tokens
-        self.buffer, self.files, self.total = [], [], 0
+        self.buffer, self.pending, self.files, self.total = [], 0, [], 0
 
     def add(self, values: np.ndarray) -> None:
         self.buffer.append(values)
+        self.pending += len(values)
         self.total += len(values)
-        pending = sum(map(len, self.buffer))
-        if pending >= self.shard_tokens:
+        if self.pending >= self.shard_tokens:
             joined = np.concatenate(self.buffer)
-            cut = pending - pending % self.shard_tokens
+            cut = self.pending - self.pending % self.shard_tokens
             for start in range(0, cut, self.shard_tokens):
                 self._write(joined[start:start + self.shard_tokens])
-            self.buffer = [joined[cut:]]
+            self.buffer, self.pending = [joined[cut:]], self.pending - cut
 
     def close(self) -> list[dict]:
         rest = np.concatenate(self.buffer) if self.buffer else np.zeros(0, np.uint16)
@@ -261,6 +261,11 @@ def sidecar_files(data_dir) -> list[str]:
     return sorted(glob.glob(os.path.join(data_dir, "fineweb_val_bytes_*.bin")))
 
 
+def require_complete(manifest) -> None:
+    if not manifest.get("complete"):
+        raise CaseOpsError("the data preparation did not finish (manifest incomplete); rerun data/caseops.py")
+
+
 def check_split(manifest: dict, val_doc_count: int, expected_val_docs: int | None = None) -> None:
     """Raises CaseOpsError unless training on the manifest's train shards cannot have seen a document of the
     validation stream a run scores, which holds `val_doc_count` documents (its BOS count).
@@ -269,8 +274,7 @@ def check_split(manifest: dict, val_doc_count: int, expected_val_docs: int | Non
     validation document, and the validation stream must be exactly the manifest's. The leak this stops: an
     upstream prep script defaulted to 10,000 validation documents while evaluation scored 50,000, so 40,000
     scored documents were in the train shards. `expected_val_docs` (50,000 for FineWeb) pins the count."""
-    if not manifest.get("complete"):
-        raise CaseOpsError("the data preparation did not finish (manifest incomplete); rerun data/caseops.py")
+    require_complete(manifest)
     val_docs, first_train = manifest["val_docs"], manifest["train_first_doc"]
     if first_train < val_docs or first_train < val_doc_count:
         raise CaseOpsError(f"train shards start at document {first_train}, inside the {max(val_docs, val_doc_count)} "
@@ -293,6 +297,7 @@ def verify_data_dir(data_dir, expected_val_docs: int | None = None) -> dict:
         raise CaseOpsError(f"{path} not found; prepare the data with data/caseops.py")
     with open(path) as f:
         manifest = json.load(f)
+    require_complete(manifest)
     on_disk = dict(val=val_token_files(data_dir), val_bytes=sidecar_files(data_dir),
                    train=sorted(glob.glob(os.path.join(data_dir, "fineweb_train_*.bin"))))
     for kind, paths in on_disk.items():
@@ -317,15 +322,24 @@ def read_texts(path):
     """The "text" of each line of a .jsonl or .jsonl.zst file, streamed."""
     with open(path, "rb") as raw:
         stream = zstandard.ZstdDecompressor().stream_reader(raw) if path.endswith(".zst") else raw
-        for line in io.TextIOWrapper(stream, encoding="utf-8"):
+        for n, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), 1):
             if line.strip():
-                yield json.loads(line)["text"]
+                try:
+                    yield json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise CaseOpsError(f"{path} line {n}: not a JSON object with a \"text\" field; give a JSON Lines "
+                                       "file of {\"text\": ...} objects") from None
 
 
 def batches(texts, size=BATCH_DOCS):
     it = iter(texts)
     while batch := list(itertools.islice(it, size)):
         yield batch
+
+
+def progress(desc, total, iterable=None):
+    """A tqdm bar counting documents, shown only when stderr is a terminal."""
+    return tqdm(iterable, desc=desc, total=total, unit="doc", disable=not sys.stderr.isatty())
 
 
 def claim_out_dir(out_dir, settings) -> None:
@@ -351,6 +365,7 @@ def claim_out_dir(out_dir, settings) -> None:
 def write_manifest(out_dir, manifest) -> None:
     with tempfile.NamedTemporaryFile("w", dir=out_dir, delete=False, suffix=".tmp") as f:
         json.dump(manifest, f, indent=1)
+    os.chmod(f.name, 0o644)  # NamedTemporaryFile makes it private
     os.replace(f.name, os.path.join(out_dir, MANIFEST))
 
 
@@ -372,7 +387,7 @@ def make_tokenizer(opts, train_texts) -> str:
 
 def prepare(opts, val_texts, train_texts, tokenizer_texts, train_first_doc, sources) -> dict:
     """Tokenizer, val shards + sidecar, train shards and the manifest in opts.out; returns the manifest.
-    `val_texts` must hold more than opts.val_docs documents; the training documents (`train_texts`) start at
+    `val_texts` must hold at least opts.val_docs documents; the training documents (`train_texts`) start at
     index `train_first_doc` of the source order, which puts the validation documents first."""
     settings = dict(transform=TRANSFORM, sources=sources, val_docs=opts.val_docs, shard_tokens=opts.shard_tokens,
                     max_train_docs=opts.max_train_docs, tokenizer=opts.tokenizer and os.path.abspath(opts.tokenizer),
@@ -425,11 +440,6 @@ def prepare(opts, val_texts, train_texts, tokenizer_texts, train_first_doc, sour
     return manifest
 
 
-def progress(desc, total, iterable=None):
-    """A tqdm bar counting documents, shown only when stderr is a terminal."""
-    return tqdm(iterable, desc=desc, total=total, unit="doc", disable=not sys.stderr.isatty())
-
-
 def prepare_proxy(opts) -> dict:
     """The proxy corpus: val = text/val_docs.jsonl.zst (the first --val-docs of it, all by default), train =
     text/docs_*.jsonl.zst in name order. In the source order (val file, then train files) training starts after
@@ -479,8 +489,8 @@ def main(argv=None):
         p.error("--val-docs must be at least 1")
     if opts.tokenizer and not os.path.isfile(opts.tokenizer):
         p.error(f"--tokenizer {opts.tokenizer} not found")
-    if not 260 <= opts.vocab <= 65536:
-        p.error("--vocab must be in [260, 65536]: 4 specials + 4 operators + 256 bytes, ids fitting uint16")
+    if not 264 < opts.vocab <= 65536:
+        p.error("--vocab must be in (264, 65536]: 4 specials + 4 operators + 256 bytes + merges, ids fitting uint16")
     opts.out = opts.out or os.path.join("bench_data", f"{opts.corpus}_caseops_sp{opts.vocab}")
     try:
         manifest = (prepare_proxy if opts.corpus == "proxy" else prepare_fineweb)(opts)

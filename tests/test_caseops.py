@@ -309,3 +309,10 @@ def test_verify_data_dir_catches_tampering(tmp_path, proxy_src, tokenizer):
     sidecar.write_bytes(bytes(raw))
     with pytest.raises(CaseOpsError, match="differs from the manifest"):
         caseops.verify_data_dir(str(out))
+
+
+def test_a_malformed_source_line_is_named(tmp_path, tokenizer):
+    (tmp_path / "docs.jsonl").write_text('{"text": "fine"}\n["no", "text"]\n')
+    with pytest.raises(SystemExit, match=r'^caseops: .*docs.jsonl line 2: not a JSON object with a "text" field'):
+        run("fineweb", "--docs", tmp_path / "docs.jsonl", "--out", tmp_path / "o", "--val-docs", 1,
+            "--tokenizer", tokenizer, "--workers", 1)
