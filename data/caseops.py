@@ -287,11 +287,11 @@ def check_split(manifest: dict, val_doc_count: int, expected_val_docs: int | Non
                            f"{expected_val_docs}; rerun data/caseops.py with --val-docs {expected_val_docs}")
 
 
-def verify_data_dir(data_dir, expected_val_docs: int | None = None) -> dict:
+def verify_data_dir(data_dir, expected_val_docs: int | None = None, tokenizer_path=None) -> dict:
     """Everything a training run should check before it trains on data_dir; returns the manifest.
     The files on disk must be the manifest's (names, SHA-256 of val tokens and sidecar, sizes of train shards, no
-    extra shards), the sidecar must match the val tokens one for one (0 at each BOS, total = sidecar_bytes),
-    and check_split must pass on the BOS count of the val tokens."""
+    extra shards; the tokenizer's SHA-256 when given), the sidecar must match the val tokens one for one (0 at
+    each BOS, total = sidecar_bytes), and check_split must pass on the BOS count of the val tokens."""
     path = os.path.join(data_dir, MANIFEST)
     if not os.path.isfile(path):
         raise CaseOpsError(f"{path} not found; prepare the data with data/caseops.py")
@@ -307,6 +307,9 @@ def verify_data_dir(data_dir, expected_val_docs: int | None = None) -> dict:
         for p, f in zip(paths, listed):
             if os.path.getsize(p) != 4 * HEADER_INTS + 2 * f["tokens"] or (kind != "train" and sha256_file(p) != f["sha256"]):
                 raise CaseOpsError(f"{p}: differs from the manifest (size or SHA-256); regenerate the folder")
+    if tokenizer_path and sha256_file(tokenizer_path) != manifest["tokenizer"]["sha256"]:
+        raise CaseOpsError(f"{tokenizer_path} is not the tokenizer the data was made with "
+                           f"({manifest['tokenizer']['file']}); point TOKENIZER_PATH at that one")
     tokens = np.concatenate([read_values(p) for p in on_disk["val"]])
     sidecar = np.concatenate([read_values(p) for p in on_disk["val_bytes"]])
     bos = tokens == BOS_ID

@@ -230,7 +230,9 @@ def test_prepare_proxy_writes_shards_sidecar_and_a_manifest_of_the_split(tmp_pat
     assert tokens.tolist() == expected
     train = np.concatenate([caseops.read_values(p) for p in sorted(glob.glob(str(out / "fineweb_train_*.bin")))])
     assert train.tolist() == [x for t in docs["docs_000"] + docs["docs_001"] for x in [1, *sp.encode(encode(t))]]
-    assert caseops.verify_data_dir(str(out))["val_docs"] == 12
+    assert caseops.verify_data_dir(str(out), tokenizer_path=str(out / Path(tokenizer).name))["val_docs"] == 12
+    with pytest.raises(CaseOpsError, match="is not the tokenizer the data was made with"):
+        caseops.verify_data_dir(str(out), tokenizer_path=str(src / "text" / "val_docs.jsonl.zst"))
 
     # a rerun with the same settings is fine; other settings are refused in one line
     run("proxy", "--src", src, "--out", out, "--tokenizer", tokenizer, "--workers", 1, "--shard-tokens", 500)
