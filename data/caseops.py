@@ -305,7 +305,8 @@ def verify_data_dir(data_dir, expected_val_docs: int | None = None, tokenizer_pa
         if [os.path.basename(p) for p in paths] != [f["name"] for f in listed]:
             raise CaseOpsError(f"{data_dir}: the {kind} shards on disk are not the manifest's; regenerate the folder")
         for p, f in zip(paths, listed):
-            if os.path.getsize(p) != 4 * HEADER_INTS + 2 * f["tokens"] or (kind != "train" and sha256_file(p) != f["sha256"]):
+            hash_differs = kind != "train" and sha256_file(p) != f["sha256"]  # train shards: sizes only (GBs)
+            if os.path.getsize(p) != 4 * HEADER_INTS + 2 * f["tokens"] or hash_differs:
                 raise CaseOpsError(f"{p}: differs from the manifest (size or SHA-256); regenerate the folder")
     if tokenizer_path and sha256_file(tokenizer_path) != manifest["tokenizer"]["sha256"]:
         raise CaseOpsError(f"{tokenizer_path} is not the tokenizer the data was made with "
@@ -313,7 +314,8 @@ def verify_data_dir(data_dir, expected_val_docs: int | None = None, tokenizer_pa
     tokens = np.concatenate([read_values(p) for p in on_disk["val"]])
     sidecar = np.concatenate([read_values(p) for p in on_disk["val_bytes"]])
     bos = tokens == BOS_ID
-    if len(sidecar) != len(tokens) or sidecar[bos].any() or int(sidecar.sum(dtype=np.int64)) != manifest["sidecar_bytes"]:
+    total = int(sidecar.sum(dtype=np.int64))
+    if len(sidecar) != len(tokens) or sidecar[bos].any() or total != manifest["sidecar_bytes"]:
         raise CaseOpsError(f"{data_dir}: the byte sidecar does not match the val tokens; regenerate the folder")
     check_split(manifest, int(bos.sum()), expected_val_docs)
     return manifest
@@ -382,7 +384,11 @@ def make_tokenizer(opts, train_texts) -> str:
     else:
         path = os.path.join(opts.out, f"fineweb_{opts.vocab}_bpe_{TRANSFORM}.model")
         if not os.path.isfile(path):
-            texts = progress("tokenizer docs", opts.tokenizer_docs, itertools.islice(train_texts, opts.tokenizer_docs))
+            texts = list(progress("tokenizer docs", opts.tokenizer_docs,
+                                  itertools.islice(train_texts, opts.tokenizer_docs)))
+            if not texts:
+                raise CaseOpsError(f"no training documents to train the tokenizer on (at most --val-docs "
+                                   f"{opts.val_docs} documents in the source); lower --val-docs or check the source")
             train_caseops_tokenizer(texts, path.removesuffix(".model"), opts.vocab, num_threads=opts.workers)
     check_tokenizer(spm.SentencePieceProcessor(model_file=path), path)
     return path

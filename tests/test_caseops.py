@@ -264,6 +264,13 @@ def test_prepare_fineweb_takes_the_head_as_validation(tmp_path, tokenizer):
             "--tokenizer", tokenizer, "--workers", 1)
 
 
+def test_too_many_val_docs_is_named_before_training_a_tokenizer(tmp_path):
+    write_jsonl(tmp_path / "docs.jsonl", corpus_docs(5, 4), zst=False)
+    with pytest.raises(SystemExit, match=r"^caseops: no training documents to train the tokenizer on .*--val-docs 9"):
+        run("fineweb", "--docs", tmp_path / "docs.jsonl", "--out", tmp_path / "o", "--val-docs", 9, "--vocab", 300,
+            "--workers", 1)
+
+
 def test_tokenizer_without_operator_pieces_is_refused(tmp_path, proxy_src):
     src, docs = proxy_src
     plain = train_tokenizer(docs["docs_000"] * 4, str(tmp_path / "plain"), 300, num_threads=1)
