@@ -311,3 +311,12 @@ def test_offline_mode_of_the_real_library_is_one_line(tmp_path):
                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("download.py: error: listing willdepueoai/parameter-golf")
+
+
+def test_the_readme_table_names_each_variants_repository_and_folders():
+    readme = (ROOT / "README.md").read_text()
+    for name, v in download.VARIANTS.items():
+        row = f"| `{name}` | `{v.repo_id}`"
+        assert row in readme, row
+        line = next(l for l in readme.splitlines() if l.startswith(row))
+        assert f"`{v.dataset}`" in line and f"`{v.tokenizer}`" in line
