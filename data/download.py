@@ -167,17 +167,16 @@ class HubRepo:
 # ----------------------------------------------------------------------------------------------------------------------
 # Checks
 
-def shard_tokens(path, name=None) -> int:
-    """The token count of a shard whose header and size agree; DownloadError naming the file otherwise."""
-    name = name or path
+def shard_problem(path) -> str | None:
+    """What is wrong with a shard's header or size, or None for a sound shard."""
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS) if size >= HEADER_BYTES else np.zeros(0)
     if len(header) < HEADER_INTS or header[0] != MAGIC or header[1] != VERSION:
-        raise DownloadError(f"{name}: not a shard (bad header: magic/version); it is corrupt")
+        return "not a shard (bad header: magic/version); it is corrupt"
     if size != HEADER_BYTES + 2 * int(header[2]):
-        raise DownloadError(f"{name}: header says {int(header[2]):,} tokens ({HEADER_BYTES + 2 * int(header[2]):,} "
-                            f"bytes) but the file has {size:,} bytes; it is truncated or corrupt")
-    return int(header[2])
+        return (f"header says {int(header[2]):,} tokens ({HEADER_BYTES + 2 * int(header[2]):,} bytes) but the file "
+                f"has {size:,} bytes; it is truncated or corrupt")
+    return None
 
 
 def read_tokens(path) -> np.ndarray:
@@ -280,10 +279,7 @@ class Downloader:
             size = os.path.getsize(item.dest)
             why = f"size {size:,}, expected {item.remote.size:,}" if size != item.remote.size else None
             if not why and shard:
-                try:
-                    shard_tokens(item.dest)
-                except DownloadError as e:
-                    why = str(e).split(": ", 1)[1]
+                why = shard_problem(item.dest)
             if not why:
                 self.kept += 1
                 return item.dest
@@ -300,10 +296,7 @@ class Downloader:
         elif item.remote.sha256 and sha256_of(item.part) != item.remote.sha256:
             problem = "its SHA-256 is not the one the hub lists"
         elif shard:
-            try:
-                shard_tokens(item.part, name)
-            except DownloadError as e:
-                problem = str(e).split(": ", 1)[1]
+            problem = shard_problem(item.part)
         if problem:
             os.remove(item.part)
             raise DownloadError(f"{item.remote.path} from {self.repo.name}: {problem}; {fix}")
@@ -350,8 +343,10 @@ def download(variant: Variant, data_root, n_train, repo, log=print) -> dict:
                             f"{variant.dataset}; ask for {len(train)} or fewer")
     data_dir = os.path.join(data_root, "datasets", variant.dataset)
     tok_dir = os.path.join(data_root, "tokenizers")
-    item = lambda f, folder: Item(f, os.path.join(folder, os.path.basename(f.path)))  # noqa: E731
     d = Downloader(repo, log)
+
+    def item(remote, folder) -> Item:
+        return Item(remote, os.path.join(folder, os.path.basename(remote.path)))
 
     tok = item(tokenizer, tok_dir)
     path = d.ensure(tok, shard=False)
