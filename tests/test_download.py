@@ -58,7 +58,8 @@ def build_hub(root, tokenizer_file, val_docs=VAL_DOCS, train_shards=3, docs_per_
         write_shard(data / "fineweb_val_bytes_000000.bin", byte_counts(val))
     train = docs[val_docs - val_in_train:]
     for i in range(train_shards):
-        write_shard(data / f"fineweb_train_{i:06d}.bin", np.concatenate(train[i * docs_per_shard:(i + 1) * docs_per_shard]))
+        shard = train[i * docs_per_shard:(i + 1) * docs_per_shard]
+        write_shard(data / f"fineweb_train_{i:06d}.bin", np.concatenate(shard))
     return root, len(val)
 
 
@@ -94,8 +95,9 @@ def one_line_error(capsys, *words):
 
 
 def same_files(tmp_path, names):
+    hub_dir = tmp_path / "hub" / "datasets" / "datasets" / DATASET
     for name in names:
-        assert (data_dir(tmp_path) / name).read_bytes() == (tmp_path / "hub" / "datasets" / "datasets" / DATASET / name).read_bytes()
+        assert (data_dir(tmp_path) / name).read_bytes() == (hub_dir / name).read_bytes(), name
 
 
 ALL = ["fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(3)]
@@ -262,7 +264,8 @@ def test_the_variants_land_where_train_gpt_looks_by_default():
     base, stack = train_gpt.Hyperparameters(), train_gpt.Hyperparameters.from_env({})
     for variant, args in (("sp1024", base), ("sp8192", stack)):
         v = download.VARIANTS[variant]
-        assert args.data_path == f"./data/datasets/{v.dataset}" and args.tokenizer_path == f"./data/tokenizers/{v.tokenizer}"
+        assert args.data_path == f"./data/datasets/{v.dataset}"
+        assert args.tokenizer_path == f"./data/tokenizers/{v.tokenizer}"
         assert args.vocab_size == v.vocab
     caseops = download.VARIANTS["caseops"]
     assert caseops.sidecar and caseops.val_docs == 50_000 and caseops.val_targets == (47_851_520, 2048)

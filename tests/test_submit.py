@@ -83,8 +83,8 @@ def test_three_seeds_make_a_records_folder_with_upstreams_keys(tmp_path, source,
     assert sub["val_loss_std"] == pytest.approx(np.std([b * 2.188 for b in bpbs], ddof=1), abs=1e-8)
     assert set(sub["seed_results"]["42"]) == {"val_loss", "val_bpb", "artifact_bytes", "steps", "step_avg_ms",
                                               "eval_time_s"}
-    assert sub["seed_results"]["0"] == dict(val_loss=round(1.0598 * 2.188, 8), val_bpb=1.0598, artifact_bytes=15_900_000,
-                                            steps=4900, step_avg_ms=121.5, eval_time_s=470.0)
+    assert sub["seed_results"]["0"] == dict(val_loss=round(1.0598 * 2.188, 8), val_bpb=1.0598,
+                                            artifact_bytes=15_900_000, steps=4900, step_avg_ms=121.5, eval_time_s=470.0)
     assert sub["bytes_total"] == sub["artifact_bytes_max"] == 15_901_234 and sub["bytes_code"] == len(PACKED)
     assert sub["pytorch_version"] == TEMPLATE["torch_version"] and "p_value" not in sub
     readme = (out / "README.md").read_text()
@@ -102,7 +102,8 @@ def test_the_pack_then_run_in_place_flow_keeps_the_packed_file_and_logs(tmp_path
     seeds = [make_run(out / "logs", s) for s in BPBS]
     assert run_main(out, *seeds) == 0
     assert (out / "train_gpt.py").read_bytes() == PACKED
-    assert sorted(p.name for p in (out / "logs").iterdir()) == sorted(f"seed{s}{x}" for s in BPBS for x in (".json", ".txt"))
+    logs = sorted(p.name for p in (out / "logs").iterdir())
+    assert logs == sorted(f"seed{s}{x}" for s in BPBS for x in (".json", ".txt"))
     assert "| 1234 |" in (out / "README.md").read_text()  # pack_submission's stub is replaced
 
 
@@ -171,8 +172,8 @@ def test_a_missing_run_is_refused(tmp_path, source, capsys):
 
 
 def test_a_smoke_run_is_refused(tmp_path, source, capsys):
-    seeds = runs(tmp_path, seeds=(42, 0)) + [make_run(tmp_path / "logs", 1234, smoke=True,
-                                                      smoke_reasons=["VAL_MAX_TOKENS=4096 scored part of the validation set"])]
+    reasons = ["VAL_MAX_TOKENS=4096 scored part of the validation set"]
+    seeds = runs(tmp_path, seeds=(42, 0)) + [make_run(tmp_path / "logs", 1234, smoke=True, smoke_reasons=reasons)]
     assert run_main(tmp_path / "out", *seeds, "--source", source) == 1
     one_line_error(capsys, "seed1234", "smoke run", "VAL_MAX_TOKENS=4096")
 
@@ -296,7 +297,8 @@ def test_welch_one_sided_by_hand():
     before, after = [1.0, 1.1, 0.9], [0.8, 0.85, 0.75]  # variances 0.01 and 0.0025, means 1.0 and 0.8
     t, df, p = welch_one_sided(before, after)
     se = math.sqrt(0.01 / 3 + 0.0025 / 3)
-    assert t == pytest.approx(0.2 / se) and df == pytest.approx((0.0125 / 3) ** 2 / ((0.01 / 3) ** 2 / 2 + (0.0025 / 3) ** 2 / 2))
+    assert t == pytest.approx(0.2 / se)
+    assert df == pytest.approx((0.0125 / 3) ** 2 / ((0.01 / 3) ** 2 / 2 + (0.0025 / 3) ** 2 / 2))
     assert p == pytest.approx(sf_by_integration(t, df), abs=1e-9) and 0.02 < p < 0.03
     t2, _, p2 = welch_one_sided(before, after, margin=0.2)  # a margin equal to the gain: t = 0, p = 1/2
     assert t2 == pytest.approx(0.0, abs=1e-12) and p2 == pytest.approx(0.5)

@@ -324,11 +324,12 @@ def readme_skeleton(sub, seeds, shipped, readable, comparison, ran_shipped) -> s
                     f"{fmt(s.get('pre_quant', {}).get('val_bpb'))} | {fmt(s['final']['val_bpb'])} | "
                     f"{fmt((s.get('ttt') or {}).get('val_bpb'))} | {r['val_loss']:.8f} | **{r['val_bpb']:.8f}** | "
                     f"{r['artifact_bytes']:,} | {r['eval_time_s']:.1f} |")
-    packed = shipped != readable
-    code = (f"`train_gpt.py` is {len(shipped):,} bytes: the packed (self-extracting) form of a {len(readable):,}-byte "
-            f"source, sha256 `{sha16(readable)}...`; `python tools/pack_submission.py --unpack train_gpt.py` (in the "
-            "training repository) prints it" if packed else f"`train_gpt.py` is {len(shipped):,} bytes (readable source, sha256 "
-            f"`{sha16(readable)}...`)")
+    if shipped != readable:
+        code = (f"`train_gpt.py` is {len(shipped):,} bytes: the packed (self-extracting) form of a {len(readable):,}-"
+                f"byte source, sha256 `{sha16(readable)}...`; `python tools/pack_submission.py --unpack train_gpt.py` "
+                "(in the training repository) prints it")
+    else:
+        code = f"`train_gpt.py` is {len(shipped):,} bytes (readable source, sha256 `{sha16(readable)}...`)"
     if not ran_shipped:
         code += (". The seeds ran the readable source, so their bytes_code and artifact bytes count it: the shipped "
                  "file is smaller")
