@@ -21,6 +21,7 @@ from multiprocessing import Pool
 import numpy as np
 import sentencepiece as spm
 import zstandard
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.make_sample import train_tokenizer  # noqa: E402
@@ -56,12 +57,15 @@ def batches(docs, size=BATCH_DOCS):
         yield batch
 
 
-def tokenize(pool, docs) -> tuple[np.ndarray, int]:
-    """[BOS] + ids per document, concatenated in document order (imap keeps the order); also the document count."""
+def tokenize(pool, docs, desc="", total=None) -> tuple[np.ndarray, int]:
+    """[BOS] + ids per document, concatenated in document order (imap keeps the order); also the document count.
+    A progress bar (documents) on stderr when it is a terminal."""
     parts, n_docs = [], 0
-    for n, tokens in pool.imap(_encode_batch, batches(docs)):
-        parts.append(tokens)
-        n_docs += n
+    with tqdm(desc=desc, total=total, unit=" docs", disable=not sys.stderr.isatty()) as bar:
+        for n, tokens in pool.imap(_encode_batch, batches(docs)):
+            parts.append(tokens)
+            n_docs += n
+            bar.update(n)
     return (np.concatenate(parts) if parts else np.zeros(0, np.uint16)), n_docs
 
 
@@ -136,11 +140,12 @@ def main():
     if opts.tokenizer_only:
         return
     train_docs = itertools.chain.from_iterable(read_docs(f) for f in train_files)
-    splits = (("val", read_docs(val_file, opts.max_val_docs)),
-              ("train", itertools.islice(train_docs, opts.max_train_docs)))
+    val_total = min(PROXY_VAL_DOCS, opts.max_val_docs or PROXY_VAL_DOCS)  # the bar's total; train's is unknown
+    splits = (("val", read_docs(val_file, opts.max_val_docs), val_total),
+              ("train", itertools.islice(train_docs, opts.max_train_docs), opts.max_train_docs))
     with Pool(opts.workers, initializer=_init_worker, initargs=(model,)) as pool:
-        for split, docs in splits:
-            tokens, n_docs = tokenize(pool, docs)
+        for split, docs, total in splits:
+            tokens, n_docs = tokenize(pool, docs, f"tokenizing {split}", total)
             paths = write_split(opts.out, split, tokens)
             print(f"{split}: {n_docs} docs, {len(tokens)} tokens (BOS included), {len(paths)} shard(s), "
                   f"{time.time() - t0:.1f}s")
