@@ -22,7 +22,7 @@ packing is deterministic (same source and Python version, same bytes), --unpack 
 --check compares that program's AST with the stripped source's. Packed by Python 3.11, the program also parses on
 3.10, 3.12 and 3.13 (measured); packed by 3.12+, it may need 3.12+ (f-strings), which packing warns about.
 
-Why a tool and not `train_gpt.py --pack`: the counted file should hold only what a run needs (design.md), and
+Why a tool and not `train_gpt.py --pack`: the counted file should hold only what a run needs, and
 step 3 must check that the run's logged code hash is the packed file's, which a script packing itself could not
 guard against a run of the unpacked source (whose bytes_code would not be the shipped file's).
 """
