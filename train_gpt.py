@@ -145,6 +145,7 @@ class Hyperparameters:
     compressor: str = "zstd"
     compress_level: int = 22
     eval_artifact: str = ""  # path of a saved .ptz: skip training, score that artifact
+    caseops_enabled: bool = False  # CaseOps data: bytes from the validation byte sidecar, not the tokenizer's pieces
     # frontier export (section 5 of frontier.md): SDClip scales, GPTQ with training-data Hessians, fitted size
     matrix_clip_sigmas: float = 0.0  # >0: SDClip, row step = k std(row) / qmax; 0 = row max (QUANT_CLIP_SEARCH)
     attn_clip_sigmas: float = 0.0  # 0 = MATRIX_CLIP_SIGMAS
@@ -575,8 +576,9 @@ def load_shard(path, vocab_size) -> np.ndarray:
 
 
 def shard_files(data_path, split) -> list[str]:
+    """The split's token shards; for val, without the CaseOps byte sidecar, whose name the same pattern matches."""
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
-    files = sorted(glob.glob(pattern))
+    files = sorted(f for f in glob.glob(pattern) if not os.path.basename(f).startswith(SIDECAR_PREFIX))
     if not files:
         raise UserError(f"no {split} shards match {pattern}; set DATA_PATH to a folder of shards "
                         "(python data/make_sample.py builds an offline sample)")
@@ -641,12 +643,55 @@ class TrainLoader:
 def load_val_tokens(args) -> tuple[Tensor, bool]:
     """The validation tokens (the first VAL_MAX_TOKENS targets when set) and whether that cut any off."""
     tokens = np.concatenate([load_shard(f, args.vocab_size) for f in shard_files(args.data_path, "val")])
+    if args.caseops_enabled:
+        check_caseops_split(args, int((tokens == BOS_ID).sum()))
     truncated = 0 < args.val_max_tokens < len(tokens) - 1
     if truncated:
         tokens = tokens[:args.val_max_tokens + 1]
     if len(tokens) < 2:
         raise UserError(f"validation set under {args.data_path} holds {len(tokens)} tokens; need at least 2")
     return torch.from_numpy(tokens.astype(np.int64)), truncated
+
+
+# CaseOps (records 2026-04-18/19, the SOTA's data): text lowercased with case operators U+E001-U+E004 as pieces of their
+# own. Its bytes come from a sidecar (data/caseops.py): per validation token, the UTF-8 bytes of the original text it
+# stands for (operators and BOS 0). caseops_manifest.json records the split of the source documents.
+SIDECAR_PREFIX, CASEOPS_MANIFEST, CASEOPS_OPERATORS = "fineweb_val_bytes_", "caseops_manifest.json", "\ue001\ue002\ue003\ue004"
+
+
+def check_caseops_split(args, val_docs: int):
+    """Refuses train shards that may hold a validation document: the manifest's first training document must come
+    after every validation document, and its validation documents must be the ones scored (an upstream prep script
+    cut validation at 10,000 documents while evaluation scored 50,000: the other 40,000 were trained on)."""
+    path = os.path.join(args.data_path, CASEOPS_MANIFEST)
+    if not os.path.isfile(path):
+        raise UserError(f"CASEOPS_ENABLED=1 but {path} is missing, so the split of training and validation documents "
+                        "cannot be checked; make the data with data/caseops.py or data/download.py --variant caseops")
+    with open(path) as f:
+        m = json.load(f)
+    if not m.get("complete") or m["train_first_doc"] < max(m["val_docs"], val_docs) or m["val_docs"] != val_docs:
+        raise UserError(f"{path}: the train shards may hold validation documents (validation documents scored: "
+                        f"{val_docs}, in the manifest: {m['val_docs']}, first training document: {m['train_first_doc']}, "
+                        f"complete: {m.get('complete')}); prepare the data again with data/caseops.py")
+
+
+def load_byte_sidecar(args, val: Tensor) -> Tensor:
+    """The sidecar's bytes of each position of `val` (which may be cut by VAL_MAX_TOKENS): target t+1 scores
+    sidecar[t+1]. Its length must be the validation shards' and it must count 0 at every BOS."""
+    files = sorted(glob.glob(os.path.join(args.data_path, SIDECAR_PREFIX + "*.bin")))
+    if not files:
+        raise UserError(f"CASEOPS_ENABLED=1 but {args.data_path} has no {SIDECAR_PREFIX}*.bin byte sidecar; prepare the "
+                        "data with data/caseops.py (or data/download.py --variant caseops)")
+    side = np.concatenate([load_shard(f, 1 << 16) for f in files])
+    n = sum(shard_tokens(f) for f in shard_files(args.data_path, "val"))
+    if len(side) != n:
+        raise UserError(f"the byte sidecar in {args.data_path} has {len(side)} entries for {n} validation tokens; the "
+                        "two come from different preparations, make them again")
+    side = torch.from_numpy(side[:val.numel()].astype(np.int64))
+    if side[val == BOS_ID].any():
+        raise UserError(f"the byte sidecar in {args.data_path} counts bytes at a BOS; it does not belong to these "
+                        "validation tokens, make them again")
+    return side
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -660,6 +705,12 @@ def load_tokenizer(args):
     except (RuntimeError, OSError):
         raise UserError(f"tokenizer {args.tokenizer_path} is not a SentencePiece model; set TOKENIZER_PATH to the "
                         ".model file that made the shards") from None
+    has_ops = all(not sp.is_unknown(sp.piece_to_id(c)) for c in CASEOPS_OPERATORS)
+    if has_ops != args.caseops_enabled:
+        raise UserError(f"CASEOPS_ENABLED=1 but tokenizer {args.tokenizer_path} has no CaseOps operator pieces; use the "
+                        "tokenizer the CaseOps data was made with" if args.caseops_enabled else
+                        f"tokenizer {args.tokenizer_path} has CaseOps operator pieces: set CASEOPS_ENABLED=1, so bytes come "
+                        "from the sidecar (its byte tables would count 3 bytes for each operator)")
     if sp.vocab_size() != args.vocab_size:
         fix = (f"the artifact was trained with VOCAB_SIZE={args.vocab_size}: set TOKENIZER_PATH to its tokenizer"
                if args.eval_artifact else f"set VOCAB_SIZE={sp.vocab_size()} or use the matching tokenizer")
@@ -690,7 +741,11 @@ def build_byte_luts(sp, vocab_size) -> tuple[Tensor, Tensor, Tensor]:
     return torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary)
 
 
-def target_bytes(x: Tensor, y: Tensor, luts) -> Tensor:
+def target_bytes(x: Tensor, y: Tensor, luts, idx: Tensor | None = None) -> Tensor:
+    """Bytes of the targets y (val[idx + 1]) after inputs x: from the byte tables, or (CaseOps: luts = (sidecar,))
+    the sidecar's entry of each target."""
+    if len(luts) == 1:
+        return luts[0][idx + 1]
     base, space, boundary = luts
     return base[y] + (space[y] & ~boundary[x]).long()
 
@@ -1514,13 +1569,13 @@ def score_windows(model, val_d, luts_d, windows: Tensor, batch_seqs: int, rt, ct
         with torch.no_grad(), rt.autocast():
             nll = model(x, y, ctx=ctx, per_token=True).double()
         scored = (idx >= batch[:, 1:2]) & (idx < batch[:, 2:3])
-        add_scores(sums, docs_d[idx] if docs_d is not None else torch.zeros_like(idx), nll, x, y, luts_d, scored)
+        add_scores(sums, docs_d[idx] if docs_d is not None else torch.zeros_like(idx), nll, idx, x, y, luts_d, scored)
 
 
-def add_scores(sums: Tensor, rows: Tensor, nll: Tensor, x: Tensor, y: Tensor, luts_d, scored: Tensor):
-    """Adds the nats, count and bytes of the scored targets to sums[rows] (rows: each target's document)."""
-    nll = nll.detach().double()[scored]
-    sums.index_add_(0, rows[scored], torch.stack((nll, torch.ones_like(nll), target_bytes(x, y, luts_d)[scored].double()), 1))
+def add_scores(sums: Tensor, rows: Tensor, nll: Tensor, idx: Tensor, x: Tensor, y: Tensor, luts_d, scored: Tensor):
+    """Adds the nats, count and bytes of the scored targets (positions idx) to sums[rows] (each target's document)."""
+    nll, nbytes = nll.detach().double()[scored], target_bytes(x, y, luts_d, idx)[scored].double()
+    sums.index_add_(0, rows[scored], torch.stack((nll, torch.ones_like(nll), nbytes), 1))
 
 
 def totals(sums: Tensor, rt, t0: float, stride: int, keep_docs: bool) -> dict:
@@ -1807,7 +1862,7 @@ def lora_step(base, head, opt, val_d, luts_d, idx: Tensor, lo: Tensor, hi: Tenso
     x, y = val_d[idx], val_d[idx + 1]
     with torch.enable_grad(), rt.autocast():
         nll = lora_nats(base, head, x, y, Ctx(looping=base.final_ctx.looping)).float()
-    add_scores(sums, rows[:, None].expand_as(idx), nll, x, y, luts_d, scored)
+    add_scores(sums, rows[:, None].expand_as(idx), nll, idx, x, y, luts_d, scored)
     if train.any():
         per_doc = (nll * scored).sum(1) / scored.sum(1)
         opt.zero_grad(set_to_none=True)
@@ -2131,7 +2186,7 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_he
                 "ln_scale", "mlp_act", "mlp_leaky_slope", "skip_gates_enabled", "num_loops", "loop_start", "loop_end",
                 "parallel_start_layer", "parallel_final_lane", "sparse_attn_gate_enabled", "sparse_attn_gate_scale",
                 "gate_window", "smear_gate_enabled", "doc_mask")
-EVAL_FIELDS = ("train_seq_len", "eval_seq_len", "eval_stride", "val_max_tokens", "seed") + tuple(
+EVAL_FIELDS = ("train_seq_len", "eval_seq_len", "eval_stride", "val_max_tokens", "seed", "caseops_enabled") + tuple(
     f.name for f in dataclasses.fields(Hyperparameters) if f.name.startswith(("ttt_", "phased_ttt_", "global_ttt_")))
 ARTIFACT_VERSION = 3  # 2: range-coded codes (COMPRESSOR=constriction); 3: tokenizer hash, seed, eval order
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -2409,8 +2464,9 @@ def prepare(args, rt):
         args.run_id = ids[0]
     args.submission_json = args.submission_json or output_path(args, ".submission.json")
     check_outputs(args)
-    luts = build_byte_luts(load_tokenizer(args), args.vocab_size)
+    sp = load_tokenizer(args)
     val, truncated = load_val_tokens(args)
+    luts = (load_byte_sidecar(args, val),) if args.caseops_enabled else build_byte_luts(sp, args.vocab_size)
     loader = None if args.eval_artifact else TrainLoader(args, rt, args.grad_accum_steps or 8 // rt.world_size)
     if rt.distributed:
         dist.barrier()  # no rank creates a file before every rank has checked

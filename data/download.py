@@ -25,6 +25,7 @@ What it guarantees:
 import argparse
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -336,6 +337,16 @@ def listing(repo, variant):
     return tokenizer, numbered["val"], numbered["val_bytes"] if variant.sidecar else [], numbered["train"]
 
 
+def write_manifest(data_dir, source, val_docs) -> None:
+    """caseops_manifest.json for downloaded CaseOps data: the upstream export puts the first val_docs documents in
+    validation and the rest in training (so the first training document is val_docs), and every train shard fetched
+    here is checked for validation documents (check_overlap) before it is placed."""
+    manifest = dict(complete=True, source=source, val_docs=val_docs, train_first_doc=val_docs,
+                    split_check="data/download.py: no train shard holds a validation document")
+    with open(os.path.join(data_dir, "caseops_manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+
+
 def download(variant: Variant, data_root, n_train, repo, log=print) -> dict:
     tokenizer, val, sidecars, train = listing(repo, variant)
     if n_train > len(train):
@@ -374,6 +385,8 @@ def download(variant: Variant, data_root, n_train, repo, log=print) -> dict:
     tokens = np.concatenate(parts[:len(val)])
     val_hashes = set(doc_hashes(tokens))
 
+    if variant.sidecar:  # what train_gpt.py's CASEOPS_ENABLED=1 checks (the same file data/caseops.py writes)
+        write_manifest(data_dir, repo.name, n_docs)
     train_tokens = 0
     for f in train[:n_train]:
         it = item(f, data_dir)

@@ -325,3 +325,96 @@ def test_a_malformed_source_line_is_named(tmp_path, tokenizer):
     with pytest.raises(SystemExit, match=r'^caseops: .*docs.jsonl line 2: not a JSON object with a "text" field'):
         run("fineweb", "--docs", tmp_path / "docs.jsonl", "--out", tmp_path / "o", "--val-docs", 1,
             "--tokenizer", tokenizer, "--workers", 1)
+
+
+# ---- train_gpt.py on CaseOps data: bytes from the sidecar, and every way the data can be wrong is one line
+
+@pytest.fixture(scope="module")
+def caseops_data(tmp_path_factory, tokenizer):
+    base = tmp_path_factory.mktemp("caseops_run")
+    (base / "src" / "text").mkdir(parents=True)
+    for name, (n, seed) in dict(val_docs=(20, 0), docs_000=(200, 1)).items():
+        write_jsonl(base / "src" / "text" / f"{name}.jsonl.zst", corpus_docs(n, seed))
+    out = base / "data"
+    run("proxy", "--src", base / "src", "--out", out, "--tokenizer", tokenizer, "--workers", 1, "--shard-tokens", 400)
+    return out, str(out / Path(tokenizer).name), read_manifest(out)
+
+
+def caseops_args(out, tok, **kw):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import tiny_args
+    return tiny_args(DATA_PATH=str(out), TOKENIZER_PATH=tok, VOCAB_SIZE=400, CASEOPS_ENABLED=1, **kw)
+
+
+def test_train_gpt_scores_caseops_bytes_from_the_sidecar(caseops_data, tmp_path):
+    """The scored bytes of a whole run (plain eval and TTT) are the original documents' UTF-8 bytes, exactly; the
+    tokenizer's byte tables would count each operator's 3 bytes; the sidecar is never read as validation tokens."""
+    import train_gpt
+    from conftest import cpu_runtime
+    out, tok, m = caseops_data
+    args = caseops_args(out, tok, ITERATIONS=2, LOG_DIR=str(tmp_path), RUN_ID="c", TTT_ENABLED=1,
+                        TTT_CHUNK_TOKENS=256, SUBMISSION_JSON=str(tmp_path / "s.json"))
+    s = train_gpt.run(args, cpu_runtime())
+    assert s["final"]["bytes"] == s["ttt"]["bytes"] == s["roundtrip"]["bytes"] == m["sidecar_bytes"]
+    assert s["final"]["tokens"] == m["val_tokens"] - 1
+    val, _ = train_gpt.load_val_tokens(args)
+    import sentencepiece as spm
+    tables = train_gpt.build_byte_luts(spm.SentencePieceProcessor(model_file=tok), 400)
+    assert int(train_gpt.target_bytes(val[:-1], val[1:], tables).sum()) > m["sidecar_bytes"]  # operators counted
+    # a re-score reads CASEOPS_ENABLED from the artifact
+    again = train_gpt.Hyperparameters.from_env(dict(DATA_PATH=str(out), TOKENIZER_PATH=tok, LOG_DIR=str(tmp_path),
+                                                    RUN_ID="again", EVAL_ARTIFACT=s["artifact_path"]))
+    assert again.caseops_enabled and train_gpt.run(again, cpu_runtime())["final"]["bytes"] == m["sidecar_bytes"]
+
+
+def test_a_cut_validation_set_takes_the_sidecar_cut_with_it(caseops_data):
+    import train_gpt
+    out, tok, m = caseops_data
+    args = caseops_args(out, tok, VAL_MAX_TOKENS=100)
+    val, cut = train_gpt.load_val_tokens(args)
+    side = train_gpt.load_byte_sidecar(args, val)
+    full = np.concatenate([caseops.read_values(p) for p in caseops.sidecar_files(str(out))])
+    assert cut and side.tolist() == full[:101].tolist()
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("no sidecar", "has no fineweb_val_bytes_\\*.bin byte sidecar"),
+    ("short sidecar", "the byte sidecar in .* has \\d+ entries for \\d+ validation tokens"),
+    ("no manifest", "caseops_manifest.json is missing"),
+    ("overlap", "the train shards may hold validation documents"),
+    ("fewer val docs", "the train shards may hold validation documents"),
+    ("plain tokenizer", "has no CaseOps operator pieces"),
+    ("flag off", "has CaseOps operator pieces: set CASEOPS_ENABLED=1")])
+def test_caseops_data_that_cannot_be_scored_is_one_line(caseops_data, tmp_path, damage, message):
+    import shutil
+    import train_gpt
+    src, tok, m = caseops_data
+    out = tmp_path / "d"
+    shutil.copytree(src, out)
+    tok = str(out / Path(tok).name)
+    flags = dict(CASEOPS_ENABLED=1)
+    sidecars = caseops.sidecar_files(str(out))
+    if damage == "no sidecar":
+        for p in sidecars:
+            os.remove(p)
+    elif damage == "short sidecar":
+        os.remove(sidecars[-1])
+    elif damage == "no manifest":
+        os.remove(out / caseops.MANIFEST)
+    elif damage in ("overlap", "fewer val docs"):  # the leak: a prep that cut validation shorter than evaluation
+        key = "train_first_doc" if damage == "overlap" else "val_docs"
+        (out / caseops.MANIFEST).write_text(json.dumps(dict(m, **{key: m["val_docs"] - 5})))
+    elif damage == "plain tokenizer":
+        tok = str(ROOT.parent / "shared" / "proxy" / "tokenizers" / "fineweb_1024_bpe.model")
+        if not os.path.exists(tok):
+            pytest.skip("challenge tokenizer not found")
+        flags["VOCAB_SIZE"] = 1024
+    else:
+        flags["CASEOPS_ENABLED"] = 0
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import cpu_runtime, tiny_env
+    env = tiny_env(DATA_PATH=str(out), TOKENIZER_PATH=tok, LOG_DIR=str(tmp_path / "logs"), RUN_ID="x",
+                   **dict(dict(VOCAB_SIZE=400), **flags))
+    with pytest.raises(train_gpt.UserError, match=message) as e:
+        train_gpt.run(train_gpt.Hyperparameters.from_env(env), cpu_runtime())
+    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "logs" / "x.txt")

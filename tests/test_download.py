@@ -1,6 +1,7 @@
 """data/download.py against a local folder laid out like the hub repository: placement, resume after an interrupted
 download, corrupted shards (in place and in the repository), the canonical validation split, train shards holding
 validation documents, the CaseOps byte sidecar, and one-line errors for each bad input."""
+import json
 import os
 import shutil
 import subprocess
@@ -115,6 +116,13 @@ def test_download_places_every_file_and_prints_what_to_export(tmp_path, hub, cap
     assert f"DATA_PATH={data_dir(tmp_path)}" in last and f"VOCAB_SIZE={VOCAB}" in last
     assert "6 files downloaded, 0 kept" in last  # 5 shards + the tokenizer
     assert err == ""  # not a terminal: no progress bars
+    # the split manifest train_gpt.py's CASEOPS_ENABLED=1 checks, written once the validation split is checked
+    manifest = json.loads((data_dir(tmp_path) / "caseops_manifest.json").read_text())
+    assert manifest["complete"] and manifest["val_docs"] == manifest["train_first_doc"] == VAL_DOCS
+    args = train_gpt.Hyperparameters.from_env(dict(DATA_PATH=str(data_dir(tmp_path)), CASEOPS_ENABLED="1"))
+    train_gpt.check_caseops_split(args, VAL_DOCS)
+    with pytest.raises(train_gpt.UserError, match="the train shards may hold validation documents"):
+        train_gpt.check_caseops_split(args, VAL_DOCS + 1)
 
 
 def test_a_second_run_keeps_good_files_and_refetches_a_truncated_or_corrupted_one(tmp_path, hub, capsys):
