@@ -20,7 +20,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.swa_utils import AveragedModel
 
 ARTIFACT_CAP_BYTES = 16_000_000  # decimal: code bytes + compressed model bytes
 BOS_ID = 1  # every document starts with BOS (upstream export rule)
@@ -403,6 +402,7 @@ class Runtime:
     device: torch.device
     stage: str = "setup"  # what an interrupt would cut short: setup, train, export, eval
     step: int = 0
+    host_group: object = None  # gloo group for host-side values (None: the default group, gloo on CPU)
 
     @property
     def is_main(self):
@@ -416,6 +416,10 @@ class Runtime:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    @property
+    def act_dtype(self):  # the residual stream's: bf16 on CUDA (the records' activations; fp32 master weights)
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
 
     def sync(self):
         if self.device.type == "cuda":
@@ -434,9 +438,11 @@ def setup_runtime() -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
+    group = None
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(rank, world, device)
+        group = dist.new_group(backend="gloo") if device.type == "cuda" else None
+    return Runtime(rank, world, device, host_group=group)
 
 
 class Logger:
@@ -1045,7 +1051,9 @@ def unet_orders(args, looping) -> tuple[list[int], list[int]]:
 class GPT(nn.Module):
     """U-Net GPT (upstream baseline): blocks run in an encoder order that pushes skips and a decoder order that pops
     them (skip weights; with SKIP_GATES_ENABLED x = lerp(w * skip, x, sigmoid(g))). Depth recurrence only swaps in
-    another pair of orders, over the same blocks. Tied embedding, logits soft-capped by c*tanh(z/c)."""
+    another pair of orders, over the same blocks. Tied embedding, logits soft-capped by c*tanh(z/c). The residual
+    stream (embedding output, block outputs, skips) is act_dtype: build_model sets the Runtime's."""
+    act_dtype = torch.float32
 
     def __init__(self, args):
         super().__init__()
@@ -1093,7 +1101,7 @@ class GPT(nn.Module):
         if self.bigram is not None:
             x = x + self.bigram(idx, ctx)
         x = F.rms_norm(x, (x.size(-1),))
-        return x if self.smear is None else self.smear(x, idx)
+        return (x if self.smear is None else self.smear(x, idx)).to(self.act_dtype)
 
     def skip(self, j: int, x: Tensor, s: Tensor) -> Tensor:
         s = self.skip_weights[j].to(x.dtype) * s
@@ -1346,6 +1354,7 @@ def use_compile(args, rt) -> bool:
 def build_model(args, rt, mtp=True):
     margs = args if mtp else dataclasses.replace(args, mtp_heads=0)
     base = GPT(margs).to(rt.device)
+    base.act_dtype = rt.act_dtype
     return base, compile_model(base, args, rt)
 
 
@@ -1399,22 +1408,25 @@ def prime_compile(model, base, optimizers, loader, args, rt, log):
     loader.reset()
 
 
-def ema_with_warmup(decay):
-    """EMA whose decay ramps up as min(decay, (1+t)/(10+t)), t = updates so far: a fixed 0.997 would keep ~40% of
-    its weight on the first few hundred steps of a short run. The ramp stays on the device (no host sync)."""
-    def update(avg: list[Tensor], cur: list[Tensor], t: Tensor):
-        d = ((1 + t) / (10 + t)).clamp(max=decay).to(avg[0].dtype)
-        torch._foreach_mul_(avg, d)
-        torch._foreach_add_(avg, torch._foreach_mul(cur, 1 - d))
-    return update
+class Averager:
+    """EMA or SWA of the parameters, counted on the host so an update never waits for the device (torch's
+    AveragedModel reads its device counter every update). Update t (0 = a copy) moves the average towards the
+    weights by 1 - min(EMA_DECAY, (1+t)/(10+t)): a fixed 0.997 would keep ~40% of its weight on the first few
+    hundred steps of a short run; SWA by 1/(t+1), a running mean. One foreach lerp per update."""
+
+    def __init__(self, base, decay):
+        self.params = [p.detach().clone() for p in base.parameters()]
+        self.decay, self.n = decay, 0
+
+    @torch.no_grad()
+    def update(self, base):
+        t, self.n = self.n, self.n + 1
+        w = 1 - min(self.decay, (1 + t) / (10 + t)) if self.decay and t else 1 / self.n
+        torch._foreach_lerp_(self.params, [p.detach() for p in base.parameters()], w)
 
 
 def build_averager(args, base):
-    if args.ema_decay > 0:
-        return AveragedModel(base, multi_avg_fn=ema_with_warmup(args.ema_decay))
-    if args.swa:
-        return AveragedModel(base)
-    return None
+    return Averager(base, args.ema_decay) if args.ema_decay > 0 or args.swa else None
 
 
 def swa_window(args, p, warmdown) -> bool:
@@ -1427,16 +1439,16 @@ def swa_window(args, p, warmdown) -> bool:
 
 @torch.no_grad()
 def apply_average(base, averager):
-    for p, avg in zip(base.parameters(), averager.module.parameters()):
-        p.copy_(avg)
+    torch._foreach_copy_(list(base.parameters()), averager.params)
 
 
-def all_reduce_max(flag: bool, rt) -> bool:
+def ranks_max(x: float, rt) -> float:
+    """The largest x over ranks, reduced in host memory: no device sync."""
     if not rt.distributed:
-        return flag
-    t = torch.tensor(float(flag), device=rt.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=rt.host_group)
+    return float(t[0])
 
 
 def mean_over_ranks(t: Tensor, rt) -> float:
@@ -1450,7 +1462,7 @@ def mean_over_ranks(t: Tensor, rt) -> float:
 def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
     averager = build_averager(args, base)
     max_ms = 1000 * args.max_wallclock_seconds
-    step, train_ms, swa_count, losses, stop = 0, 0.0, 0, [], False
+    step, train_ms, swa_count, losses, stop, elapsed = 0, 0.0, 0, [], False, 0.0
     qat_step, ctx, events = None, PLAIN, []
     rt.stage = "train"
 
@@ -1472,7 +1484,7 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
                 break
             rt.sync()
             t0 = time.perf_counter()
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        # elapsed: the agreed clock at the end of the previous step
         p, scale, warmdown = progress(args, step, elapsed), lr_scale(args, step, elapsed), warmdown_scale(args, step, elapsed)
         ctx, prev = ctx_for(args, p), ctx
         for name in (f for f in Ctx._fields if getattr(ctx, f) and not getattr(prev, f)):
@@ -1484,9 +1496,10 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
         loss = train_step(model, loader.next_batch(), optimizers, args, rt, ctx)
         step = rt.step = step + 1
         if averager is not None and (args.ema_decay > 0 or (swa_window(args, p, warmdown) and step % args.swa_every == 0)):
-            averager.update_parameters(base)
+            averager.update(base)
             swa_count += 1
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        # host time, one value for every rank (the slowest's): the same schedule and stop everywhere, no device sync
+        elapsed = ranks_max(train_ms + 1000 * (time.perf_counter() - t0), rt)
         if args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0):
             value = mean_over_ranks(loss, rt)
             if not math.isfinite(value):
@@ -1495,7 +1508,7 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
             losses.append((step, value))
             log(f"step:{step}/{args.iterations} train_loss:{value:.4f} train_time:{elapsed:.0f}ms "
                 f"step_avg:{elapsed / step:.2f}ms")
-        stop = all_reduce_max(max_ms > 0 and elapsed >= max_ms, rt)
+        stop = max_ms > 0 and elapsed >= max_ms
     if stop and step < args.iterations:
         log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
         if step < args.iterations / 2:

@@ -23,7 +23,7 @@ def averaged_run(decay, swa, updates=3):
         for p in model.parameters():
             p.copy_(dyadic(p.shape, g))
     averager = train_gpt.build_averager(args, model)
-    assert isinstance(averager, torch.optim.swa_utils.AveragedModel)
+    assert isinstance(averager, train_gpt.Averager)
     names = [n for n, _ in model.named_parameters()]
     snapshots = []
     for k in range(updates):
@@ -32,7 +32,7 @@ def averaged_run(decay, swa, updates=3):
                 for p in model.parameters():
                     p.add_(dyadic(p.shape, g))  # a known change between updates
         snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
-        averager.update_parameters(model)
+        averager.update(model)
     if swa:
         hand = {n: sum(s[n] for s in snapshots) / len(snapshots) for n in names}
     else:
@@ -50,8 +50,8 @@ CASES = [pytest.param(0.9, False, id="ema0.9"), pytest.param(0.2, False, id="ema
 @pytest.mark.parametrize("decay,swa", CASES)
 def test_averager_holds_the_hand_computed_average(decay, swa):
     model, _, averager, hand, snapshots = averaged_run(decay, swa)
-    assert int(averager.n_averaged) == 3
-    for n, p in averager.module.named_parameters():
+    assert averager.n == 3
+    for (n, _), p in zip(model.named_parameters(), averager.params):
         assert torch.allclose(p, hand[n], rtol=1e-6, atol=1e-6), n
         assert not torch.allclose(p, snapshots[-1][n]), n  # the average is not just the last weights
     for n, p in model.named_parameters():  # updating the average leaves the model alone
@@ -61,9 +61,10 @@ def test_averager_holds_the_hand_computed_average(decay, swa):
 @pytest.mark.parametrize("decay,swa", CASES)
 def test_applied_average_is_what_gets_serialised(decay, swa):
     model, args, averager, hand, _ = averaged_run(decay, swa)
+    names = [n for n, _ in model.named_parameters()]
     train_gpt.apply_average(model, averager)
     for n, p in model.named_parameters():
-        assert torch.equal(p, dict(averager.module.named_parameters())[n]), n
+        assert torch.equal(p, averager.params[names.index(n)]), n
     artifact = train_gpt.quantize_state(train_gpt.export_state(model), args)
     assert artifact["blocks.0.mlp.fc.weight"]["bits"] == 6  # the check covers quantized and fp16-kept tensors
     ours = train_gpt.dequantize_state(artifact)
@@ -86,12 +87,12 @@ def test_ema_warmup_matches_plain_ema_on_a_long_run():
     for t in range(400):
         with torch.no_grad():
             model.weight.add_(torch.randn(8, 8, generator=g))
-        ours.update_parameters(model)
+        ours.update(model)
         plain.update_parameters(model)
         if t == 5:  # t=5: ours weights the newest snapshot by 1 - 6/15 = 0.6, plain EMA by 0.1
-            gap_new = (ours.module.weight - model.weight).abs().mean()
+            gap_new = (ours.params[0] - model.weight).abs().mean()
             assert gap_new < (plain.module.weight - model.weight).abs().mean() / 2
-    assert torch.allclose(ours.module.weight, plain.module.weight, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(ours.params[0], plain.module.weight, rtol=1e-5, atol=1e-5)
 
 
 def test_ema_does_not_hurt_a_short_run(markov_data):
@@ -163,7 +164,7 @@ def test_run_serialises_the_averaged_weights(markov_data, monkeypatch):
     real = train_gpt.apply_average
 
     def spy(base, averager):
-        seen.update({n: p.detach().clone() for n, p in averager.module.named_parameters()})
+        seen.update({n: a.clone() for (n, _), a in zip(base.named_parameters(), averager.params)})
         seen["trained"] = {n: p.detach().clone() for n, p in base.named_parameters()}
         real(base, averager)
 
@@ -178,3 +179,35 @@ def test_run_serialises_the_averaged_weights(markov_data, monkeypatch):
     assert stored.keys() == expected.keys()
     for n in stored:
         assert torch.equal(stored[n], expected[n]), n
+
+
+def device_counted_ema(decay):
+    """The EMA as it was before the host-side counter: torch's AveragedModel, the warm-up ramp computed on the device
+    from its n_averaged tensor (two host syncs per update)."""
+    def update(avg, cur, t):
+        d = ((1 + t) / (10 + t)).clamp(max=decay).to(avg[0].dtype)
+        torch._foreach_mul_(avg, d)
+        torch._foreach_add_(avg, torch._foreach_mul(cur, 1 - d))
+    return update
+
+
+@pytest.mark.parametrize("decay,swa", [(0.9965, False), (0.9, False), (0.0, True)], ids=["ema-default", "ema0.9", "swa"])
+def test_host_counted_average_gives_the_same_weights_as_before(decay, swa):
+    """Over 300 updates of randomly moving weights the host-counted average (one foreach lerp) stays within float32
+    rounding of the previous device-counted one; the first update is an exact copy in both."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 8))
+    ours = train_gpt.build_averager(tiny_args(EMA_DECAY=decay, SWA=int(swa)), model)
+    before = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=None if swa else device_counted_ema(decay))
+    g = torch.Generator().manual_seed(0)
+    for t in range(300):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        ours.update(model)
+        before.update_parameters(model)
+        if t == 0:
+            assert all(torch.equal(a, b) for a, b in zip(ours.params, model.parameters()))
+    assert ours.n == int(before.n_averaged) == 300
+    for a, b in zip(ours.params, map(torch.Tensor.detach, before.module.parameters())):
+        assert not torch.equal(a, next(p for p in model.parameters() if p.shape == a.shape))
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6 * float(b.abs().max()))

@@ -142,3 +142,40 @@ def test_all_switches_compile_as_full_graphs(markov_data, monkeypatch):
     np.testing.assert_allclose([l for _, l in compiled["train_losses"]], [l for _, l in eager["train_losses"]],
                                rtol=1e-5)
     assert compiled["final"]["val_loss"] == pytest.approx(eager["final"]["val_loss"], rel=1e-5)
+
+
+def test_training_steps_never_read_back_from_the_device(markov_data, monkeypatch):
+    """From the third step on (first-step allocations done), the training loop reads nothing back from the device:
+    no .item(), .tolist(), bool(), float(), int() or .cpu() of a tensor, each a host sync on CUDA. The default stack
+    runs (EMA, gradient clipping, the wall-clock cap, QAT and looping switching on); TRAIN_LOG_EVERY=0, since a log
+    step reads the loss on purpose. Exempt: CPU AdamW (foreach) reads its step counters on the host, where CUDA runs
+    the fused kernel, which does not."""
+    import torch
+    calls, state = [], {"steps": 0, "on": False}
+
+    def counting(name, real):
+        def method(self, *a, **k):
+            frame = sys._getframe(1)
+            if state["on"] and frame.f_code.co_name != "_get_value":
+                calls.append(f"{name} from {frame.f_code.co_filename}:{frame.f_lineno}")
+            return real(self, *a, **k)
+        return method
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    real_step = train_gpt.train_step
+
+    def step(*a, **k):
+        state["steps"] += 1
+        state["on"] = state["steps"] >= 3
+        return real_step(*a, **k)
+    monkeypatch.setattr(train_gpt, "train_step", step)
+
+    class Runtime(train_gpt.Runtime):
+        def sync(self):  # in the loop only when it ends (VAL_LOSS_EVERY=0): stop counting there
+            state["on"] = False
+    args = train_gpt.Hyperparameters.from_env(tiny_env(
+        **markov_data, ITERATIONS=8, TRAIN_LOG_EVERY=0, MAX_WALLCLOCK_SECONDS=600, GPTQ_RESERVE_SECONDS=1,
+        QAT=1, QAT_START_FRAC=0.5, ENABLE_LOOPING_AT=0.25, VAL_MAX_TOKENS=128))
+    s = train_gpt.run(args, Runtime(0, 1, torch.device("cpu")))
+    assert s["steps"] == 8 and s["averaged_updates"] == 8 and s["qat_start_step"] == 4
+    assert state["steps"] == 8 and calls == []
