@@ -154,7 +154,7 @@ class Hyperparameters:
     embed_bits: int = 0  # >0: the token embedding is quantized to this width (unless FP16_KEEP_PATTERNS keeps it)
     gptq: bool = False
     gptq_calibration_batches: int = 16
-    gptq_reserve_seconds: float = 8.0
+    gptq_reserve_seconds: float = -1.0  # -1 = measured before the clock (measure_gptq_reserve)
     target_bytes: int = 0  # >0: fit MATRIX_CLIP_SIGMAS so code + artifact bytes <= this
     lqer_enabled: bool = False
     lqer_rank: int = 4
@@ -294,7 +294,7 @@ FIELD_RANGES = dict(
     enable_looping_at=UNIT, parallel_start_layer=NONNEG, sparse_attn_gate_scale="(0, inf)", gate_window=POS,
     min_lr=UNIT, embed_wd="[-1, inf)", matrix_clip_sigmas=NONNEG, attn_clip_sigmas=NONNEG, mlp_clip_sigmas=NONNEG,
     embed_clip_sigmas="(0, inf)", matrix_bits="[0, 8]", embed_bits="[0, 8]", gptq_calibration_batches=POS,
-    gptq_reserve_seconds=NONNEG, target_bytes=NONNEG, lqer_rank=POS, lqer_top_k=POS,
+    gptq_reserve_seconds="[-1, inf)", target_bytes=NONNEG, lqer_rank=POS, lqer_top_k=POS,
     ttt_lr=NONNEG, ttt_epochs=POS, ttt_momentum=UNIT_OPEN, ttt_chunk_tokens=POS, ttt_grad_clip=NONNEG,
     ttt_batch_seqs=POS, eval_budget_seconds="(0, inf)", ttt_lora_rank=POS, ttt_lora_alpha=NONNEG,
     ttt_lora_lr=NONNEG, ttt_beta1=UNIT_OPEN, ttt_beta2=UNIT_OPEN, ttt_weight_decay=NONNEG, ttt_chunk_size=POS,
@@ -342,7 +342,7 @@ PRESETS = {
     "seed162": SEED162,
     # frontier v1 (record 2026-04-09, 1.0810; frontier.md section 2) with the SOTA optimizer values (section 4) and
     # the frontier export (section 5)
-    "default": dict(FRONTIER_V1, **FRONTIER_EXPORT),
+    "default": dict(FRONTIER_V1, **FRONTIER_EXPORT, val_loss_every=0),
 }
 
 # Families of our variables: an unknown name in one of them is a typo, not someone else's variable.
@@ -1133,10 +1133,11 @@ class GPT(nn.Module):
         return cap * torch.tanh(z.float() / cap)
 
     def forward(self, idx: Tensor, targets: Tensor, ctx: Ctx | None = None, per_token: bool = False) -> Tensor:
-        """Mean training loss under ctx, or with per_token the nats of each target [B, T] (evaluation: no QAT)."""
+        """Mean training loss under ctx, or with per_token the nats of each target [B, K] (evaluation: no QAT): the
+        targets of the last K positions of idx [B, T], so a sliding window computes logits only where it scores."""
         ctx = self.final_ctx if ctx is None else ctx
         if per_token:
-            h = self.hidden(idx, Ctx(qat=False, looping=ctx.looping))
+            h = self.hidden(idx, Ctx(qat=False, looping=ctx.looping))[:, -targets.size(1):]
             return F.cross_entropy(self.logits(h).flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         h = self.hidden(idx, ctx)
         loss = F.cross_entropy(self.logits(h, ctx).flatten(0, 1), targets.flatten())
@@ -1551,7 +1552,7 @@ def evaluate(model, val: Tensor, luts, args, rt, stride: int, ctx: Ctx | None = 
     windows, L, batch_seqs = eval_plan(val, args, rt, stride)
     sums = score_sums(val, docs, rt)
     score_windows(model, val.to(rt.device), [t.to(rt.device) for t in luts], windows.tensor_split(rt.world_size)[rt.rank],
-                  batch_seqs, rt, ctx, sums, None if docs is None else docs.to(rt.device))
+                  batch_seqs, rt, ctx, sums, None if docs is None else docs.to(rt.device), stride)
     return totals(sums, rt, t0, min(stride or L, L), docs is not None)
 
 
@@ -1569,26 +1570,34 @@ def score_sums(val: Tensor, docs: Tensor | None, rt) -> Tensor:
     return torch.zeros(rows, 3, device=rt.device, dtype=torch.float64)  # per document: nats, targets, bytes
 
 
-def score_windows(model, val_d, luts_d, windows: Tensor, batch_seqs: int, rt, ctx, sums: Tensor, docs_d=None):
+def score_windows(model, val_d, luts_d, windows: Tensor, batch_seqs: int, rt, ctx, sums: Tensor, docs_d=None,
+                  stride: int = 0):
     """Adds the nats, count and bytes of the scored targets [lo, hi) of each window (start, lo, hi) to sums, by the
-    document of each target when docs_d is given. No gradient, no state change."""
-    pos = torch.arange(int(windows[0, 2] - windows[0, 0]) if len(windows) else 0, device=rt.device)
-    for batch in windows.to(rt.device).split(batch_seqs):
-        pad = batch_seqs - batch.size(0)  # keep one static shape for compile; padded rows score nothing
-        if pad:
-            batch = torch.cat((batch, batch[-1:].repeat(pad, 1) * torch.tensor([1, 0, 0], device=rt.device)))
+    document of each target when docs_d is given. No gradient, no state change, no host sync. A window scores at
+    most its last `stride` targets (0: all L) except the stream's first, which scores all L: a batch holding it gets
+    logits for all L positions, every other batch for its last `stride` only (two shapes, both compiled when
+    priming)."""
+    L = int(windows[0, 2] - windows[0, 0]) if len(windows) else 0
+    pad = -len(windows) % batch_seqs  # keep one static shape for compile; padded rows score nothing
+    windows = torch.cat((windows, windows[-1:].repeat(pad, 1) * torch.tensor([1, 0, 0])))
+    pos = torch.arange(L, device=rt.device)
+    for host, batch in zip(windows.split(batch_seqs), windows.to(rt.device).split(batch_seqs)):
+        K = L if not 0 < stride < L or int((host[:, 2] - host[:, 1]).max()) > stride else stride
         idx = batch[:, :1] + pos  # [B, L] target positions
-        x, y = val_d[idx], val_d[idx + 1]
+        x, y, idx = val_d[idx], val_d[idx[:, -K:] + 1], idx[:, -K:]
         with torch.no_grad(), rt.autocast():
-            nll = model(x, y, ctx=ctx, per_token=True).double()
+            nll = model(x, y, ctx=ctx, per_token=True)
         scored = (idx >= batch[:, 1:2]) & (idx < batch[:, 2:3])
-        add_scores(sums, docs_d[idx] if docs_d is not None else torch.zeros_like(idx), nll, idx, x, y, luts_d, scored)
+        add_scores(sums, docs_d[idx] if docs_d is not None else torch.zeros_like(idx), nll, idx, x[:, -K:], y, luts_d,
+                   scored)
 
 
 def add_scores(sums: Tensor, rows: Tensor, nll: Tensor, idx: Tensor, x: Tensor, y: Tensor, luts_d, scored: Tensor):
-    """Adds the nats, count and bytes of the scored targets (positions idx) to sums[rows] (each target's document)."""
-    nll, nbytes = nll.detach().double()[scored], target_bytes(x, y, luts_d, idx)[scored].double()
-    sums.index_add_(0, rows[scored], torch.stack((nll, torch.ones_like(nll), nbytes), 1))
+    """Adds the nats, count and bytes of the scored targets (positions idx) to sums[rows] (each target's document).
+    No boolean indexing (a host sync on CUDA): the other positions add zeros."""
+    w = scored.double()
+    parts = (torch.where(scored, nll.detach().double(), 0.0), w, target_bytes(x, y, luts_d, idx) * w)
+    sums.index_add_(0, rows.flatten(), torch.stack(parts, -1).flatten(0, -2))
 
 
 def totals(sums: Tensor, rt, t0: float, stride: int, keep_docs: bool) -> dict:
@@ -1665,21 +1674,46 @@ def ttt_plan(val: Tensor, args, rt, stride: int) -> tuple[list[Tensor], int, int
     return chunks, L, min(batch_seqs, -(-max(map(len, chunks)) // rt.world_size))
 
 
+def random_tokens(args, rt, n) -> Tensor:
+    return torch.randint(args.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0)).to(rt.device)
+
+
+def prime_scoring(model, tokens: Tensor, args, rt, stride: int, batch_seqs: int, L: int, ctx=None):
+    """Compiles the scoring graphs of one eval shape on `tokens` (at least (batch_seqs + 2) * L): a batch holding the
+    stream's first window (logits for all L positions) and one of later windows (the last `stride`)."""
+    windows = sliding_windows(tokens.numel() - 1, L, stride)
+    luts = [torch.zeros(args.vocab_size, dtype=d, device=rt.device) for d in (torch.long, torch.bool, torch.bool)]
+    for w in (windows[:batch_seqs], windows[1:batch_seqs + 1]):
+        score_windows(model, tokens, luts, w, batch_seqs, rt, ctx, score_sums(tokens, None, rt), None, stride)
+
+
 def ttt_warmup(base, model, args, rt, stride: int, batch_seqs: int, L: int):
-    """Compiles the TTT graphs (a scoring call, an SGD step) on random tokens in the shapes TTT uses, then restores
+    """Compiles the TTT graphs (scoring calls, an SGD step) on random tokens in the shapes TTT uses, then restores
     the weights: no validation token is seen before it is scored."""
     state = copy.deepcopy(base.state_dict())
     step_seqs = min(args.ttt_batch_seqs, -(-args.ttt_chunk_tokens // L))  # a chunk's windows, or a full step
-    n = max(step_seqs, batch_seqs * rt.world_size) * L
-    tokens = torch.randint(args.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0)).to(rt.device)
-    windows = sliding_windows(n, L, stride)[:batch_seqs]
-    luts = [torch.zeros(args.vocab_size, dtype=d, device=rt.device) for d in (torch.long, torch.bool, torch.bool)]
-    score_windows(model, tokens, luts, windows, batch_seqs, rt, None, torch.zeros(1, 3, dtype=torch.float64,
-                  device=rt.device))
+    tokens = random_tokens(args, rt, max(step_seqs, batch_seqs + 2) * L)
+    prime_scoring(model, tokens, args, rt, stride, batch_seqs, L)
     params = [p for p in base.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
     ttt_train(model, params, opt, tokens, 0, step_seqs * L, dataclasses.replace(args, ttt_epochs=1), rt)
     base.load_state_dict(state)
+
+
+def prime_eval(model, base, val: Tensor, args, rt):
+    """Compiles every eval graph before any clock, on random tokens: the plain evals' scoring shapes (the mid-run
+    validation's in each context the run meets), then TTT's. A fresh model of the same config reuses these graphs
+    (dynamo guards on a module's structure, not its identity), so the final evals compile nothing."""
+    if model is base:
+        return
+    for stride in dict.fromkeys((0, args.eval_stride)):
+        _, L, batch_seqs = eval_plan(val, args, rt, stride)
+        tokens = random_tokens(args, rt, (batch_seqs + 2) * L)
+        for ctx in [None] + (reachable_ctxs(args) if args.val_loss_every and not stride else []):
+            prime_scoring(model, tokens, args, rt, stride, batch_seqs, L, ctx)
+    if args.ttt_enabled and args.ttt_mode == "sgd":
+        _, L, batch_seqs = ttt_plan(val, args, rt, args.eval_stride)
+        ttt_warmup(base, model, args, rt, args.eval_stride, batch_seqs, L)
 
 
 def evaluate_ttt(base, model, val: Tensor, luts, args, rt, stride: int, log, docs: Tensor | None = None,
@@ -1694,7 +1728,8 @@ def evaluate_ttt(base, model, val: Tensor, luts, args, rt, stride: int, log, doc
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
     sums, projection = score_sums(val, docs, rt), None
     for c, chunk in enumerate(chunks):
-        score_windows(model, val_d, luts_d, chunk.tensor_split(rt.world_size)[rt.rank], batch_seqs, rt, None, sums, docs_d)
+        score_windows(model, val_d, luts_d, chunk.tensor_split(rt.world_size)[rt.rank], batch_seqs, rt, None, sums, docs_d,
+                      stride)
         if c < len(chunks) - 1:  # the last chunk's targets are scored by nothing later: never trained on
             for group in opt.param_groups:
                 group["lr"] = ttt_lr(args, c, len(chunks))
@@ -1719,11 +1754,7 @@ def final_ttt(args, rt, fresh, val, luts, docs, spent_s, log) -> dict:
     if args.ttt_mode == "lora":  # eager: its shapes change with every chunk
         r = evaluate_ttt_lora(base, val, luts, args, rt, log, docs, spent_s)
     else:
-        model = compile_model(base, args, rt)
-        if model is not base:
-            _, L, batch_seqs = ttt_plan(val, args, rt, args.eval_stride)
-            ttt_warmup(base, model, args, rt, args.eval_stride, batch_seqs, L)
-        r = evaluate_ttt(base, model, val, luts, args, rt, args.eval_stride, log, docs, spent_s)
+        r = evaluate_ttt(base, compile_model(base, args, rt), val, luts, args, rt, args.eval_stride, log, docs, spent_s)
     log(exact_line("final_ttt_exact", r))
     require_finite(r, "test-time training diverged: lower TTT_LR (TTT_LORA_LR with TTT_MODE=lora) or set TTT_GRAD_CLIP")
     unit = "chunks" if args.ttt_mode == "sgd" else "doc_batches"
@@ -2574,6 +2605,30 @@ def export_artifact(args, rt, base, hessians=None, log=print) -> tuple[str, dict
     return path, fit
 
 
+GPTQ_RESERVE_MARGIN = 1.25  # on the measured calibration time: one timed batch is a noisy sample
+
+
+def measure_gptq_reserve(args, rt, base, loader, log):
+    """GPTQ_RESERVE_SECONDS=-1 (with GPTQ and a wall-clock cap): the reserve is measured before the clock, as
+    GPTQ_CALIBRATION_BATCHES x the time of one calibration batch (timed after an untimed first one, which pays the
+    one-off costs) x GPTQ_RESERVE_MARGIN, the slowest rank's. Calibration is eager forwards of fixed shapes, so its
+    time does not depend on the weights. The Hessians are dropped and the loader rewound."""
+    if not (args.gptq and args.max_wallclock_seconds > 0 and args.gptq_reserve_seconds < 0):
+        return
+    for _ in range(2):
+        rt.sync()
+        t0 = time.perf_counter()
+        collect_hessians(base, [loader.next_batch()], args, rt)
+        rt.sync()
+        took = time.perf_counter() - t0
+    loader.reset()
+    args.gptq_reserve_seconds = reserve = ranks_max(GPTQ_RESERVE_MARGIN * args.gptq_calibration_batches * took, rt)
+    log(f"gptq_reserve: {reserve:.2f}s measured (a calibration batch: {took:.3f}s)")
+    if reserve >= args.max_wallclock_seconds:
+        raise UserError(f"GPTQ_RESERVE_SECONDS: calibration is measured at {reserve:.1f}s, no less than "
+                        f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds:g}; lower GPTQ_CALIBRATION_BATCHES")
+
+
 def calibrate(args, rt, base, loader, log) -> dict[str, Tensor] | None:
     """GPTQ's Hessians from GPTQ_CALIBRATION_BATCHES training batches (the stream continues past what training
     read; never validation), inside the training budget: GPTQ_RESERVE_SECONDS was kept back for it."""
@@ -2585,7 +2640,7 @@ def calibrate(args, rt, base, loader, log) -> dict[str, Tensor] | None:
     rt.sync()
     took = time.perf_counter() - t0
     log(f"gptq_calibration: batches:{args.gptq_calibration_batches} matrices:{len(hessians)} time:{took:.2f}s "
-        f"reserve:{args.gptq_reserve_seconds:g}s{' OVER RESERVE' if took > args.gptq_reserve_seconds else ''}")
+        f"reserve:{args.gptq_reserve_seconds:g}s{' OVER RESERVE' if 0 <= args.gptq_reserve_seconds < took else ''}")
     return hessians
 
 
@@ -2606,6 +2661,8 @@ def score_artifact(args, rt, path, val, luts, log) -> dict:
     except RuntimeError:
         raise UserError(f"{path}: its tensors do not fit the model built from the config; was it written by "
                         "another version of train_gpt.py?") from None
+    if args.eval_artifact:  # a training run primed these graphs before its clock
+        prime_eval(fresh_compiled, fresh, val, args, rt)
     standard = evaluate(fresh_compiled, val, luts, args, rt, stride=0)
     log(f"final_{label}_roundtrip val_loss:{standard['val_loss']:.4f} val_bpb:{standard['val_bpb']:.4f} "
         f"eval_time:{1000 * standard['eval_time_s']:.0f}ms")
@@ -2630,6 +2687,8 @@ def train_and_export(args, rt, loader, val, truncated, luts, log) -> dict:
     log(f"model_params:{n_params} world_size:{rt.world_size} grad_accum_steps:{loader.accum} "
         f"groups:{ {k: len(v) for k, v in route_params(base).items()} }")
     prime_compile(model, base, optimizers, loader, args, rt, log)
+    prime_eval(compiled, base, val, args, rt)
+    measure_gptq_reserve(args, rt, base, loader, log)
 
     reserve = args.gptq_reserve_seconds if args.gptq and args.max_wallclock_seconds > 0 else 0.0
     train_args = dataclasses.replace(args, max_wallclock_seconds=args.max_wallclock_seconds - reserve)

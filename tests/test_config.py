@@ -79,7 +79,7 @@ def test_default_preset_is_frontier_v1():
     assert (a.eval_stride, a.eval_batch_seqs) == (64, 64)
     # the frontier export (frontier.md section 5)
     assert (a.gptq, a.matrix_bits, a.embed_bits, a.matrix_clip_sigmas, a.embed_clip_sigmas) == (True, 6, 8, 12.85, 20)
-    assert (a.attn_clip_sigmas, a.mlp_clip_sigmas, a.gptq_calibration_batches, a.gptq_reserve_seconds) == (0, 0, 16, 8)
+    assert (a.attn_clip_sigmas, a.mlp_clip_sigmas, a.gptq_calibration_batches, a.gptq_reserve_seconds) == (0, 0, 16, -1)
     assert (a.compressor, a.target_bytes, a.fp16_keep_patterns) == ("constriction", 15_990_000, "")
     assert train_gpt.artifact_label(a) == "int6_constriction"
     assert H.from_env({"PRESET": "default"}) == a

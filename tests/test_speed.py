@@ -69,3 +69,130 @@ def test_bf16_residual_stream_stays_bf16_and_near_float32():
     assert len(seen) >= len(base.blocks) and set(seen) == {torch.bfloat16}
     assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
     assert float(bf16.detach().mean()) == pytest.approx(float(fp32.detach().mean()), rel=2e-2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation: logits only where a window scores, no boolean indexing; the same numbers as before
+
+def score_windows_before(model, val_d, luts_d, windows, batch_seqs, rt, ctx, sums, docs_d=None, stride=0):
+    """score_windows and add_scores as they were: logits for all L positions, scored targets picked by a mask."""
+    pos = torch.arange(int(windows[0, 2] - windows[0, 0]) if len(windows) else 0, device=rt.device)
+    for batch in windows.to(rt.device).split(batch_seqs):
+        pad = batch_seqs - batch.size(0)
+        if pad:
+            batch = torch.cat((batch, batch[-1:].repeat(pad, 1) * torch.tensor([1, 0, 0], device=rt.device)))
+        idx = batch[:, :1] + pos
+        x, y = val_d[idx], val_d[idx + 1]
+        with torch.no_grad(), rt.autocast():
+            nll = model(x, y, ctx=ctx, per_token=True).double()
+        scored = (idx >= batch[:, 1:2]) & (idx < batch[:, 2:3])
+        rows = docs_d[idx] if docs_d is not None else torch.zeros_like(idx)
+        nll, nbytes = nll.detach().double()[scored], train_gpt.target_bytes(x, y, luts_d, idx)[scored].double()
+        sums.index_add_(0, rows[scored], torch.stack((nll, torch.ones_like(nll), nbytes), 1))
+
+
+def eval_inputs(n=300, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    val = torch.randint(4, 1024, (n + 1,), generator=g)
+    val[torch.randint(n, (12,), generator=g)] = train_gpt.BOS_ID
+    luts = (torch.randint(1, 5, (1024,), generator=g), torch.rand(1024, generator=g) < 0.3,
+            torch.rand(1024, generator=g) < 0.1)
+    return val, luts
+
+
+@pytest.mark.parametrize("stride,batch", [(0, 3), (8, 4), (5, 3), (32, 2), (1, 64)])
+@pytest.mark.parametrize("docs", [False, True])
+def test_eval_scores_as_before(monkeypatch, stride, batch, docs):
+    """The plain eval (non-overlapping and sliding windows, batches padded or not, per document or not) gives the
+    numbers the previous implementation gave, to the last bit."""
+    args = tiny_args(EVAL_BATCH_SEQS=batch, VAL_BATCH_SIZE=32 * batch, EVAL_STRIDE=stride)
+    model, (val, luts) = trained_like(args), eval_inputs()
+    doc_ids = train_gpt.document_ids(val)[0] if docs else None
+    now = train_gpt.evaluate(model, val, luts, args, cpu_runtime(), stride, docs=doc_ids)
+    monkeypatch.setattr(train_gpt, "score_windows", score_windows_before)
+    before = train_gpt.evaluate(model, val, luts, args, cpu_runtime(), stride, docs=doc_ids)
+    for k in ("val_loss", "val_bpb", "tokens", "bytes"):
+        assert now[k] == before[k], k
+    if docs:
+        assert torch.equal(now["docs"], before["docs"])
+
+
+def test_ttt_scores_as_before(monkeypatch):
+    args = tiny_args(EVAL_BATCH_SEQS=4, TTT_CHUNK_TOKENS=64, TTT_BATCH_SEQS=2, TTT_EPOCHS=1, TTT_LR=0.05)
+    val, luts = eval_inputs()
+    results = []
+    for score in (train_gpt.score_windows, score_windows_before):
+        monkeypatch.setattr(train_gpt, "score_windows", score)
+        model = trained_like(args)
+        results.append(train_gpt.evaluate_ttt(model, model, val, luts, args, cpu_runtime(), 8, lambda m: None))
+    assert [r["val_loss"] for r in results[:1]] == [r["val_loss"] for r in results[1:]]
+    assert results[0]["tokens"] == results[1]["tokens"] == 300
+
+
+def test_sliding_windows_get_logits_only_where_they_score(monkeypatch):
+    """With stride s < L the head runs on the last s positions of every batch but the one holding the stream's first
+    window (all L): the logits hold s rows per window, not L."""
+    args = tiny_args(EVAL_BATCH_SEQS=4, EVAL_STRIDE=8)
+    model, (val, luts) = trained_like(args), eval_inputs()
+    rows, logits = [], train_gpt.GPT.logits
+    monkeypatch.setattr(train_gpt.GPT, "logits", lambda self, h, *a, **k: rows.append(h.shape[:2]) or logits(self, h, *a, **k))
+    train_gpt.evaluate(model, val, luts, args, cpu_runtime(), 8)
+    assert rows[0] == (4, 32) and set(rows[1:]) == {(4, 8)} and len(rows) == math.ceil((1 + (300 - 32) / 8) / 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Whole runs: nothing compiles on a clock; GPTQ's reserve is measured before it
+
+def test_every_graph_is_compiled_while_priming(markov_data, monkeypatch):
+    """Under torch.compile (a counting backend), a run compiles every graph before its training clock starts: the
+    training steps, mid-run validation in each context, the pre-quant eval, the final evals (non-overlapping and
+    sliding, on the fresh model rebuilt from the artifact) and score-first TTT all reuse graphs compiled while
+    priming."""
+    import functools
+    from conftest import tiny_env
+    graphs, at_clock = [], []
+
+    def counting(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting))
+    real_train = train_gpt.train
+    monkeypatch.setattr(train_gpt, "train", lambda *a, **k: at_clock.append(len(graphs)) or real_train(*a, **k))
+    env = tiny_env(**markov_data, COMPILE=1, ITERATIONS=4, WARMUP_STEPS=2, ENABLE_LOOPING_AT=0.5, VAL_LOSS_EVERY=2,
+                   EVAL_STRIDE=8, VAL_MAX_TOKENS=200, TTT_ENABLED=1, TTT_CHUNK_TOKENS=64, TTT_BATCH_SEQS=2,
+                   TTT_EPOCHS=1, TRAIN_LOG_EVERY=0)
+    s = train_gpt.run(train_gpt.Hyperparameters.from_env(env), cpu_runtime())
+    assert s["final"]["stride"] == 8 and "ttt" in s and s["steps"] == 4
+    assert at_clock[0] > 0 and len(graphs) == at_clock[0]
+
+
+def test_gptq_reserve_is_measured_before_the_clock_and_leaves_no_trace(markov_data, monkeypatch):
+    """GPTQ_RESERVE_SECONDS=-1 (the default): a calibration batch is timed (after an untimed one) before the clock;
+    GPTQ_CALIBRATION_BATCHES x that x the margin comes off the training cap and is what the calibration line
+    compares with; training reads the same batches as with a fixed reserve (the loader is rewound). A reserve that
+    leaves no training time is a one-line error."""
+    import re
+    from conftest import tiny_env
+    caps = []
+    real_train = train_gpt.train
+    monkeypatch.setattr(train_gpt, "train", lambda args, *a: caps.append(args.max_wallclock_seconds) or real_train(args, *a))
+
+    def run(**kw):
+        env = tiny_env(**markov_data, **dict(dict(ITERATIONS=3, TRAIN_LOG_EVERY=1, VAL_MAX_TOKENS=128,
+                                                  GPTQ_CALIBRATION_BATCHES=4, MAX_WALLCLOCK_SECONDS=300), **kw))
+        return train_gpt.run(train_gpt.Hyperparameters.from_env(env), cpu_runtime())
+    measured, fixed = run(RUN_ID="measured"), run(RUN_ID="fixed", GPTQ_RESERVE_SECONDS=5)
+    log = open(f"{markov_data['LOG_DIR']}/measured.txt").read()
+    reserve, batch = map(float, re.search(r"gptq_reserve: ([\d.]+)s measured \(a calibration batch: ([\d.]+)s\)", log).groups())
+    assert reserve == pytest.approx(train_gpt.GPTQ_RESERVE_MARGIN * 4 * batch, rel=0.01, abs=0.01)
+    assert caps == [pytest.approx(300 - measured["config"]["gptq_reserve_seconds"]), 295]
+    assert measured["config"]["gptq_reserve_seconds"] == pytest.approx(reserve, abs=0.005)
+    assert f"reserve:{measured['config']['gptq_reserve_seconds']:g}s" in log
+    assert measured["train_losses"] == fixed["train_losses"]
+    with pytest.raises(train_gpt.UserError, match="^GPTQ_RESERVE_SECONDS: calibration is measured at"):
+        run(RUN_ID="short", MAX_WALLCLOCK_SECONDS=1e-6)
+
+
+def test_the_default_stack_validates_only_at_the_end():
+    assert train_gpt.Hyperparameters.from_env({}).val_loss_every == 0
+    assert train_gpt.Hyperparameters.from_env({"PRESET": "seed162"}).val_loss_every == 1000
