@@ -196,3 +196,20 @@ def test_gptq_reserve_is_measured_before_the_clock_and_leaves_no_trace(markov_da
 def test_the_default_stack_validates_only_at_the_end():
     assert train_gpt.Hyperparameters.from_env({}).val_loss_every == 0
     assert train_gpt.Hyperparameters.from_env({"PRESET": "seed162"}).val_loss_every == 1000
+
+
+def test_gpu_check_cpu_smoke(tmp_path):
+    """bench/gpu_check.py --cpu-smoke runs every stage at tiny shapes (errors raise) and writes its JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu-smoke", "--out", str(tmp_path)],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert r["env"]["smoke"] and r["attention"]["sdpa_math_gqa"]["rel_err_out_dq_dk_dv"] == [0.0] * 4
+    assert {"plain", "looped"} <= r["step"].keys() and r["step"]["looped"]["ms_per_step"] > 0
+    assert r["gptq"]["matrices"] == 1 and r["gptq"]["bytes_model"] > 0  # the tied embedding, GPTQ'd, then the export
+    assert r["eval"]["sliding"]["projected_full_val_8gpu_s"] > 0 and r["eval"]["ttt"]["chunks"] == 5

@@ -1,0 +1,386 @@
+"""One short device call: what the default stack's step, eval and GPTQ cost on the real shapes, on one GPU.
+
+  GPU: PYTHONUNBUFFERED=1 python3 bench/gpu_check.py             (writes $OUT/gpu_check.json after every stage)
+  CPU: python bench/gpu_check.py --cpu-smoke                     (tiny shapes, seconds: checks the code runs; CI)
+
+Stages, in order; each is skipped (and says so in the JSON) once too little of CHECK_BUDGET_S (default 420) is left,
+and --stages picks a subset for a rerun:
+ 1. attention: one micro-batch (B=48, 8 q / 4 kv heads, T=2048, hd=64, bf16, causal) forward+backward, median ms,
+    for SDPA flash (what train_gpt.py gets), SDPA cuDNN (GQA, and with K/V expanded), flex_attention causal and
+    document-masked; each checked against float32 math attention on the first two sequences (relative error of the
+    output and the three gradients).
+ 2. step: the default stack (PRESET=default, vocab 8192) as train_gpt.py builds it (bf16 residual stream, compiled),
+    one rank's share of a step on 8 GPUs (48 x 2048 tokens, grad_accum 1), plain and looped: ms per step, the
+    Muon step's share, peak memory, a profiler split of GPU time by kernel family, and the projection to 8 GPUs
+    (Muon's Newton-Schulz work divided by 8; the gradient and Muon all-reduces are not measured here).
+ 3. gptq: Hessians from calibration batches (ms per batch, so the reserve GPTQ_RESERVE_SECONDS=-1 would measure),
+    the GPTQ quantization of every matrix, then the TARGET_BYTES size fit (the whole export).
+ 4. eval: rank 0 of 8 (collectives skipped) scores sliding windows (stride 64) and runs score-first TTT on random
+    tokens after priming every graph as train_gpt.py does; projected to the full validation set on 8 GPUs.
+Random tokens and random weights: speed only, no scores. The SOTA's figures are in the JSON for comparison.
+"""
+import argparse, contextlib, json, os, statistics, sys, time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train_gpt as tg  # noqa: E402
+
+SOTA = {"ms_per_step_8xH100": {"#1855 (mean)": 121.7, "#2135 before looping": 95.0, "#2135 looped": 140.0},
+        "steps_in_600s": {"#1855": 4930}}
+# tiny shapes for --cpu-smoke: the default stack's pieces, a 2-layer 64-wide model; 1088 x 64 > 65536, so GPTQ quantizes the tied embedding
+SMOKE_ENV = dict(VOCAB_SIZE="1088", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8",
+                 TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024", LOOP_START="0", LOOP_END="0", PARALLEL_START_LAYER="1",
+                 EVAL_STRIDE="16", EVAL_BATCH_SEQS="4", TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="4",
+                 GPTQ_CALIBRATION_BATCHES="2", COMPILE="0")
+
+
+class Check:
+    """The results so far, written to OUT/gpu_check.json after every stage, and the time budget."""
+
+    def __init__(self, out, budget, smoke):
+        self.path, self.budget, self.smoke, self.t0 = os.path.join(out, "gpu_check.json"), budget, smoke, time.time()
+        self.result = {"sota": SOTA}
+        os.makedirs(out, exist_ok=True)
+
+    def left(self) -> float:
+        return self.budget - (time.time() - self.t0)
+
+    def save(self):
+        self.result["wall_s"] = round(time.time() - self.t0, 1)
+        with open(self.path + ".tmp", "w") as f:
+            json.dump(self.result, f, indent=1, default=str)
+        os.replace(self.path + ".tmp", self.path)
+
+    def stage(self, name, fn, need_s, *args):
+        """Runs fn(*args) into result[name] unless fewer than need_s seconds are left; an error is recorded, not
+        raised, so later stages still run."""
+        if self.left() < need_s and not self.smoke:
+            self.result[name] = f"skipped: {self.left():.0f}s left of CHECK_BUDGET_S, needs ~{need_s}s"
+        else:
+            t = time.time()
+            try:
+                self.result[name] = fn(*args)
+            except Exception as e:  # noqa: BLE001
+                if self.smoke:
+                    raise
+                self.result[name] = {"error": repr(e)[:600]}
+            if isinstance(self.result[name], dict):
+                self.result[name]["stage_s"] = round(time.time() - t, 1)
+        print(name, json.dumps(self.result[name], default=str)[:2000], flush=True)
+        self.save()
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, warm=2, reps=8) -> float:
+    """Median ms of fn(), CUDA events on the GPU, the wall clock on the CPU."""
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def peak_mib():
+    return round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None
+
+
+def doc_ids(B, T, device, mean_len=800, seed=0):
+    """Document index per position: lengths ~ exponential(mean_len), at least 16 (a stand-in for FineWeb's)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(B):
+        lens = []
+        while sum(lens) < T:
+            lens.append(max(16, int(torch.empty(1).exponential_(1 / mean_len, generator=g))))
+        rows.append(torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))[:T])
+    return torch.stack(rows).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. attention backends
+
+def attention_stage(dev, B, Hq, Hkv, T, D):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    g = torch.Generator(device=dev).manual_seed(0)
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    q, do = (torch.randn(B, Hq, T, D, device=dev, dtype=dt, generator=g) for _ in range(2))
+    k, v = (torch.randn(B, Hkv, T, D, device=dev, dtype=dt, generator=g) for _ in range(2))
+    docs = doc_ids(B, T, dev)
+    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+    dense_doc = causal & (docs[:, :, None] == docs[:, None, :])  # [B, T, T]
+
+    def sdpa(backend, expand=False):
+        def f(q, k, v):
+            if expand:
+                k, v = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=not expand)
+        return f
+
+    variants = {}  # name -> (fn, uses the document mask)
+    if dev.type == "cuda":
+        variants["sdpa_flash_gqa (train_gpt.py)"] = sdpa(SDPBackend.FLASH_ATTENTION), False
+        variants["sdpa_cudnn_gqa"] = sdpa(SDPBackend.CUDNN_ATTENTION), False
+        variants["sdpa_cudnn_expanded_kv"] = sdpa(SDPBackend.CUDNN_ATTENTION, expand=True), False
+    else:
+        variants["sdpa_math_gqa"] = sdpa(SDPBackend.MATH), False
+    out = {"shape": dict(B=B, Hq=Hq, Hkv=Hkv, T=T, D=D, dtype=str(dt))}
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention, dynamic=False) if dev.type == "cuda" else flex_attention
+        cm = create_block_mask(lambda b, h, i, j: j <= i, None, None, T, T, device=dev)
+        dm = create_block_mask(lambda b, h, i, j: (j <= i) & (docs[b, i] == docs[b, j]), B, None, T, T, device=dev)
+        variants["flex_causal"] = (lambda q, k, v: flex(q, k, v, block_mask=cm, enable_gqa=True)), False
+        variants["flex_doc_mask (fewer FLOPs)"] = (lambda q, k, v: flex(q, k, v, block_mask=dm, enable_gqa=True)), True
+        out["doc_mask_sparsity_pct"] = float(dm.sparsity())
+    except Exception as e:  # noqa: BLE001
+        out["flex_error"] = repr(e)[:300]
+
+    def reference(masked):
+        """float32 math attention on the first two sequences: output and gradients of q, k, v."""
+        qq, kk, vv = (t[:2].detach().float().requires_grad_(True) for t in (q, k, v))
+        rep = Hq // Hkv
+        mask = dense_doc[:2, None] if masked else causal
+        with sdpa_kernel([SDPBackend.MATH]):
+            y = F.scaled_dot_product_attention(qq, kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1),
+                                               attn_mask=mask)
+        y.backward(do[:2].float())
+        return y.detach(), qq.grad, kk.grad, vv.grad
+    refs = {m: reference(m) for m in {m for _, m in variants.values()}}
+    for name, (f, masked) in variants.items():
+        try:
+            qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+            y = f(qq, kk, vv)
+            y.backward(do)
+            errs = [rel(a[:2], b) for a, b in zip((y, qq.grad, kk.grad, vv.grad), refs[masked])]
+
+            def step():
+                qq.grad = kk.grad = vv.grad = None
+                f(qq, kk, vv).backward(do)
+            out[name] = dict(ms_fwd_bwd=round(timed(step), 3), rel_err_out_dq_dk_dv=[float(f"{e:.2e}") for e in errs])
+        except Exception as e:  # noqa: BLE001
+            out[name] = "error: " + repr(e)[:300]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. the default stack's step
+
+def profile_split(fn) -> dict:
+    """GPU time (CPU time on the CPU) of one fn() by kernel family."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        sync()
+    groups = dict(attention=0.0, gemm=0.0, triton=0.0, nccl=0.0, other=0.0)
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", 0.0) if cuda else ev.self_cpu_time_total
+        n = ev.key.lower()
+        if not t or (cuda and n.startswith(("aten::", "cuda", "autograd", "torch", "profilerstep"))):
+            continue
+        key = ("attention" if any(s in n for s in ("flash", "fmha", "attention", "cudnn", "sdpa")) else
+               "gemm" if any(s in n for s in ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "cublas", "aten::mm", "aten::addmm",
+                                               "aten::bmm")) else
+               "triton" if "triton" in n else "nccl" if "nccl" in n else "other")
+        groups[key] += t / 1000.0
+    total = sum(groups.values()) or 1.0
+    return {k: dict(ms=round(v, 2), pct=round(100 * v / total, 1)) for k, v in groups.items()}
+
+
+def default_args(smoke, **extra):
+    env = dict(SMOKE_ENV if smoke else {}, PRESET="default", **extra)
+    return tg.Hyperparameters.from_env(env)
+
+
+def random_batch(args, rows, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(args.vocab_size, (rows, args.train_seq_len), generator=g)
+    x[:, ::800] = tg.BOS_ID
+    return x.to(DEV), torch.randint(args.vocab_size, x.shape, generator=g).to(DEV)
+
+
+def step_stage(smoke):
+    args = default_args(smoke)
+    rt = tg.Runtime(0, 1, DEV)
+    rows = args.train_batch_tokens // 8 // args.train_seq_len  # one rank's micro-batch on 8 GPUs: 48 x 2048
+    batch = [random_batch(args, rows)]
+    base, model = tg.build_model(args, rt)
+    optimizers = tg.build_optimizers(base, args, rt)
+    out = dict(tokens_per_rank=rows * args.train_seq_len, vocab=args.vocab_size, act_dtype=str(rt.act_dtype),
+               compiled=model is not base)
+    for ctx in (tg.Ctx(looping=False), tg.Ctx(looping=True)):
+        name = "looped" if ctx.looping else "plain"
+        t = time.time()
+        tg.train_step(model, batch, optimizers, args, rt, ctx)
+        sync()
+        first = time.time() - t
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        ms = timed(lambda: tg.train_step(model, batch, optimizers, args, rt, ctx), reps=3 if smoke else 8)
+
+        def muon_only():  # Muon's step on fresh gradients (one rank does all of Newton-Schulz here, 1/8 on 8 GPUs)
+            with rt.autocast():
+                model(*batch[0], ctx=ctx).backward()
+            sync()
+            t = time.perf_counter()
+            optimizers[1].step()
+            sync()
+            dt = 1000 * (time.perf_counter() - t)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            return dt
+        muon = statistics.median([muon_only() for _ in range(3)])
+        out[name] = dict(ms_per_step=round(ms, 2), muon_ms=round(muon, 2), first_call_s=round(first, 1),
+                         projected_8gpu_ms_no_comms=round(ms - muon * 7 / 8, 2), peak_mib=peak_mib(),
+                         gpu_time_split=profile_split(lambda: tg.train_step(model, batch, optimizers, args, rt, ctx)))
+        print(name, out[name], flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. GPTQ: calibration, quantization, the size fit
+
+def gptq_stage(smoke):
+    args = default_args(smoke)
+    rt = tg.Runtime(0, 1, DEV)
+    torch.manual_seed(0)
+    base = tg.GPT(args).to(DEV)
+    base.act_dtype = rt.act_dtype
+    rows = args.train_batch_tokens // 8 // args.train_seq_len
+    batches = [[random_batch(args, rows, seed)] for seed in range(3)]
+    times = []
+    for b in batches:
+        sync()
+        t = time.perf_counter()
+        hessians = tg.collect_hessians(base, [b], args, rt)
+        sync()
+        times.append(time.perf_counter() - t)
+    per_batch = statistics.median(times[1:])
+    out = dict(calibration_batch_s=round(per_batch, 3), first_batch_s=round(times[0], 3),
+               reserve_measured_s=round(tg.GPTQ_RESERVE_MARGIN * args.gptq_calibration_batches * per_batch, 2),
+               reserve_batches=args.gptq_calibration_batches)
+    sync()
+    t = time.perf_counter()
+    factors = {n: tg.gptq_factor(H) for n, H in hessians.items()}
+    state = tg.export_state(base)
+    tg.quantize_state(state, args, factors)
+    sync()
+    out.update(gptq_quantize_s=round(time.perf_counter() - t, 2), matrices=len(factors))
+    if smoke or CHECK.left() > 150:
+        t = time.perf_counter()
+        blob, fit = tg.fit_artifact(state, args, factors, os.path.getsize(tg.__file__), lambda m: None, True)
+        out.update(size_fit_s=round(time.perf_counter() - t, 1), size_fit_trials=fit["trials"], bytes_model=len(blob))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. eval and TTT, projected to the full validation set on 8 GPUs
+
+@contextlib.contextmanager
+def rank0_of(world):
+    """A Runtime of rank 0 of `world` on this one device: collectives are skipped (their cost is not measured), so
+    the eval code splits its work as on `world` GPUs and this device does rank 0's share."""
+    real = torch.distributed.all_reduce
+    torch.distributed.all_reduce = lambda *a, **k: None
+    try:
+        yield tg.Runtime(0, world, DEV)
+    finally:
+        torch.distributed.all_reduce = real
+
+
+def eval_stage(smoke):
+    args = default_args(smoke)
+    world, L, stride = tg.RECORD_RANKS, args.train_seq_len, args.eval_stride
+    out = dict(world=world, stride=stride, full_val_targets=tg.FULL_VAL_TOKENS)
+    with rank0_of(world) as rt:
+        base, model = tg.build_model(args, rt, mtp=False)
+        luts = [torch.ones(args.vocab_size, dtype=torch.long), torch.zeros(args.vocab_size, dtype=torch.bool),
+                torch.zeros(args.vocab_size, dtype=torch.bool)]
+        batches = 1 if smoke else 3  # batches of sliding windows scored by rank 0
+        n = L + (world * batches * args.eval_batch_seqs - 1) * stride
+        host = tg.Runtime(0, 1, torch.device("cpu"))
+        val = tg.random_tokens(args, host, n)
+        ttt_val = tg.random_tokens(args, host, (tg.TTT_PROJECT_CHUNKS + 1) * args.ttt_chunk_tokens)
+        t = time.time()
+        if model is not base:  # the sliding and TTT graphs, as train_gpt.py's prime_eval compiles them
+            _, L, seqs = tg.eval_plan(val, args, rt, stride)
+            tg.prime_scoring(model, tg.random_tokens(args, rt, (seqs + 2) * L), args, rt, stride, seqs, L)
+            _, L, seqs = tg.ttt_plan(ttt_val, args, rt, stride)
+            tg.ttt_warmup(base, model, args, rt, stride, seqs, L)
+        sync()
+        out["prime_s"] = round(time.time() - t, 1)
+        r = tg.evaluate(model, val, luts, args, rt, stride)
+        windows = -(-(tg.FULL_VAL_TOKENS - L) // stride) + 1
+        n_windows = len(tg.sliding_windows(n, L, stride))
+        out["sliding"] = dict(rank0_windows=-(-n_windows // world), eval_s=round(r["eval_time_s"], 3),
+                              projected_full_val_8gpu_s=round(r["eval_time_s"] * windows / n_windows, 1))
+        lines = []
+        r = tg.evaluate_ttt(base, model, ttt_val, luts, args, rt, stride, lines.append)
+        out["ttt"] = dict(chunks=r["chunks"], chunk_s=round(r["chunk_time_s"], 3),
+                          projected_full_val_8gpu_s=round(r["projected_full_val_s"], 1), log=lines)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+STAGES = dict(attention=45, step=150, gptq=40, eval=120)  # rough seconds each needs on an H200, compiles included
+
+
+def main():
+    global DEV, CHECK
+    p = argparse.ArgumentParser()
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the code runs")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gpu_check")
+    opts = p.parse_args()
+    smoke = opts.cpu_smoke or not torch.cuda.is_available()
+    DEV = torch.device("cpu" if smoke else "cuda")
+    CHECK = Check(opts.out, float(os.environ.get("CHECK_BUDGET_S", "420")), smoke)
+    env = dict(torch=torch.__version__, cuda=torch.version.cuda, smoke=smoke,
+               gpu=torch.cuda.get_device_name() if not smoke else "cpu",
+               cudnn=torch.backends.cudnn.version() if not smoke else None)
+    with contextlib.suppress(ImportError):
+        import triton
+        env["triton"] = triton.__version__
+    CHECK.result["env"] = env
+    CHECK.save()
+    if not smoke:
+        torch.backends.cuda.matmul.allow_tf32 = True  # as setup_runtime
+        torch.backends.cudnn.allow_tf32 = True
+    chosen = opts.stages.split(",")
+    unknown = set(chosen) - set(STAGES)
+    if unknown:
+        p.error(f"unknown stages {sorted(unknown)}; choose from {','.join(STAGES)}")
+    shapes = (2, 8, 4, 128, 16) if smoke else (48, 8, 4, 2048, 64)
+    runs = dict(attention=(attention_stage, DEV, *shapes), step=(step_stage, smoke), gptq=(gptq_stage, smoke),
+                eval=(eval_stage, smoke))
+    for name in chosen:
+        fn, *args = runs[name]
+        CHECK.stage(name, fn, STAGES[name], *args)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    CHECK.save()
+    print(f"wrote {CHECK.path} in {CHECK.result['wall_s']}s", flush=True)
+
+
+DEV, CHECK = torch.device("cpu"), None
+
+if __name__ == "__main__":
+    main()
