@@ -1190,8 +1190,8 @@ class Muon(torch.optim.Optimizer):
     p <- p (1 - lr*wd) and optional NorMuon (Li et al. 2025): each row of the orthogonalised update is divided by the
     root of its running mean square, then the update is rescaled to its pre-normalisation Frobenius norm (so
     MATRIX_LR keeps its meaning). MuonEq-R (row_normalize): each row of the Nesterov update is divided by its L2 norm
-    before Newton-Schulz. Rank r orthogonalises every world-th matrix of each shape, batched; one all-reduce of a
-    flat buffer then shares all updates."""
+    before Newton-Schulz. Rank r orthogonalises every world-th matrix of each shape, batched; one all-gather of a
+    flat buffer (bf16 on CUDA) then shares all updates."""
 
     def __init__(self, params, lr, momentum, steps, wd=0.0, normuon=False, beta2=0.95, rank=0, world=1,
                  orthogonalize=newton_schulz, row_normalize=False, ns="ns5"):
@@ -1221,15 +1221,19 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             params = group["params"]
-            sizes = [p.numel() for p in params]
-            offsets = np.cumsum([0] + sizes).tolist()
-            flat = torch.zeros(offsets[-1], device=params[0].device,
-                               dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
             by_shape: dict[tuple, list[int]] = {}
             for i, p in enumerate(params):
                 by_shape.setdefault(tuple(p.shape), []).append(i)
+            # rank r orthogonalises every world-th matrix of each shape and writes it into row r of a flat buffer
+            # [world, chunk]; one all-gather (not an all-reduce of mostly zeros: half the bytes) shares them all
+            owner = {i: k % self.world for idxs in by_shape.values() for k, i in enumerate(idxs)}
+            at, used = {}, [0] * self.world
+            for i, p in enumerate(params):
+                at[i], used[owner[i]] = (owner[i], used[owner[i]]), used[owner[i]] + p.numel()
+            flat = torch.zeros(self.world, max(used), device=params[0].device,
+                               dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
             for shape, idxs in by_shape.items():
-                mine = [i for k, i in enumerate(idxs) if k % self.world == self.rank and params[i].grad is not None]
+                mine = [i for i in idxs if owner[i] == self.rank and params[i].grad is not None]
                 if not mine:
                     continue
                 G = torch.stack([self._update(params[i], params[i].grad, group["momentum"]) for i in mine])
@@ -1240,14 +1244,15 @@ class Muon(torch.optim.Optimizer):
                     if self.normuon:
                         u = self._normalize_rows(params[i], u)
                     u = u.float() * max(1.0, shape[0] / shape[1]) ** 0.5
-                    flat[offsets[i]:offsets[i + 1]] = u.flatten()
+                    flat[self.rank, at[i][1]:at[i][1] + u.numel()] = u.flatten()
             if self.world > 1:
-                dist.all_reduce(flat)
+                dist.all_gather_into_tensor(flat.view(-1), flat[self.rank].clone())
             for i, p in enumerate(params):
                 if p.grad is None:
                     continue
+                r, o = at[i]
                 p.mul_(1 - group["lr"] * group["wd"])
-                p.add_(flat[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype), alpha=-group["lr"])
+                p.add_(flat[r, o:o + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
 
 
 # Name parts of the control tensors (gains, mixes, gates, lane scalars): kept in fp16 by the export whatever their size
@@ -2682,6 +2687,9 @@ def train_and_export(args, rt, loader, val, truncated, luts, log) -> dict:
         f"val_tokens:{val.numel() - 1}{' (VAL_MAX_TOKENS: truncated)' if truncated else ''}")
     base, compiled = build_model(args, rt)
     model = DDP(compiled, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.distributed else compiled
+    if rt.distributed and rt.device.type == "cuda":  # gradients all-reduced in bf16: half the bytes
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+        model.register_comm_hook(None, bf16_compress_hook)
     optimizers = build_optimizers(base, args, rt)
     n_params = sum(p.numel() for k, p in base.state_dict().items() if not k.startswith("mtp_heads."))
     log(f"model_params:{n_params} world_size:{rt.world_size} grad_accum_steps:{loader.accum} "

@@ -58,20 +58,21 @@ def launch(data, tmp_path, nproc, run_id, **overrides):
         return json.load(f), proc.stdout
 
 
-def test_two_ranks_match_one_rank(markov_data, tmp_path):
-    """1 process x 8 accumulation steps and 2 gloo processes x 4 see the same global batch; Muon splits its
-    Newton-Schulz work across the 2 ranks. Losses agree up to float reduction order."""
+def test_two_and_eight_ranks_match_one_rank(markov_data, tmp_path):
+    """1 process x 8 accumulation steps, 2 gloo processes x 4 and 8 x 1 see the same global batch; Muon splits its
+    Newton-Schulz work across the ranks (with 8, some ranks own no matrix of a shape) and all-gathers the updates;
+    the wall clock is agreed in host memory. Losses agree up to float reduction order (8 ranks: ~25 s on 2 cores)."""
     common = dict(ITERATIONS=4, TRAIN_LOG_EVERY=1, QAT_START_FRAC=0.5, VAL_MAX_TOKENS=512, NORMUON=1)
     one, _ = launch(markov_data, tmp_path, 1, "one", **common)
-    two, _ = launch(markov_data, tmp_path, 2, "two", **common)
-    assert two["world_size"] == 2 and one["world_size"] == 1
     l1 = [loss for _, loss in one["train_losses"]]
-    l2 = [loss for _, loss in two["train_losses"]]
-    assert len(l1) == len(l2) == 4
-    np.testing.assert_allclose(l1, l2, rtol=2e-4)
-    assert two["final"]["tokens"] == one["final"]["tokens"] == 512
-    assert two["final"]["bytes"] == one["final"]["bytes"]
-    assert math.isclose(two["final"]["val_loss"], one["final"]["val_loss"], rel_tol=1e-3)
+    assert one["world_size"] == 1 and len(l1) == 4
+    for n in (2, 8):
+        many, _ = launch(markov_data, tmp_path, n, f"ranks{n}", **common)
+        assert many["world_size"] == n
+        np.testing.assert_allclose([loss for _, loss in many["train_losses"]], l1, rtol=2e-4)
+        assert many["final"]["tokens"] == one["final"]["tokens"] == 512
+        assert many["final"]["bytes"] == one["final"]["bytes"]
+        assert math.isclose(many["final"]["val_loss"], one["final"]["val_loss"], rel_tol=1e-3)
 
 
 def test_outputs_hold_what_the_run_measured(markov_data, tmp_path):
