@@ -5,18 +5,18 @@
 
 Stages, in order; each is skipped (and says so in the JSON) once too little of CHECK_BUDGET_S (default 420) is left,
 and --stages picks a subset for a rerun:
- 1. attention: one micro-batch (B=48, 8 q / 4 kv heads, T=2048, hd=64, bf16, causal) forward+backward, median ms,
+ 1. step: the default stack (PRESET=default, vocab 8192) as train_gpt.py builds it (bf16 residual stream, compiled),
+    one rank's share of a step on 8 GPUs (48 x 2048 tokens, grad_accum 1), plain and looped: ms per step, the
+    Muon step's share, peak memory, a profiler split of GPU time by kernel family, and the projection to 8 GPUs
+    (Muon's Newton-Schulz work divided by 8; communication is not measured here).
+ 2. eval: rank 0 of 8 (collectives skipped) scores sliding windows (stride 64) and runs score-first TTT on random
+    tokens after priming every graph as train_gpt.py does; projected to the full validation set on 8 GPUs.
+ 3. gptq: Hessians from calibration batches (ms per batch, so the reserve GPTQ_RESERVE_SECONDS=-1 would measure),
+    the GPTQ quantization of every matrix, then the TARGET_BYTES size fit (the whole export).
+ 4. attention: one micro-batch (B=48, 8 q / 4 kv heads, T=2048, hd=64, bf16, causal) forward+backward, median ms,
     for SDPA flash (what train_gpt.py gets), SDPA cuDNN (GQA, and with K/V expanded), flex_attention causal and
     document-masked; each checked against float32 math attention on the first two sequences (relative error of the
     output and the three gradients).
- 2. step: the default stack (PRESET=default, vocab 8192) as train_gpt.py builds it (bf16 residual stream, compiled),
-    one rank's share of a step on 8 GPUs (48 x 2048 tokens, grad_accum 1), plain and looped: ms per step, the
-    Muon step's share, peak memory, a profiler split of GPU time by kernel family, and the projection to 8 GPUs
-    (Muon's Newton-Schulz work divided by 8; the gradient and Muon all-reduces are not measured here).
- 3. gptq: Hessians from calibration batches (ms per batch, so the reserve GPTQ_RESERVE_SECONDS=-1 would measure),
-    the GPTQ quantization of every matrix, then the TARGET_BYTES size fit (the whole export).
- 4. eval: rank 0 of 8 (collectives skipped) scores sliding windows (stride 64) and runs score-first TTT on random
-    tokens after priming every graph as train_gpt.py does; projected to the full validation set on 8 GPUs.
 Random tokens and random weights: speed only, no scores. The SOTA's figures are in the JSON for comparison.
 """
 import argparse, contextlib, json, os, statistics, sys, time
@@ -340,7 +340,8 @@ def eval_stage(smoke):
 
 # ----------------------------------------------------------------------------------------------------------------------
 
-STAGES = dict(attention=45, step=150, gptq=40, eval=120)  # rough seconds each needs on an H200, compiles included
+# run in this order (what matters most first), each with the rough seconds it needs on an H200, compiles included
+STAGES = dict(step=240, eval=150, gptq=40, attention=60)
 
 
 def main():
