@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.runlog import load_runs  # noqa: E402
+from tools.runlog import RunError, load_runs, read_text  # noqa: E402
 
 PROG = "compare_runs.py"
 DOCS_SUFFIX = ".docs.tsv"  # per-document score files: a paired comparison, not this table
@@ -74,12 +74,12 @@ class DocsError(ValueError):
 
 
 def read_docs(path) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Columns of a .docs.tsv file by name, and the names of its nats columns (without the nats_ prefix)."""
+    """Columns of a .docs.tsv file by name, and the names of its nats columns (without the nats_ prefix). Refuses
+    scores that are not finite: a diverged run's nan would make every statistic nan and its p-value 0."""
     try:
-        with open(path, encoding="utf-8") as f:
-            rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
-    except OSError as e:
-        raise DocsError(f"{path}: {e.strerror or e}") from None
+        rows = [line.split("\t") for line in read_text(path).splitlines() if line.strip()]
+    except RunError as e:
+        raise DocsError(f"{path}: {e}") from None
     head = rows[0] if rows else []
     if head[:4] != ["doc", "first_pos", "targets", "bytes"] or len(head) < 5 or len(rows) < 2:
         raise DocsError(f"{path}: not a per-document score file (header doc, first_pos, targets, bytes, nats_...)")
@@ -89,6 +89,12 @@ def read_docs(path) -> tuple[dict[str, np.ndarray], list[str]]:
         raise DocsError(f"{path}: a row that is not numbers, or of the wrong length") from None
     if data.ndim != 2 or data.shape[1] != len(head):
         raise DocsError(f"{path}: rows of the wrong length")
+    if not np.isfinite(data).all():
+        r, c = np.argwhere(~np.isfinite(data))[0]
+        raise DocsError(f"{path}: a non-finite {head[c]} ({rows[r + 1][c]}) for document {r} (line {r + 2}): the run "
+                        "diverged")
+    if data[:, 3].sum() <= 0:
+        raise DocsError(f"{path}: its documents have no bytes")
     return {h: data[:, i] for i, h in enumerate(head)}, [h.removeprefix("nats_") for h in head[4:]]
 
 
@@ -146,6 +152,13 @@ def compare_docs(paths, column, resamples, seed) -> int:
     return 0
 
 
+def seed(text) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="\n\n".join(p for p in __doc__.split("\n\n") if not p.startswith("Usage")))
@@ -153,7 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     ap.add_argument("--column", choices=("plain", "ttt"), help="per-document mode: the nats column of both files")
     ap.add_argument("--resamples", type=int, default=2000, help="per-document mode: bootstrap resamples")
-    ap.add_argument("--seed", type=int, default=0, help="per-document mode: bootstrap seed")
+    ap.add_argument("--seed", type=seed, default=0, help="per-document mode: bootstrap seed (>= 0)")
     args = ap.parse_args(argv)
     docs = [p for p in args.runs if p.endswith(DOCS_SUFFIX)]
     if docs:  # dispatch on the suffix: per-document files get their own mode
