@@ -174,3 +174,44 @@ def test_a_negative_seed_is_an_argument_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         compare_runs.main([p, "--seed", "-1"])
     assert e.value.code == 2 and "--seed" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A killed run
+
+KILLED = LOG.split("stopping_early")[0]  # the log of a run killed while training: no final lines
+
+
+def test_a_killed_runs_partial_log_is_marked_unfinished(tmp_path, capsys):
+    partial = write(tmp_path / "abc.txt.partial", KILLED)
+    assert compare_runs.main([partial, "--markdown"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[2].startswith("| abc (unfinished) | seed162 | 20 |"), lines
+    assert lines[3].startswith("(unfinished): ") and ".txt.partial" in lines[3]
+    done = write(tmp_path / "done.txt", KILLED.replace("run_id:abc", "run_id:done"))
+    assert compare_runs.main([done]) == 0
+    assert "unfinished" not in capsys.readouterr().out
+
+
+def test_a_killed_run_even_with_final_lines_is_not_listed_as_finished(tmp_path, capsys):
+    partial = write(tmp_path / "abc.txt.partial", LOG)  # killed at the very end, before the log was renamed
+    assert compare_runs.main([partial]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[1].startswith("abc (unfinished)") and rows[-1].startswith("(unfinished): ")
+
+
+def test_a_partial_log_and_its_summary_are_one_run(tmp_path, capsys):
+    partial = write(tmp_path / "abc.txt.partial", KILLED)
+    other = summary(tmp_path, "abc.json", run_id="abc")
+    assert compare_runs.main([partial, other]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.strip().splitlines()) == 2 and "(unfinished)" not in out  # the summary: the run got to its end
+    assert err.strip() == f"compare_runs.py: skipping {other}: same run as {partial}"
+
+
+def test_a_killed_run_plots_its_curves_labelled_unfinished(tmp_path, capsys, monkeypatch):
+    labels, original = [], plot_runs.run_label
+    monkeypatch.setattr(plot_runs, "run_label", lambda run: labels.append(original(run)) or labels[-1])
+    out = tmp_path / "p.png"
+    assert plot_runs.main([write(tmp_path / "abc.txt.partial", KILLED), "--out", str(out)]) == 0
+    assert out.exists() and labels == ["abc (seed162): unfinished (killed or still running), no final score"]

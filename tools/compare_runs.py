@@ -7,8 +7,9 @@ A RUN is logs/<RUN_ID>.json (the summary) or logs/<RUN_ID>.txt (the log); no per
 Columns: steps run, mean ms per step, bpb before quantization (averaged model), bpb of the artifact reloaded from
 disk (the scored `final_..._roundtrip_exact` eval), the quantization gap (non-overlapping eval, round trip minus
 pre-quant, as the log's quant_gap_bpb line), the test-time-training bpb where the run did TTT, the artifact's bytes
-(code + compressed model) and the scored eval's seconds. "-" = the run does not say. Files that are not runs are
-named on stderr and left out.
+(code + compressed model) and the scored eval's seconds. "-" = the run does not say. A run known only by its
+logs/<RUN_ID>.txt.partial (killed, or still running) is marked "(unfinished)". Files that are not runs, or whose scores
+are not finite (a diverged run), are named on stderr and left out.
 
 Per-document mode (files written with SAVE_DOC_SCORES=1, one row per validation document): the bpb of B minus the
 bpb of A with 99% confidence intervals from a paired t-test over documents (normal approximation) and a paired
@@ -38,7 +39,8 @@ def fmt(value, spec) -> str:
 
 def row(run) -> list[str]:
     size = fmt(run.bytes_total, ",") + ("*" if run.artifact_valid is False else "")
-    return [run.run_id, run.preset, fmt(run.steps, "d"), fmt(run.step_avg_ms, ".1f"), fmt(run.pre_quant_bpb, ".4f"),
+    run_id = run.run_id + (" (unfinished)" if run.unfinished else "")
+    return [run_id, run.preset, fmt(run.steps, "d"), fmt(run.step_avg_ms, ".1f"), fmt(run.pre_quant_bpb, ".4f"),
             fmt(run.final_bpb, ".4f"), fmt(run.quant_gap_bpb, "+.5f"), fmt(run.ttt_bpb, ".4f"), size,
             fmt(run.eval_s, ".1f")]
 
@@ -54,6 +56,8 @@ def table(runs, markdown=False) -> str:
                  for r in rows]
     if any(r.artifact_valid is False for r in runs):
         lines.append("* over the 16,000,000-byte artifact cap: not a valid submission")
+    if any(r.unfinished for r in runs):
+        lines.append("(unfinished): only a .txt.partial log, no summary: the run was killed or is still running")
     return "\n".join(lines)
 
 

@@ -29,7 +29,8 @@ def run_label(run) -> str:
     score = f"final round-trip {run.final_bpb:.4f} bpb" if run.final_bpb is not None else "no final score"
     size = f", {run.bytes_total:,} bytes" if run.bytes_total is not None else ""
     over = " (OVER CAP)" if run.artifact_valid is False else ""
-    return f"{run.run_id} ({run.preset}): {score}{size}{over}"
+    unfinished = "unfinished (killed or still running), " if run.unfinished else ""
+    return f"{run.run_id} ({run.preset}): {unfinished}{score}{size}{over}"
 
 
 def plot(runs, out, title=None):

@@ -20,6 +20,9 @@ The log lines relied on (anything else is ignored, so older and newer logs both 
 Steps are counted as in the log: `step:s` is logged after s optimizer steps, and `<name>:on step:s` means the switch
 holds from the (s+1)-th step on, so both sit at x = s. Train times exclude validation (the script stops its clock).
 
+While a run is on, its log is `logs/<RUN_ID>.txt.partial`, renamed to `.txt` when the run ends: a `.txt.partial` log
+with no summary beside it is a run killed outright (or still running), read as an unfinished run.
+
 A score that is not a finite number (nan, inf: the run diverged) makes the file unreadable as a run, so that no table
 or plot shows it as a result; summaries are strict JSON (no NaN or Infinity).
 """
@@ -34,6 +37,14 @@ import sys
 
 class RunError(ValueError):
     """A file that cannot be read as a run; the message says why, the caller names the file."""
+
+
+PARTIAL = ".partial"  # train_gpt.py's log while the run is on, left so by a run killed outright
+
+
+def split_run_path(path) -> tuple[str, str]:
+    """(logs/abc, .json), (logs/abc, .txt) for logs/abc.json, logs/abc.txt and logs/abc.txt.partial."""
+    return os.path.splitext(path.removesuffix(PARTIAL))
 
 
 def read_text(path, errors="strict") -> str:
@@ -77,6 +88,7 @@ class Run:
     bytes_total: int | None = None
     artifact_valid: bool | None = None
     eval_s: float | None = None                 # the scored eval's time
+    unfinished: bool = False                    # only a .txt.partial log: killed, or still running
     times_estimated: bool = False               # no log: train times are step x step_avg_ms
     notes: list = dataclasses.field(default_factory=list)
 
@@ -265,7 +277,7 @@ def steps_and_avg(log: dict):
 
 def load_run(path) -> Run:
     """A Run from `path` (a summary .json or a log .txt) and its companion beside it, if any. Raises RunError."""
-    stem, ext = os.path.splitext(path)
+    stem, ext = split_run_path(path)
     notes = []
     if ext == ".json":
         summary, log = summary_of(path), None
@@ -316,6 +328,7 @@ def load_run(path) -> Run:
             e["train_time_ms"] = run.time_at(e["step"])
     run.train = [(s, loss, t if t is not None else run.time_at(s)) for s, loss, t in run.train]
     run.notes = notes
+    run.unfinished = path.endswith(PARTIAL) and summary is None
     return run
 
 
@@ -325,7 +338,7 @@ def load_runs(paths, prog, need_points=False) -> list[Run]:
     is read once."""
     runs, seen = [], {}
     for path in paths:
-        stem = os.path.splitext(os.path.abspath(path))[0]
+        stem = split_run_path(os.path.abspath(path))[0]
         if stem in seen:
             print(f"{prog}: skipping {path}: same run as {seen[stem]}", file=sys.stderr)
             continue
