@@ -2,6 +2,7 @@
 line on stderr naming it and what is wrong (never a traceback), non-finite scores of a diverged run are refused, a
 killed run's .txt.partial log is marked unfinished, and plot_runs says exactly which file it wrote."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -215,3 +216,35 @@ def test_a_killed_run_plots_its_curves_labelled_unfinished(tmp_path, capsys, mon
     out = tmp_path / "p.png"
     assert plot_runs.main([write(tmp_path / "abc.txt.partial", KILLED), "--out", str(out)]) == 0
     assert out.exists() and labels == ["abc (seed162): unfinished (killed or still running), no final score"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# plot_runs --out
+
+@pytest.mark.parametrize("name", ["p.xyz", "p.png.bak"])
+def test_plot_out_with_an_extension_matplotlib_cannot_write_lists_the_ones_it_can(tmp_path, capsys, name):
+    assert plot_runs.main([str(EXAMPLE), "--out", str(tmp_path / name)]) == 2
+    line = one_line(capsys, f"plot_runs.py: error: cannot write {tmp_path / name}: ")
+    assert ".png" in line and ".pdf" in line and ".svg" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_out_a_directory_writes_inside_it_and_prints_the_path(tmp_path, capsys):
+    (tmp_path / "plots").mkdir()
+    assert plot_runs.main([str(EXAMPLE), "--out", str(tmp_path / "plots")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'plots' / 'runs.png'}: 1 run"
+    assert (tmp_path / "plots" / "runs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("name, written", [("runs", "runs.png"), ("runs.", "runs.png"), ("Runs.SVG", "Runs.SVG"),
+                                           ("r.pdf", "r.pdf")])
+def test_plot_prints_the_exact_path_it_wrote(tmp_path, capsys, name, written):
+    assert plot_runs.main([str(EXAMPLE), "--out", str(tmp_path / name)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / written}: 1 run"
+    assert [p.name for p in tmp_path.iterdir()] == [written]
+
+
+@pytest.mark.skipif(shutil.which("xelatex") is not None, reason="LaTeX is installed: .pgf can be written")
+def test_plot_out_in_a_format_whose_tool_is_missing_is_one_line(tmp_path, capsys):
+    assert plot_runs.main([str(EXAMPLE), "--out", str(tmp_path / "p.pgf")]) == 1
+    assert "xelatex" in one_line(capsys, f"plot_runs.py: error: cannot write {tmp_path / 'p.pgf'}: ")
