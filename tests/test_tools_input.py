@@ -141,6 +141,8 @@ def test_a_bad_summary_beside_a_log_is_ignored_naming_it(tmp_path, capsys):
     ("empty.txt", "", "not a train_gpt.py log"),
     ("list.json", "[1, 2]", "not a train_gpt.py summary"),
     ("string.json", '"run"', "not a train_gpt.py summary"),
+    ("huge.json", '{"run_id": "x", "config": {}, "steps": ' + "9" * 5000 + "}", "not JSON (Exceeds the limit"),
+    ("bom.json", '\ufeff{"run_id": "x", "config": {}}', "not JSON (Unexpected UTF-8 BOM"),
     ("latin1.json", b'{"run_id": "\xe9"}', "not UTF-8"),
     ("nul.txt", b"run_id:x\0\0\0", "binary file"),
     ("dir.json", None, "Is a directory"),

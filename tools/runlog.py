@@ -199,7 +199,7 @@ def read_summary(path) -> dict:
         s = json.loads(text, parse_constant=number, parse_float=number)  # NaN, Infinity, 1e999: not scores
     except RunError as e:
         raise RunError(f"{e} in its JSON: the run diverged") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or an integer too long to convert
         raise RunError(f"not JSON ({e})") from None
     if not isinstance(s, dict) or not isinstance(s.get("config"), dict) or "run_id" not in s:
         if isinstance(s, dict) and "val_bpb" in s and "bytes_total" in s:
