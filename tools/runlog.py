@@ -229,7 +229,8 @@ SUMMARY_FIELDS = dict(run_id=("run_id", str), steps=("steps", int), step_avg_ms=
 
 
 def field(s: dict, path: str, kind):
-    """s["a"]["b"] for the path "a.b", None where a part of it is missing or null; RunError if of the wrong type."""
+    """s["a"]["b"] for the path "a.b" (s["a"] for "a"), None where a part is missing or null; RunError if of the wrong
+    type."""
     parent, _, key = path.rpartition(".")
     if parent and (s := typed(s.get(parent), dict, parent)) is None:
         return None
