@@ -1,0 +1,161 @@
+"""Golden values: numbers produced by the records' own train_gpt.py (run once, outside this repo, on CPU in float32;
+tests/golden/README.md names each file, its upstream commit and the exact inputs), and our presets held to them.
+No upstream code is here, only its outputs."""
+import json
+import pathlib
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt
+
+GOLDEN = pathlib.Path(__file__).parent / "golden"
+H = train_gpt.Hyperparameters
+
+# The tiny shape both codes were run at: 6 layers (3 encoder / 3 decoder plain; looped layers 1-2, three passes:
+# encoder [0 1 2 1 2], decoder [1 2 3 4 5]), width 32, 4 heads / 2 KV heads, partial RoPE on 4 of 8 dims, XSA on all.
+TINY_RECORD = dict(VOCAB_SIZE=64, NUM_LAYERS=6, MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, ROPE_DIMS=4,
+                   XSA_LAST_N=6, LOOP_START=1, LOOP_END=2, TRAIN_SEQ_LEN=32)
+TINY = {"record0409": dict(TINY_RECORD, PARALLEL_RESIDUAL_START=4),
+        "sota1855": dict(TINY_RECORD, PARALLEL_START_LAYER=4)}
+
+
+def tiny_record_args(preset, **kw) -> "train_gpt.Hyperparameters":
+    return H.from_env({k: str(v) for k, v in dict(TINY[preset], PRESET=preset, **kw).items()})
+
+
+def golden_weights(args) -> dict[str, torch.Tensor]:
+    """The weights both codes ran with, from each parameter's name alone: noise n ~ N(0, 1) from numpy's PCG64 seeded
+    with crc32(name); matrices (embedding, linears) n / sqrt(fan_in), every other tensor (gains, mixes, gates, lane
+    scalars) its initial value + 0.3 n, so no control tensor sits at an identity value that would hide a wrong form."""
+    out = {}
+    for name, p in train_gpt.GPT(args).named_parameters():  # a fresh model: control tensors at their init
+        n = torch.from_numpy(np.random.default_rng(zlib.crc32(name.encode())).standard_normal(tuple(p.shape))).float()
+        control = p.ndim != 2 or train_gpt.matches_any(name, train_gpt.CONTROL_TENSOR_PATTERNS)
+        out[name] = p.detach() + 0.3 * n if control else n / p.shape[1] ** 0.5
+    return out
+
+
+def golden_model(preset, **kw):
+    args = tiny_record_args(preset, **kw)
+    model = train_gpt.GPT(args)
+    model.load_state_dict(golden_weights(args))
+    return model.eval()
+
+
+def rng(seed):
+    return np.random.default_rng(seed)
+
+
+def golden_inputs() -> dict[str, np.ndarray]:
+    """The fixed inputs, each from its own numpy PCG64 seed (not stored: regenerated here and by the generator)."""
+    tokens = rng(0).integers(2, 64, (2, 16))
+    tokens[0, 0] = tokens[0, 7] = tokens[1, 10] = train_gpt.BOS_ID
+    packed = rng(1).integers(2, 64, (1, 32))  # three documents in one row (BOS at 0, 9, 20)
+    packed[0, [0, 9, 20]] = train_gpt.BOS_ID
+    out = dict(tokens=tokens, packed=packed)
+    for i, shape in enumerate(((24, 16), (16, 40))):  # Muon: two matrices, two steps of fixed gradients
+        out[f"muon_p{i}"] = rng(10 + i).standard_normal(shape).astype(np.float32)
+        out[f"muon_g{i}"] = rng(20 + i).standard_normal((2, *shape)).astype(np.float32)
+    w = rng(30).standard_normal((48, 160)).astype(np.float32) * 0.05
+    w[3, 5] = 0.9  # an outlier
+    x = rng(31).standard_normal((400, 160)).astype(np.float32) * np.linspace(0.2, 2, 160, dtype=np.float32)
+    x[:, 17] = 0  # a dead input column
+    out.update(gptq_w=w, gptq_h=x.T @ x / 400)
+    out["pe_wide"] = rng(40).standard_normal((16, 40)).astype(np.float32)
+    out["pe_tall"] = rng(41).standard_normal((40, 16)).astype(np.float32)
+    out["gate_w"] = rng(50).standard_normal((8, 12)).astype(np.float32) * 0.4
+    return out
+
+
+def load(name):
+    return dict(np.load(GOLDEN / f"{name}.npz"))
+
+
+def our_logits(model, ids, looping):
+    with torch.no_grad():
+        h = model.hidden(torch.as_tensor(ids), train_gpt.Ctx(looping=looping))
+        return model.logits(h).numpy()
+
+
+@pytest.mark.parametrize("preset", ["record0409", "sota1855"])
+@pytest.mark.parametrize("looping", [False, True], ids=["plain", "looped"])
+def test_logits_equal_the_records(preset, looping):
+    """Same weights, same tokens: our forward at the preset equals the record's forward_logits (float32). sota1855's
+    plain-causal rows run with DOC_MASK=0 (the record's non-varlen path: attention crosses the BOS at t = 7, 10)."""
+    model = golden_model(preset, DOC_MASK=0)
+    want = load(preset)["looped" if looping else "plain"]
+    got = our_logits(model, golden_inputs()["tokens"], looping)
+    assert np.abs(got - want).max() < 1e-5  # logits of size ~4
+
+
+def test_sota1855_document_packed_logits_equal_its_varlen_path():
+    """Three documents packed in one row: the record's flash_attn_varlen_func (cu_seqlens at each BOS) against our
+    DOC_MASK=1; the SmearGate adds nothing at a BOS, so no document sees the one before it."""
+    model = golden_model("sota1855")
+    assert model.args.doc_mask
+    got = our_logits(model, golden_inputs()["packed"], True)
+    assert np.abs(got - load("sota1855")["packed_looped"]).max() < 1e-5
+
+
+@pytest.mark.parametrize("preset", ["record0409", "sota1855"])
+def test_lr_multiplier_equals_the_records_lr_mul(preset):
+    """The record's lr_mul(frac) at 41 wall-clock fractions (warmdown floored at MIN_LR): ours by wall clock."""
+    g = load(preset)
+    args = H.from_env(dict(PRESET=preset, MAX_WALLCLOCK_SECONDS="100", ITERATIONS="1000000000"))
+    ours = [train_gpt.lr_scale(args, 0, f * 100_000) for f in g["lr_frac"]]
+    np.testing.assert_allclose(ours, g["lr_mul"], rtol=0, atol=1e-12)
+
+
+def test_record0409_muon_two_steps():
+    """Nesterov momentum 0.99, MuonEq-R rows, NS5 (5 steps), sqrt(max(1, rows/cols)), decoupled WD 0.095."""
+    i, g = golden_inputs(), load("record0409")
+    ps = [torch.nn.Parameter(torch.from_numpy(i[f"muon_p{k}"]).clone()) for k in range(2)]
+    opt = train_gpt.Muon(ps, lr=0.022, momentum=0.99, steps=5, wd=0.095, row_normalize=True, ns="ns5")
+    for s in range(2):
+        for k, p in enumerate(ps):
+            p.grad = torch.from_numpy(i[f"muon_g{k}"][s]).clone()
+        opt.step()
+    for k, p in enumerate(ps):
+        np.testing.assert_allclose(p.detach().numpy(), g[f"muon_after{k}"], rtol=0, atol=2e-6)
+
+
+def test_sota1855_polar_express_output():
+    g, i = load("sota1855"), golden_inputs()
+    for tag in ("wide", "tall"):
+        got = train_gpt.newton_schulz(torch.from_numpy(i[f"pe_{tag}"]), 5, "polar").numpy()
+        np.testing.assert_allclose(got, g[f"pe_{tag}"], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("preset,bits,k", [("record0409", 6, 12.85), ("record0409", 8, 20.0),
+                                           ("sota1855", 6, 13.0), ("sota1855", 7, 14.0)])
+def test_gptq_codes_and_sdclip_steps_equal_the_records(preset, bits, k):
+    """The record's gptq_quantize_weight on a fixed matrix and Hessian (a dead column, an outlier): the same fp16
+    steps (k * Bessel std / qmax) and the same integer codes."""
+    g, i = load(preset), golden_inputs()
+    w, h = torch.from_numpy(i["gptq_w"]), torch.from_numpy(i["gptq_h"])
+    s = train_gpt.sdclip_scale(w, bits, k)
+    assert torch.equal(s.half().flatten(), torch.from_numpy(g[f"gptq_s{bits}"]))
+    q = train_gpt.gptq_quantize(w, h, s, bits)
+    assert torch.equal(q, torch.from_numpy(g[f"gptq_q{bits}"]))
+
+
+def test_sota1855_attention_gate_is_int8_per_row():
+    g, w = load("sota1855"), torch.from_numpy(golden_inputs()["gate_w"])
+    e = train_gpt.quantize_entry("blocks.3.attn.attn_gate", w, H.from_env({"PRESET": "sota1855"}))
+    assert e["bits"] == 8 and torch.equal(e["q"], torch.from_numpy(g["gate_q"]))
+    assert torch.equal(e["scale"].flatten(), torch.from_numpy(g["gate_s"]))
+    assert "raw" in train_gpt.quantize_entry("blocks.3.attn.attn_gate", w, H.from_env({}))  # fp16 elsewhere
+
+
+@pytest.mark.parametrize("preset,change", [
+    ("record0409", dict(PARALLEL_RESIDUAL_START=1000)),  # sequential blocks instead of GPT-J
+    ("sota1855", dict(SMEAR_PRE_NORM=0)),  # smearing the normed embedding
+    ("sota1855", dict(PARALLEL_START_LAYER=1000, PARALLEL_RESIDUAL_START=4))])  # GPT-J instead of two lanes
+def test_the_golden_logits_tell_the_forms_apart(preset, change):
+    """Each form switch moves these logits far beyond the tolerance above, so the equalities are not vacuous."""
+    model = golden_model(preset, DOC_MASK=0, **change)
+    got = our_logits(model, golden_inputs()["tokens"], True)
+    assert np.abs(got - load(preset)["looped"]).max() > 0.05
