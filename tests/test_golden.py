@@ -159,3 +159,70 @@ def test_the_golden_logits_tell_the_forms_apart(preset, change):
     model = golden_model(preset, DOC_MASK=0, **change)
     got = our_logits(model, golden_inputs()["tokens"], True)
     assert np.abs(got - load(preset)["looped"]).max() > 0.05
+
+
+def test_record_ema_is_a_constant_decay_from_the_initial_weights():
+    """Both records: ema = init, then ema = d ema + (1 - d) w after every step (EMA_WARMUP=0); ours ramps by default."""
+    for preset in ("record0409", "sota1855"):
+        args = tiny_record_args(preset)
+        assert args.ema_decay == 0.9965 and not args.ema_warmup
+    args = tiny_record_args("record0409")
+    model = torch.nn.Linear(3, 2)
+    init = model.weight.detach().clone()
+    ema = train_gpt.build_averager(args, model)
+    want = init.clone()
+    for _ in range(3):
+        with torch.no_grad():
+            model.weight.add_(torch.randn(2, 3))
+        ema.update_parameters(model)
+        want = 0.9965 * want + (1 - 0.9965) * model.weight.detach()
+    assert torch.allclose(ema.module.weight, want, atol=1e-6)
+
+
+# The hyperparameters each record logged (train_seed42.log), by our field names: the preset carries every one.
+LOGGED = {
+    "record0409": dict(vocab_size=8192, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=4.0,
+                       train_seq_len=2048, eval_seq_len=2048, train_batch_tokens=786432, rope_dims=16, ln_scale=True,
+                       qk_gain_init=5.25, xsa_last_n=11, skip_gates_enabled=True, num_loops=2, loop_start=3,
+                       loop_end=5, enable_looping_at=0.35, parallel_residual_start=7, matrix_lr=0.022,
+                       scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.99, muon_momentum_warmup_start=0.92,
+                       muon_momentum_warmup_steps=1500, muon_row_normalize=True, muon_wd=0.095, beta1=0.9,
+                       beta2=0.95, adam_wd=0.02, embed_wd=0.085, grad_clip_norm=0.3, ema_decay=0.9965,
+                       warmdown_frac=0.72, min_lr=0.0, warmup_steps=20, eval_stride=64, ttt_enabled=True,
+                       ttt_lr=0.005, ttt_epochs=3, ttt_momentum=0.9, ttt_chunk_tokens=32768, matrix_bits=6,
+                       embed_bits=8, matrix_clip_sigmas=12.85, embed_clip_sigmas=20.0, gptq_calibration_batches=64,
+                       gptq_reserve_seconds=12.0, tied_embed_init_std=0.005, logit_softcap=30.0),
+    "sota1855": dict(vocab_size=8192, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=4.0,
+                     train_seq_len=2048, eval_seq_len=2048, train_batch_tokens=786432, rope_dims=16, ln_scale=True,
+                     qk_gain_init=5.0, xsa_last_n=11, skip_gates_enabled=True, num_loops=2, loop_start=3, loop_end=5,
+                     enable_looping_at=0.35, parallel_start_layer=8, parallel_final_lane="mean", gate_window=12,
+                     smear_gate_enabled=True, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
+                     matrix_lr=0.026, scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.97,
+                     muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, muon_row_normalize=True,
+                     muon_backend_steps=5, muon_wd=0.095, beta1=0.9, beta2=0.99, adam_wd=0.02, embed_wd=0.085,
+                     grad_clip_norm=0.3, ema_decay=0.9965, warmdown_frac=0.85, min_lr=0.1, warmup_steps=20,
+                     eval_stride=64, matrix_bits=6, embed_bits=7, matrix_clip_sigmas=12.85, embed_clip_sigmas=14.0,
+                     attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5, gated_attn_quant_gate=True, lqer_enabled=True,
+                     lqer_rank=4, lqer_top_k=3, gptq_calibration_batches=16, gptq_reserve_seconds=0.5,
+                     ttt_enabled=True, ttt_lora_rank=80, ttt_lora_lr=1e-4, ttt_chunk_size=48, ttt_eval_seq_len=2048,
+                     ttt_batch_size=64, ttt_weight_decay=0.5, ttt_beta1=0.0, ttt_beta2=0.99, ttt_k_lora=True,
+                     ttt_mlp_lora=True, ttt_o_lora=True, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3,
+                     global_ttt_lr=0.001, global_ttt_momentum=0.9, global_ttt_epochs=1, global_ttt_chunk_tokens=32768,
+                     global_ttt_batch_seqs=32, global_ttt_grad_clip=1.0, tied_embed_init_std=0.005,
+                     logit_softcap=30.0),
+}
+
+
+@pytest.mark.parametrize("preset", LOGGED)
+def test_record_presets_carry_the_logged_hyperparameters(preset):
+    args = H.from_env({"PRESET": preset})
+    assert {k: getattr(args, k) for k in LOGGED[preset]} == LOGGED[preset]
+    assert args.gptq and args.ortho_init and args.mlp_act == "leaky_relu2" and args.tie_embeddings
+
+
+@pytest.mark.parametrize("preset,params", [("record0409", 35_944_536), ("sota1855", 35_945_671 - 48)])
+def test_record_preset_parameter_counts(preset, params):
+    """04-09 logged model_params:35944536. #1855 logged 35945671: its lane scalars exist for all 11 layers (66), ours
+    only for the 3 two-lane layers (18); the other 48 never enter its forward."""
+    model = train_gpt.GPT(H.from_env({"PRESET": preset}))
+    assert sum(p.numel() for p in model.parameters()) == params
