@@ -143,6 +143,7 @@ class Hyperparameters:
     quant_group_size: int = 0  # 0 = one scale per row; >0 = one scale per group of this many columns
     quant_clip_search: bool = True
     quant_int8_upstream: bool = False  # 8-bit tensors use upstream's quantizer (quantile clip, scale floor 1/127)
+    quant_scale_floor: bool = False  # row-max steps floored at 1/qmax (the int6 seed records' exporters)
     fp16_keep_patterns: str = "tok_emb"
     int8_keep_float_fp32_name_patterns: str = ""  # small tensors kept in fp32 instead of fp16 (upstream baseline)
     compressor: str = "zstd"
@@ -328,6 +329,21 @@ FRONTIER_V1 = dict(
 FRONTIER_EXPORT = dict(gptq=True, matrix_bits=6, embed_bits=8, matrix_clip_sigmas=12.85, embed_clip_sigmas=20.0,
                        fp16_keep_patterns="", quant_clip_search=False, quant_int8_upstream=False,
                        compressor="constriction", target_bytes=ARTIFACT_CAP_BYTES - 10_000, qat=False)
+# The other seed PRs (../shared/seeds), from their code at refs/pull/N/head; README "Presets and fidelity" lists what
+# differs. All three export int6 row max / 31 with the step floored at 1/31, fp16 embedding, fp32 control tensors, zstd.
+SEED_INT6 = dict(mlp_mult=3.0, muon_momentum=0.99, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,
+                 quant_clip_search=False, quant_scale_floor=True, quant_int8_upstream=True,
+                 int8_keep_float_fp32_name_patterns="attn_scale,mlp_scale,resid_mix,q_gain,skip_weight")
+SEED156 = dict(  # PR #156, records/.../2026-03-20_Int6STE_NorMuon_SWA_SlidingWindow (1.16019)
+    SEED_INT6, warmdown_iters=3000, tied_embed_lr=0.04, matrix_lr=0.025, scalar_lr=0.02, normuon=True, qat=True,
+    swa=True, swa_every=200, swa_start_frac=0.5, val_loss_every=0)
+SEED88 = dict(  # PR #88, records/.../2026-03-19_Int6_MLP3x_MTP_SlideEval (1.1605), its README command
+    SEED_INT6, train_seq_len=4096, train_batch_tokens=393216, mtp_heads=1, mtp_weight=0.01, matrix_lr=0.02,
+    scalar_lr=0.02, tied_embed_lr=0.03, warmdown_iters=3000, grad_clip_norm=1.0, eval_stride=512, val_loss_every=0)
+SEED488 = dict(  # PR #488, records/.../2026-03-22_Phase2_A_Warmdown (1.3267 on 1xH100, the PR's best candidate)
+    SEED_INT6, num_layers=11, train_seq_len=2048, tied_embed_lr=0.035, matrix_lr=0.025, scalar_lr=0.025,
+    grad_clip_norm=0.3, muon_wd=0.04, adam_wd=0.02, ortho_init=True, warmdown_frac=0.15, qat=True,
+    qat_start_frac=0.85, swa=True, val_loss_every=500)
 # The records' own code and logged hyperparameters (README "Presets and fidelity" lists what still differs). Their
 # export is ours (range coder) at the record's clip k, not fitted to a size; their compressors are lossless.
 RECORD_EXPORT = dict(FRONTIER_EXPORT, target_bytes=0)
@@ -352,6 +368,9 @@ PRESETS = {
     # frontier v1 (record 2026-04-09, 1.0810; frontier.md section 2) with the SOTA optimizer values (section 4) and
     # the frontier export (section 5)
     "default": dict(FRONTIER_V1, **FRONTIER_EXPORT),
+    "seed156": SEED156,
+    "seed88": SEED88,
+    "seed488": SEED488,
     "record0409": RECORD0409,
     "sota1855": SOTA1855,
 }
@@ -657,11 +676,12 @@ def sdclip_scale(rows: Tensor, bits: int, sigmas: float) -> Tensor:
 
 
 def quantize_tensor(w: Tensor, bits: int, group: int = 0, clip_search: bool = False,
-                    upstream: bool = False, sigmas: float = 0.0) -> tuple[Tensor, Tensor]:
+                    upstream: bool = False, sigmas: float = 0.0, floor: bool = False) -> tuple[Tensor, Tensor]:
     """Symmetric quantization of a 2-D tensor to integers in [-qmax, qmax], one fp16 scale per row (or per group of
     `group` columns), by round-to-nearest. sigmas > 0: SDClip scales (sdclip_scale). Otherwise the row max, and
     clip_search tries clipping each row at a few fractions of its max and keeps the lowest MSE.
-    upstream (8 bits only): upstream's int8 quantizer, clip at a quantile of |row|, scale floored at 1/127."""
+    upstream (8 bits only): upstream's int8 quantizer, clip at a quantile of |row|, scale floored at 1/127.
+    floor: row-max steps floored at 1/qmax, as the int6 seed records (#88, #156, #488) export."""
     qmax = 2 ** (bits - 1) - 1
     rows = w.float().reshape(-1, group) if group else w.float().reshape(w.shape[0], -1)
     if sigmas > 0:
@@ -675,7 +695,7 @@ def quantize_tensor(w: Tensor, bits: int, group: int = 0, clip_search: bool = Fa
     amax = rows.abs().amax(dim=1, keepdim=True)
     best_q = best_s = best_err = None
     for frac in CLIP_FRACTIONS if clip_search else (1.0,):
-        scale = (amax * frac / qmax).clamp_min(1e-6).half().float()  # the fp16 scale is what gets stored
+        scale = (amax * frac / qmax).clamp_min(1 / qmax if floor else 1e-6).half().float()  # stored as fp16
         q = (rows / scale).round().clamp(-qmax, qmax)
         err = (q * scale - rows).square().sum(1, keepdim=True)
         if best_err is None:
@@ -710,14 +730,14 @@ class CastedLinear(nn.Linear):
     def __init__(self, fan_in, fan_out, zero_init=False):
         super().__init__(fan_in, fan_out, bias=False)
         self.qat_bits, self.qat_group, self.qat_clip_search, self.qat_upstream = 0, 0, False, False
-        self.qat_sigmas = 0.0
+        self.qat_sigmas, self.qat_floor = 0.0, False
         self.zero_init = zero_init
 
     def forward(self, x, ctx=PLAIN):
         w = self.weight
         if ctx.qat and self.qat_bits:
             q, s = quantize_tensor(w.detach(), self.qat_bits, self.qat_group, self.qat_clip_search, self.qat_upstream,
-                                   self.qat_sigmas)
+                                   self.qat_sigmas, self.qat_floor)
             w = w + (dequantize_tensor(q, s, self.qat_group) - w).detach()
         return F.linear(x, w.to(x.dtype))
 
@@ -959,6 +979,7 @@ class GPT(nn.Module):
                 m.qat_bits = export_bits(name + ".weight", m.weight, args)
                 m.qat_group, m.qat_clip_search = export_group(m.weight, args), args.quant_clip_search
                 m.qat_upstream, m.qat_sigmas = args.quant_int8_upstream, export_sigmas(name + ".weight", args)
+                m.qat_floor = args.quant_scale_floor
         self.init_weights()
 
     @torch.no_grad()
@@ -1950,7 +1971,8 @@ def quantize_entry(name, t: Tensor, args, hessian=None, matrix_sigmas=None) -> d
         return dict(q=q, scale=s, bits=8, group=0)
     if bits:
         group, sigmas = export_group(t, args), export_sigmas(name, args, matrix_sigmas)
-        q, s = quantize_tensor(t, bits, group, args.quant_clip_search, args.quant_int8_upstream, sigmas)
+        q, s = quantize_tensor(t, bits, group, args.quant_clip_search, args.quant_int8_upstream, sigmas,
+                               args.quant_scale_floor)
         if hessian is not None:
             q = gptq_quantize(t, hessian, s, bits).cpu()
         return dict(q=q, scale=s, bits=bits, group=group)

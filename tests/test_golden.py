@@ -67,6 +67,9 @@ def golden_inputs() -> dict[str, np.ndarray]:
     out["pe_wide"] = rng(40).standard_normal((16, 40)).astype(np.float32)
     out["pe_tall"] = rng(41).standard_normal((40, 16)).astype(np.float32)
     out["gate_w"] = rng(50).standard_normal((8, 12)).astype(np.float32) * 0.4
+    seed_w = rng(60).standard_normal((48, 160)).astype(np.float32) * np.geomspace(0.003, 0.2, 48, dtype=np.float32)[:, None]
+    seed_w[40:, 3] = 1.5  # rows whose max passes 1: above the 1/31 floor
+    out["seed_w"] = seed_w
     return out
 
 
@@ -226,3 +229,63 @@ def test_record_preset_parameter_counts(preset, params):
     only for the 3 two-lane layers (18); the other 48 never enter its forward."""
     model = train_gpt.GPT(H.from_env({"PRESET": preset}))
     assert sum(p.numel() for p in model.parameters()) == params
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Seed PRs #88, #156, #488 (seeds.npz): their int6 exporters and #156's NorMuon
+
+
+def seed_export(w, preset):
+    """What the preset's export does to a large MLP matrix (the golden matrix is small, so quantize it directly)."""
+    args = H.from_env({"PRESET": preset})
+    assert train_gpt.export_bits("blocks.0.mlp.fc.weight", torch.zeros(1536, 512), args) == 6
+    q, s = train_gpt.quantize_tensor(w, 6, 0, args.quant_clip_search, args.quant_int8_upstream, 0.0,
+                                     args.quant_scale_floor)
+    return dict(q=q, scale=s)
+
+@pytest.mark.parametrize("seed", ["s88", "s488"])
+def test_seed_int6_export_is_row_max_over_31_floored_at_1_over_31(seed):
+    """#88 (INT6_QUANT=1) and #488 (per-row mode): step = max(row max / 31, 1/31), stored fp16; ours
+    QUANT_SCALE_FLOOR=1. #488 rounds with the stored fp16 step, as ours: equal codes. #88 rounds with the fp32 step
+    before storing it: a few codes at rounding ties move by one (not reproduced; README table)."""
+    g, w = load("seeds"), torch.from_numpy(golden_inputs()["seed_w"])
+    e = seed_export(w, "seed88" if seed == "s88" else "seed488")
+    assert torch.equal(e["scale"].flatten(), torch.from_numpy(g[f"{seed}_s"]))
+    diff = (e["q"].int() - torch.from_numpy(g[f"{seed}_q"]).int()).abs()
+    assert int(diff.max()) <= (1 if seed == "s88" else 0) and float((diff > 0).float().mean()) < 0.01
+
+
+def test_seed156_int6_export_differs_only_where_its_quantile_clip_passes_the_floor():
+    """#156 clips each row at its 99.99984th percentile before the floored step: the same codes wherever the floor
+    (1/31) sets the step, a slightly smaller step in rows whose max passes 1 (not reproduced; README table)."""
+    g, w = load("seeds"), torch.from_numpy(golden_inputs()["seed_w"])
+    e = seed_export(w, "seed156")
+    floored = w.abs().amax(1) < 1
+    assert torch.equal(e["scale"].flatten()[floored], torch.from_numpy(g["s156_s"])[floored])
+    assert torch.equal(e["q"][floored], torch.from_numpy(g["s156_q"])[floored])
+    rel = (e["scale"].flatten()[~floored].float() / torch.from_numpy(g["s156_s"])[~floored].float() - 1).abs()
+    assert float(rel.max()) < 2e-3
+
+
+def test_seed156_normuon_two_steps():
+    """#156's NorMuon (EMA momentum 0.99, Nesterov, NS5, per-row second moment 0.95, Frobenius rescale): our Muon with
+    NORMUON=1; its EMA momentum is ours times (1 - momentum), which Newton-Schulz's normalisation removes."""
+    i, g = golden_inputs(), load("seeds")
+    args = H.from_env({"PRESET": "seed156"})
+    ps = [torch.nn.Parameter(torch.from_numpy(i[f"muon_p{k}"]).clone()) for k in range(2)]
+    opt = train_gpt.Muon(ps, lr=args.matrix_lr, momentum=args.muon_momentum, steps=5, normuon=args.normuon,
+                         beta2=args.normuon_beta2)
+    for s in range(2):
+        for k, p in enumerate(ps):
+            p.grad = torch.from_numpy(i[f"muon_g{k}"][s]).clone()
+        opt.step()
+    for k, p in enumerate(ps):
+        np.testing.assert_allclose(p.detach().numpy(), g[f"s156_normuon_after{k}"], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("preset,params", [("seed156", 21_778_504), ("seed88", 21_778_504), ("seed488", 26_501_720)])
+def test_seed_preset_parameter_counts(preset, params):
+    """#156 and #88 logged model_params 21,778,504 (#88 plus its 524,288-parameter MTP head, training only; ours is
+    dim x dim, also never exported); #488: 11 layers of the same block (its README: 26.5M)."""
+    model = train_gpt.GPT(H.from_env({"PRESET": preset}))
+    assert sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp_heads.")) == params

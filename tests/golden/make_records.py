@@ -19,6 +19,11 @@ COMMIT = "4908dc46f21ed3fdd08d2fdca285deb2194b9599"
 RECORDS = "records/track_10min_16mb/"
 R0409 = RECORDS + "2026-04-09_SP8192_3LayerRecur_ParResid_QK525_LegalTTT/train_gpt.py"
 R1855 = RECORDS + "2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611/train_gpt.py"
+SEEDS = dict(  # PR number: (head commit, the scored train_gpt.py)
+    s156=(156, "2c12ff54420b2a2d94831ef013f0877e483a1284",
+          RECORDS + "2026-03-20_Int6STE_NorMuon_SWA_SlidingWindow/train_gpt.py"),
+    s88=(88, "5d3054865de0461a5c6ef099926724e8c27648f7", RECORDS + "2026-03-19_Int6_MLP3x_MTP_SlideEval/train_gpt.py"),
+    s488=(488, "af3eeb9d9817cc359028b2d1ad048192d5ba9849", RECORDS + "2026-03-22_Phase2_A_Warmdown/train_gpt.py"))
 OUT = os.path.join(REPO, "tests", "golden")
 SHIMS = {
     "flash_attn_interface.py": "# CPU shim: FlashAttention-3's [B, T, H, D] causal attention through SDPA, float32; varlen = causal within segments\nimport torch, torch.nn.functional as F\ndef flash_attn_func(q, k, v, causal=True, **kw):\n    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,\n                                       enable_gqa=k.size(2) != q.size(2))\n    return o.transpose(1, 2)\ndef flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True, **kw):\n    n = q.size(0)\n    seg = torch.zeros(n, dtype=torch.long)\n    for b in cu_seqlens_q[1:-1].tolist():\n        seg[b:] += 1\n    pos = torch.arange(n)\n    mask = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])\n    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],\n                                       attn_mask=mask, enable_gqa=k.size(1) != q.size(1))\n    return o[0].transpose(0, 1)\n",
@@ -29,8 +34,8 @@ SHIMS = {
 }
 
 
-def record_source(git_dir, path):
-    src = subprocess.run(["git", "--git-dir", git_dir, "show", f"{COMMIT}:{path}"], check=True, capture_output=True,
+def record_source(git_dir, path, commit=COMMIT):
+    src = subprocess.run(["git", "--git-dir", git_dir, "show", f"{commit}:{path}"], check=True, capture_output=True,
                          text=True).stdout
     packed = re.search(r'b85decode\("(.*?)"\)', src, re.S)  # the 04-09 record ships an lzma + base85 stub
     if not (packed and "exec(" in src[:200]):
@@ -159,9 +164,31 @@ def run_1855():
                gate_s=gs.numpy())
     np.savez_compressed(os.path.join(OUT, "sota1855.npz"), **out)
 
+def run_seeds():
+    """The int6 export quantizers of the seed PRs and #156's NorMuon, on the golden inputs."""
+    out, w = {}, T(I["seed_w"])
+    s88 = load(SRC["s88"], "s88", dict(INT6_QUANT=1))
+    out["s88_q"], out["s88_s"] = (t.numpy() for t in s88.quantize_float_tensor(w))
+    s156 = load(SRC["s156"], "s156", {})
+    out["s156_q"], out["s156_s"] = (t.numpy() for t in s156.quantize_float_tensor(w, quant_range=31))
+    s488 = load(SRC["s488"], "s488", {})
+    q, sc, _ = s488.quantize_int6_tensor(w, 1)  # INT6_SCALE_MODE=row (its default group8 shares a step per 8 rows)
+    out["s488_q"], out["s488_s"] = q.numpy(), sc.numpy()
+    ps = [torch.nn.Parameter(T(I[f"muon_p{i}"])) for i in range(2)]
+    opt = s156.NorMuon(ps, lr=0.025, momentum=0.99, beta2=0.95, backend_steps=5)
+    for step in range(2):
+        for i, p in enumerate(ps):
+            p.grad = T(I[f"muon_g{i}"][step])
+        opt.step()
+    for i in range(2):
+        out[f"s156_normuon_after{i}"] = ps[i].detach().numpy()
+    np.savez_compressed(os.path.join(OUT, "seeds.npz"), **out)
+
+
 if __name__ == "__main__":
     git_dir = sys.argv[1]
     SRC = dict(r0409=record_source(git_dir, R0409), r1855=record_source(git_dir, R1855))
+    SRC.update({k: record_source(git_dir, path, commit) for k, (_, commit, path) in SEEDS.items()})
     with tempfile.TemporaryDirectory() as shim_dir:
         for rel, text in SHIMS.items():
             os.makedirs(os.path.dirname(os.path.join(shim_dir, rel)), exist_ok=True)
@@ -169,3 +196,4 @@ if __name__ == "__main__":
         sys.path.insert(0, shim_dir)
         run_0409()
         run_1855()
+        run_seeds()
