@@ -363,7 +363,9 @@ RECORD0409 = dict(  # records/track_10min_16mb/2026-04-09_SP8192_3LayerRecur_Par
     muon_momentum=0.99, beta2=0.95, min_lr=0.0, warmdown_frac=0.72, ema_warmup=False, gptq_calibration_batches=64,
     gptq_reserve_seconds=12.0, eval_seq_len=2048, val_loss_every=4000, train_log_every=500)
 SOTA1855 = dict(  # records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611 (1.0611)
-    {**FRONTIER_V1, **RECORD_EXPORT}, qk_gain_init=5.0, parallel_start_layer=8, sparse_attn_gate_enabled=True,
+    {**FRONTIER_V1, **RECORD_EXPORT}, caseops_enabled=True,
+    data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+    tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", qk_gain_init=5.0, parallel_start_layer=8, sparse_attn_gate_enabled=True,
     sparse_attn_gate_scale=0.5, smear_gate_enabled=True, smear_pre_norm=True, doc_mask=True, muon_ns="polar",
     warmdown_frac=0.85, min_lr=0.1, ema_warmup=False, embed_bits=7, embed_clip_sigmas=14.0, attn_clip_sigmas=13.0,
     mlp_clip_sigmas=11.5, lqer_enabled=True, lqer_rank=4, lqer_top_k=3, gated_attn_quant_gate=True,
