@@ -181,23 +181,27 @@ def test_run_serialises_the_averaged_weights(markov_data, monkeypatch):
         assert torch.equal(stored[n], expected[n]), n
 
 
-def device_counted_ema(decay):
+def device_counted_ema(decay, warmup=True):
     """The EMA as it was before the host-side counter: torch's AveragedModel, the warm-up ramp computed on the device
-    from its n_averaged tensor (two host syncs per update)."""
+    from its n_averaged tensor (two host syncs per update); warmup=False: the records' constant decay."""
     def update(avg, cur, t):
-        d = ((1 + t) / (10 + t)).clamp(max=decay).to(avg[0].dtype)
+        d = ((1 + t) / (10 + t)).clamp(max=decay).to(avg[0].dtype) if warmup else decay
         torch._foreach_mul_(avg, d)
         torch._foreach_add_(avg, torch._foreach_mul(cur, 1 - d))
     return update
 
 
-@pytest.mark.parametrize("decay,swa", [(0.9965, False), (0.9, False), (0.0, True)], ids=["ema-default", "ema0.9", "swa"])
-def test_host_counted_average_gives_the_same_weights_as_before(decay, swa):
+@pytest.mark.parametrize("decay,swa,warmup", [(0.9965, False, 1), (0.9, False, 1), (0.0, True, 1), (0.9965, False, 0)],
+                         ids=["ema-default", "ema0.9", "swa", "ema-records"])
+def test_host_counted_average_gives_the_same_weights_as_before(decay, swa, warmup):
     """Over 300 updates of randomly moving weights the host-counted average (one foreach lerp) stays within float32
-    rounding of the previous device-counted one; the first update is an exact copy in both."""
+    rounding of the previous device-counted one; the first update is an exact copy in both (EMA_WARMUP=0: the
+    records' EMA starts as a copy of the initial weights)."""
     model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 8))
-    ours = train_gpt.build_averager(tiny_args(EMA_DECAY=decay, SWA=int(swa)), model)
-    before = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=None if swa else device_counted_ema(decay))
+    ours = train_gpt.build_averager(tiny_args(EMA_DECAY=decay, SWA=int(swa), EMA_WARMUP=warmup), model)
+    before = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=None if swa else device_counted_ema(decay, warmup))
+    if not warmup:
+        before.update_parameters(model)
     g = torch.Generator().manual_seed(0)
     for t in range(300):
         with torch.no_grad():
@@ -205,9 +209,9 @@ def test_host_counted_average_gives_the_same_weights_as_before(decay, swa):
                 p.add_(torch.randn(p.shape, generator=g))
         ours.update(model)
         before.update_parameters(model)
-        if t == 0:
+        if t == 0 and warmup:
             assert all(torch.equal(a, b) for a, b in zip(ours.params, model.parameters()))
-    assert ours.n == int(before.n_averaged) == 300
+    assert ours.n == int(before.n_averaged) == 300 + (not warmup)
     for a, b in zip(ours.params, map(torch.Tensor.detach, before.module.parameters())):
         assert not torch.equal(a, next(p for p in model.parameters() if p.shape == a.shape))
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6 * float(b.abs().max()))

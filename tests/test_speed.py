@@ -23,8 +23,10 @@ def embed_before(self, idx, ctx):
     x = self.tok_emb(idx)
     if self.bigram is not None:
         x = x + self.bigram(idx, ctx)
+    if self.smear is not None and self.args.smear_pre_norm:
+        x = self.smear(x, idx)
     x = F.rms_norm(x, (x.size(-1),))
-    return x if self.smear is None else self.smear(x, idx)
+    return x if self.smear is None or self.args.smear_pre_norm else self.smear(x, idx)
 
 
 def trained_like(args, seed=0):
