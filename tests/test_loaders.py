@@ -292,3 +292,14 @@ def test_the_split_mask_compiles_as_a_full_graph(monkeypatch):
             torch.testing.assert_close(compiled(row, row, ctx=LOOPING, split=16), want, rtol=1e-5, atol=1e-5)
         finally:
             torch._dynamo.reset()
+
+
+def test_shuffled_skips_shards_too_short_for_a_sequence(tmp_path):
+    write_shard(tmp_path / "fineweb_train_000000.bin", [])
+    write_shard(tmp_path / "fineweb_train_000001.bin", np.arange(2, 12))  # 10 tokens: no sequence of 17
+    write_shard(tmp_path / "fineweb_train_000002.bin", np.arange(100, 200))
+    args = tiny_args(DATA_PATH=str(tmp_path), TRAIN_SEQ_LEN=16, TRAIN_BATCH_TOKENS=64)
+    loader = train_gpt.ShuffledLoader(args, train_gpt.Runtime(0, 1, CPU), 1)
+    assert [len(s) for s in loader.starts] == [0, 0, 5]  # (100 - 1 - phase) // 16 sequences
+    for x, y in micro_batches(loader, 6):
+        assert ((x >= 100) & (x < 200)).all() and torch.equal(x[:, 1:], y[:, :-1])
