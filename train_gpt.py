@@ -363,11 +363,12 @@ SEED488 = dict(  # PR #488, records/.../2026-03-22_Phase2_A_Warmdown (1.3267 on 
 # export is ours (range coder) at the record's clip k, not fitted to a size; their compressors are lossless.
 RECORD_EXPORT = dict(FRONTIER_EXPORT, target_bytes=0)
 RECORD0409 = dict(  # records/track_10min_16mb/2026-04-09_SP8192_3LayerRecur_ParResid_QK525_LegalTTT (1.0810)
-    FRONTIER_V1, **RECORD_EXPORT, parallel_start_layer=1000, parallel_residual_start=7, matrix_lr=0.022,
+    FRONTIER_V1, **RECORD_EXPORT, train_loader="shuffled", parallel_start_layer=1000, parallel_residual_start=7,
+    matrix_lr=0.022,
     muon_momentum=0.99, beta2=0.95, min_lr=0.0, warmdown_frac=0.72, ema_warmup=False, gptq_calibration_batches=64,
     gptq_reserve_seconds=12.0, eval_seq_len=2048, val_loss_every=4000, train_log_every=500)
 SOTA1855 = dict(  # records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611 (1.0611)
-    {**FRONTIER_V1, **RECORD_EXPORT}, caseops_enabled=True,
+    {**FRONTIER_V1, **RECORD_EXPORT}, caseops_enabled=True, train_loader="packed",
     data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
     tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", qk_gain_init=5.0, parallel_start_layer=8, sparse_attn_gate_enabled=True,
     sparse_attn_gate_scale=0.5, smear_gate_enabled=True, smear_pre_norm=True, doc_mask=True, muon_ns="polar",
