@@ -312,7 +312,7 @@ def test_model_fields_cover_everything_the_model_reads():
     import torch
     init_only = {"qk_gain_init", "tied_embed_init_std", "ortho_init", "mtp_heads", "mtp_weight"}
     export_plan = {"quant_attn_bits", "quant_mlp_bits", "quant_other_bits", "quant_group_size", "quant_clip_search",
-                   "quant_int8_upstream", "fp16_keep_patterns",
+                   "quant_int8_upstream", "quant_scale_floor", "fp16_keep_patterns",
                    "int8_keep_float_fp32_name_patterns", "matrix_clip_sigmas", "attn_clip_sigmas", "mlp_clip_sigmas",
                    "embed_clip_sigmas", "matrix_bits", "embed_bits"}
     args = tiny_args(SMEAR_GATE=1, BIGRAM_BUCKETS=16)

@@ -86,3 +86,14 @@ def test_baseline_keeps_control_tensors_in_fp32_and_seed162_in_fp16():
     for name, t in state.items():
         assert base[name]["raw"].dtype == torch.float32 and torch.equal(base[name]["raw"], t), name
         assert seed[name]["raw"].dtype == torch.float16, name
+
+
+@pytest.mark.parametrize("preset", [p for p in train_gpt.PRESETS if p != "default"])
+def test_every_preset_runs_by_name(preset, markov_data):
+    """Each named system trains, exports, reloads and scores at the tiny shape (the default is run elsewhere), on the
+    generated plain-tokenizer data (so CaseOps off: tests/test_caseops.py runs CaseOps data)."""
+    from conftest import cpu_runtime, tiny_env
+    env = tiny_env(**markov_data, PRESET=preset, ITERATIONS=3, VAL_MAX_TOKENS=256, GPTQ_CALIBRATION_BATCHES=1,
+                   TRAIN_LOG_EVERY=0, RUN_ID=f"smoke_{preset}", CASEOPS_ENABLED=0)
+    s = train_gpt.run(H.from_env(env), cpu_runtime())
+    assert math.isfinite(s["final"]["val_loss"]) and s["config"]["preset"] == preset

@@ -7,8 +7,9 @@ A RUN is logs/<RUN_ID>.json (the summary) or logs/<RUN_ID>.txt (the log); no per
 Columns: steps run, mean ms per step, bpb before quantization (averaged model), bpb of the artifact reloaded from
 disk (the scored `final_..._roundtrip_exact` eval), the quantization gap (non-overlapping eval, round trip minus
 pre-quant, as the log's quant_gap_bpb line), the test-time-training bpb where the run did TTT, the artifact's bytes
-(code + compressed model) and the scored eval's seconds. "-" = the run does not say. Files that are not runs are
-named on stderr and left out.
+(code + compressed model) and the scored eval's seconds. "-" = the run does not say. A run known only by its
+logs/<RUN_ID>.txt.partial (killed, or still running) is marked "(unfinished)". Files that are not runs, or whose scores
+are not finite (a diverged run), are named on stderr and left out.
 
 Per-document mode (files written with SAVE_DOC_SCORES=1, one row per validation document): the bpb of B minus the
 bpb of A with 99% confidence intervals from a paired t-test over documents (normal approximation) and a paired
@@ -24,7 +25,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.runlog import load_runs  # noqa: E402
+from tools.runlog import RunError, load_runs, read_text  # noqa: E402
 
 PROG = "compare_runs.py"
 DOCS_SUFFIX = ".docs.tsv"  # per-document score files: a paired comparison, not this table
@@ -38,7 +39,8 @@ def fmt(value, spec) -> str:
 
 def row(run) -> list[str]:
     size = fmt(run.bytes_total, ",") + ("*" if run.artifact_valid is False else "")
-    return [run.run_id, run.preset, fmt(run.steps, "d"), fmt(run.step_avg_ms, ".1f"), fmt(run.pre_quant_bpb, ".4f"),
+    run_id = run.run_id + (" (unfinished)" if run.unfinished else "")
+    return [run_id, run.preset, fmt(run.steps, "d"), fmt(run.step_avg_ms, ".1f"), fmt(run.pre_quant_bpb, ".4f"),
             fmt(run.final_bpb, ".4f"), fmt(run.quant_gap_bpb, "+.5f"), fmt(run.ttt_bpb, ".4f"), size,
             fmt(run.eval_s, ".1f")]
 
@@ -54,6 +56,8 @@ def table(runs, markdown=False) -> str:
                  for r in rows]
     if any(r.artifact_valid is False for r in runs):
         lines.append("* over the 16,000,000-byte artifact cap: not a valid submission")
+    if any(r.unfinished for r in runs):
+        lines.append("(unfinished): only a .txt.partial log, no summary: the run was killed or is still running")
     return "\n".join(lines)
 
 
@@ -74,12 +78,12 @@ class DocsError(ValueError):
 
 
 def read_docs(path) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Columns of a .docs.tsv file by name, and the names of its nats columns (without the nats_ prefix)."""
+    """Columns of a .docs.tsv file by name, and the names of its nats columns (without the nats_ prefix). Refuses
+    scores that are not finite: a diverged run's nan would make every statistic nan and its p-value 0."""
     try:
-        with open(path, encoding="utf-8") as f:
-            rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
-    except OSError as e:
-        raise DocsError(f"{path}: {e.strerror or e}") from None
+        rows = [line.split("\t") for line in read_text(path).splitlines() if line.strip()]
+    except RunError as e:
+        raise DocsError(f"{path}: {e}") from None
     head = rows[0] if rows else []
     if head[:4] != ["doc", "first_pos", "targets", "bytes"] or len(head) < 5 or len(rows) < 2:
         raise DocsError(f"{path}: not a per-document score file (header doc, first_pos, targets, bytes, nats_...)")
@@ -89,6 +93,12 @@ def read_docs(path) -> tuple[dict[str, np.ndarray], list[str]]:
         raise DocsError(f"{path}: a row that is not numbers, or of the wrong length") from None
     if data.ndim != 2 or data.shape[1] != len(head):
         raise DocsError(f"{path}: rows of the wrong length")
+    if not np.isfinite(data).all():
+        r, c = np.argwhere(~np.isfinite(data))[0]
+        raise DocsError(f"{path}: a non-finite {head[c]} ({rows[r + 1][c]}) for document {r} (line {r + 2}): the run "
+                        "diverged")
+    if data[:, 3].sum() <= 0:
+        raise DocsError(f"{path}: its documents have no bytes")
     return {h: data[:, i] for i, h in enumerate(head)}, [h.removeprefix("nats_") for h in head[4:]]
 
 
@@ -146,6 +156,13 @@ def compare_docs(paths, column, resamples, seed) -> int:
     return 0
 
 
+def seed(text) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="\n\n".join(p for p in __doc__.split("\n\n") if not p.startswith("Usage")))
@@ -153,7 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     ap.add_argument("--column", choices=("plain", "ttt"), help="per-document mode: the nats column of both files")
     ap.add_argument("--resamples", type=int, default=2000, help="per-document mode: bootstrap resamples")
-    ap.add_argument("--seed", type=int, default=0, help="per-document mode: bootstrap seed")
+    ap.add_argument("--seed", type=seed, default=0, help="per-document mode: bootstrap seed (>= 0)")
     args = ap.parse_args(argv)
     docs = [p for p in args.runs if p.endswith(DOCS_SUFFIX)]
     if docs:  # dispatch on the suffix: per-document files get their own mode

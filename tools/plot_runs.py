@@ -3,6 +3,9 @@ run, with a vertical mark where a switch (QAT, warmdown, looping, ...) turned on
 
 Usage: python tools/plot_runs.py RUN [RUN ...] [--out runs.png] [--title TEXT]
 
+--out is the file to write, in the format its extension names (.png, .pdf, .svg, ...; .png added where there is none),
+or a directory to write runs.png in; the path written is printed.
+
 A RUN is logs/<RUN_ID>.json (the summary) or logs/<RUN_ID>.txt (the log); the other file beside it is read too.
 Curves and switch times come from the log; from a summary alone, train times are estimated from its mean step time
 and there are no val points. Files that are not runs, or runs with no logged step, are named on stderr and left out.
@@ -15,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tools.runlog import load_runs  # noqa: E402
 
 PROG = "plot_runs.py"
+DEFAULT_OUT = "runs.png"
 EVENT_STYLES = {"qat": "--", "warmdown": ":", "looping": "-."}
 OTHER_STYLES = [(0, (6, 2, 1, 2, 1, 2)), (0, (1, 3)), (0, (8, 3))]
 
@@ -29,7 +33,8 @@ def run_label(run) -> str:
     score = f"final round-trip {run.final_bpb:.4f} bpb" if run.final_bpb is not None else "no final score"
     size = f", {run.bytes_total:,} bytes" if run.bytes_total is not None else ""
     over = " (OVER CAP)" if run.artifact_valid is False else ""
-    return f"{run.run_id} ({run.preset}): {score}{size}{over}"
+    unfinished = "unfinished (killed or still running), " if run.unfinished else ""
+    return f"{run.run_id} ({run.preset}): {unfinished}{score}{size}{over}"
 
 
 def plot(runs, out, title=None):
@@ -90,17 +95,31 @@ def plot(runs, out, title=None):
     plt.close(fig)
 
 
+def out_path(out) -> str:
+    """The file --out names: runs.png inside a directory, .png added to a name without an extension (as matplotlib
+    does: it would write somedir.png for an existing directory somedir)."""
+    if os.path.isdir(out):
+        return os.path.join(out, DEFAULT_OUT)
+    return out if os.path.splitext(out)[1] not in ("", ".") else out.rstrip(".") + ".png"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="\n\n".join(p for p in __doc__.split("\n\n") if not p.startswith("Usage")))
     ap.add_argument("runs", nargs="+", metavar="RUN", help="logs/<RUN_ID>.json or logs/<RUN_ID>.txt")
-    ap.add_argument("--out", default="runs.png", help="PNG to write (default runs.png)")
+    ap.add_argument("--out", default=DEFAULT_OUT, help=f"file or directory to write (default {DEFAULT_OUT})")
     ap.add_argument("--title", help="figure title")
     args = ap.parse_args(argv)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         print(f"{PROG}: error: matplotlib is not installed (pip install -r requirements.txt)", file=sys.stderr)
+        return 2
+    from matplotlib.backend_bases import FigureCanvasBase
+    out, formats = out_path(args.out), sorted(FigureCanvasBase.get_supported_filetypes())
+    if os.path.splitext(out)[1][1:].lower() not in formats:
+        print(f"{PROG}: error: cannot write {out}: matplotlib writes {', '.join('.' + f for f in formats)}",
+              file=sys.stderr)
         return 2
     runs = load_runs(args.runs, PROG, need_points=True)
     for run in runs:
@@ -111,11 +130,11 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: nothing to plot", file=sys.stderr)
         return 1
     try:
-        plot(runs, args.out, args.title)
-    except OSError as e:
-        print(f"{PROG}: error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+        plot(runs, out, args.title)
+    except (OSError, RuntimeError) as e:  # RuntimeError: a format's external tool (.pgf: LaTeX) is missing
+        print(f"{PROG}: error: cannot write {out}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}: {len(runs)} run{'s' if len(runs) > 1 else ''}")
+    print(f"wrote {out}: {len(runs)} run{'s' if len(runs) > 1 else ''}")
     return 0
 
 

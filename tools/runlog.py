@@ -19,10 +19,17 @@ The log lines relied on (anything else is ignored, so older and newer logs both 
 
 Steps are counted as in the log: `step:s` is logged after s optimizer steps, and `<name>:on step:s` means the switch
 holds from the (s+1)-th step on, so both sit at x = s. Train times exclude validation (the script stops its clock).
+
+While a run is on, its log is `logs/<RUN_ID>.txt.partial`, renamed to `.txt` when the run ends: a `.txt.partial` log
+with no summary beside it is a run killed outright (or still running), read as an unfinished run.
+
+A score that is not a finite number (nan, inf: the run diverged) makes the file unreadable as a run, so that no table
+or plot shows it as a result; summaries are strict JSON (no NaN or Infinity).
 """
 import bisect
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -30,6 +37,37 @@ import sys
 
 class RunError(ValueError):
     """A file that cannot be read as a run; the message says why, the caller names the file."""
+
+
+PARTIAL = ".partial"  # train_gpt.py's log while the run is on, left so by a run killed outright
+
+
+def split_run_path(path) -> tuple[str, str]:
+    """(logs/abc, .json), (logs/abc, .txt) for logs/abc.json, logs/abc.txt and logs/abc.txt.partial."""
+    return os.path.splitext(path.removesuffix(PARTIAL))
+
+
+def read_text(path, errors="strict") -> str:
+    """The text of `path`, or RunError saying why not (missing, a directory, a binary file, not UTF-8)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise RunError(e.strerror or str(e)) from None
+    if b"\0" in data[:4096]:
+        raise RunError("a binary file, not text")
+    try:
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise RunError(f"not UTF-8 text (byte {e.start} is {data[e.start]:#04x})") from None
+
+
+def number(text) -> float:
+    """float(text), refusing nan and inf (what a diverged run scores)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise RunError(f"a non-finite number ({text})")
+    return value
 
 
 @dataclasses.dataclass
@@ -50,6 +88,7 @@ class Run:
     bytes_total: int | None = None
     artifact_valid: bool | None = None
     eval_s: float | None = None                 # the scored eval's time
+    unfinished: bool = False                    # only a .txt.partial log: killed, or still running
     times_estimated: bool = False               # no log: train times are step x step_avg_ms
     notes: list = dataclasses.field(default_factory=list)
 
@@ -89,7 +128,7 @@ def fields(text) -> dict[str, str]:
 
 
 def ms(value: str) -> float:
-    return float(value[:-2] if value.endswith("ms") else value)
+    return number(value[:-2] if value.endswith("ms") else value)
 
 
 def parse_line(line, out):
@@ -99,9 +138,9 @@ def parse_line(line, out):
         time_ms, out["last_step_avg"] = ms(f["train_time"]), (step, ms(f["step_avg"]))
         out["iterations"] = int(m[2])
         if "train_loss" in f:
-            out["train"].append((step, float(f["train_loss"]), time_ms))
+            out["train"].append((step, number(f["train_loss"]), time_ms))
         elif "val_bpb" in f:
-            out["val"].append((step, float(f["val_bpb"]), time_ms))
+            out["val"].append((step, number(f["val_bpb"]), time_ms))
     elif m := RUN_ID.match(line):
         out["run_id"] = m[1]
     elif line.startswith("config:{"):
@@ -110,21 +149,21 @@ def parse_line(line, out):
         f = fields(line)
         out["stopped"] = (int(f["step"].split("/")[0]), ms(f["train_time"]))
     elif line.startswith("pre_quant "):
-        out["pre_quant_bpb"] = float(fields(line)["val_bpb"])
+        out["pre_quant_bpb"] = number(fields(line)["val_bpb"])
     elif m := TOTAL_BYTES.search(line):
         out["bytes_total"] = int(m[1])
     elif line.startswith("ARTIFACT OVER CAP"):
         out["artifact_valid"] = False
     elif line.startswith("final_ttt_exact "):
-        out["ttt_bpb"] = float(fields(line)["val_bpb"])
+        out["ttt_bpb"] = number(fields(line)["val_bpb"])
     elif m := FINAL.match(line):
         f = fields(m[3])
         if m[2]:
-            out["final_bpb"], out["eval_s"] = float(f["val_bpb"]), ms(f["eval_time"]) / 1000
+            out["final_bpb"], out["eval_s"] = number(f["val_bpb"]), ms(f["eval_time"]) / 1000
         else:
-            out["roundtrip_bpb"] = float(f["val_bpb"])
+            out["roundtrip_bpb"] = number(f["val_bpb"])
     elif line.startswith("quant_gap_bpb:"):
-        out["quant_gap_bpb"] = float(line.split()[0].split(":", 1)[1])
+        out["quant_gap_bpb"] = number(line.split()[0].split(":", 1)[1])
     elif m := EVENT.match(line):
         f = fields(m[3])
         out["events"].append(dict(name=m[1], step=int(m[2]),
@@ -134,9 +173,12 @@ def parse_line(line, out):
 def parse_log(text: str) -> dict:
     """Everything the log says about the run, as summary-like keys; raises RunError if it is not a train_gpt.py log."""
     out = dict(train=[], val=[], events=[])
-    for line in text.splitlines():
+    for i, line in enumerate(text.splitlines(), 1):
         try:
             parse_line(line.strip(), out)
+        except RunError as e:
+            shown = line.strip() if len(line.strip()) <= 80 else line.strip()[:77] + "..."
+            raise RunError(f"{e} on line {i} ({shown}): the run diverged") from None
         except (ValueError, KeyError, IndexError):  # a line cut short or a look-alike: not ours
             pass
     if "run_id" not in out and "config" not in out and not (out["train"] or out["val"]):
@@ -145,26 +187,19 @@ def parse_log(text: str) -> dict:
 
 
 def read_log(path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise RunError(e.strerror or str(e)) from None
-    if b"\0" in data[:4096]:
-        raise RunError("a binary file, not a train_gpt.py log or summary")
-    return parse_log(data.decode("utf-8", errors="replace"))
+    return parse_log(read_text(path, errors="replace"))  # a run killed mid-write can cut a character short
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The summary
 
 def read_summary(path) -> dict:
+    text = read_text(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            s = json.load(f)
-    except OSError as e:
-        raise RunError(e.strerror or str(e)) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        s = json.loads(text, parse_constant=number, parse_float=number)  # NaN, Infinity, 1e999: not scores
+    except RunError as e:
+        raise RunError(f"{e} in its JSON: the run diverged") from None
+    except ValueError as e:  # JSONDecodeError, or an integer too long to convert
         raise RunError(f"not JSON ({e})") from None
     if not isinstance(s, dict) or not isinstance(s.get("config"), dict) or "run_id" not in s:
         if isinstance(s, dict) and "val_bpb" in s and "bytes_total" in s:
@@ -173,8 +208,33 @@ def read_summary(path) -> dict:
     return s
 
 
-def bpb(d) -> float | None:
-    return d.get("val_bpb") if isinstance(d, dict) else None
+KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object"}
+
+
+def typed(value, kind, name):
+    """`value` if it is None or of type `kind` (float: any number); RunError naming it if not."""
+    if value is None or (isinstance(value, bool) == (kind is bool)
+                         and isinstance(value, (int, float) if kind is float else kind)):
+        return value
+    shown = json.dumps(value)
+    raise RunError(f"{name} is {shown if len(shown) <= 40 else shown[:37] + '...'}, not {KINDS[kind]}")
+
+
+# parse_log's key: where a summary keeps it, and its type
+SUMMARY_FIELDS = dict(run_id=("run_id", str), steps=("steps", int), step_avg_ms=("step_avg_ms", float),
+                      pre_quant_bpb=("pre_quant.val_bpb", float), roundtrip_bpb=("roundtrip.val_bpb", float),
+                      final_bpb=("final.val_bpb", float), quant_gap_bpb=("quant_gap_bpb", float),
+                      ttt_bpb=("ttt.val_bpb", float), bytes_total=("bytes_total", int),
+                      artifact_valid=("artifact_valid", bool), eval_s=("final.eval_time_s", float))
+
+
+def field(s: dict, path: str, kind):
+    """s["a"]["b"] for the path "a.b" (s["a"] for "a"), None where a part is missing or null; RunError if of the wrong
+    type."""
+    parent, _, key = path.rpartition(".")
+    if parent and (s := typed(s.get(parent), dict, parent)) is None:
+        return None
+    return typed(s.get(key), kind, path)
 
 
 def summary_of(path) -> dict:
@@ -182,22 +242,22 @@ def summary_of(path) -> dict:
     s = read_summary(path)
     try:
         return from_summary(s)
+    except RunError:
+        raise
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise RunError(f"a summary with malformed fields ({type(e).__name__}: {e})") from None
 
 
 def from_summary(s: dict) -> dict:
-    final = s.get("final") or {}
-    out = dict(run_id=s["run_id"], config=s["config"], steps=s.get("steps"), step_avg_ms=s.get("step_avg_ms"),
-               pre_quant_bpb=bpb(s.get("pre_quant")), roundtrip_bpb=bpb(s.get("roundtrip")), final_bpb=bpb(final),
-               quant_gap_bpb=s.get("quant_gap_bpb"), ttt_bpb=bpb(s.get("ttt")), bytes_total=s.get("bytes_total"),
-               artifact_valid=s.get("artifact_valid"), eval_s=final.get("eval_time_s"),
-               train=[(int(step), float(loss), None) for step, loss in s.get("train_losses") or []], val=[])
+    out = {key: field(s, path, kind) for key, (path, kind) in SUMMARY_FIELDS.items()}
+    out.update(config=s["config"], val=[],
+               train=[(int(step), float(loss), None) for step, loss in s.get("train_losses") or []])
     if s.get("events") is not None:
-        out["events"] = [dict(name=e["name"], step=int(e["step"]), train_time_ms=e.get("train_time_ms"))
-                         for e in s["events"]]
+        out["events"] = [dict(name=e["name"], step=int(e["step"]),
+                              train_time_ms=typed(e.get("train_time_ms"), float, f"events[{i}].train_time_ms"))
+                         for i, e in enumerate(s["events"])]
     elif s.get("qat_start_step") is not None:  # summaries written before the events list
-        out["events"] = [dict(name="qat", step=s["qat_start_step"], train_time_ms=None)]
+        out["events"] = [dict(name="qat", step=typed(s["qat_start_step"], int, "qat_start_step"), train_time_ms=None)]
     return out
 
 
@@ -218,7 +278,7 @@ def steps_and_avg(log: dict):
 
 def load_run(path) -> Run:
     """A Run from `path` (a summary .json or a log .txt) and its companion beside it, if any. Raises RunError."""
-    stem, ext = os.path.splitext(path)
+    stem, ext = split_run_path(path)
     notes = []
     if ext == ".json":
         summary, log = summary_of(path), None
@@ -261,13 +321,15 @@ def load_run(path) -> Run:
             exact = {step: loss for step, loss, _ in summary["train"]}
             run.train = [(step, exact.get(step, loss), t) for step, loss, t in run.train]
     config = (summary or {}).get("config") or (log or {}).get("config") or {}
-    run.preset = config.get("preset", "-")
-    run.run_id = run.run_id or (log or {}).get("run_id") or config.get("run_id") or os.path.basename(stem)
+    run.preset = typed(config.get("preset"), str, "config.preset") or "-"
+    run.run_id = (run.run_id or (log or {}).get("run_id") or typed(config.get("run_id"), str, "config.run_id")
+                  or os.path.basename(stem))
     for e in run.events:
         if e["train_time_ms"] is None:
             e["train_time_ms"] = run.time_at(e["step"])
     run.train = [(s, loss, t if t is not None else run.time_at(s)) for s, loss, t in run.train]
     run.notes = notes
+    run.unfinished = path.endswith(PARTIAL) and summary is None
     return run
 
 
@@ -277,7 +339,7 @@ def load_runs(paths, prog, need_points=False) -> list[Run]:
     is read once."""
     runs, seen = [], {}
     for path in paths:
-        stem = os.path.splitext(os.path.abspath(path))[0]
+        stem = split_run_path(os.path.abspath(path))[0]
         if stem in seen:
             print(f"{prog}: skipping {path}: same run as {seen[stem]}", file=sys.stderr)
             continue

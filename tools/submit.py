@@ -326,8 +326,9 @@ def readme_skeleton(sub, seeds, shipped, readable, comparison, ran_shipped) -> s
                     f"{r['artifact_bytes']:,} | {r['eval_time_s']:.1f} |")
     if shipped != readable:
         code = (f"`train_gpt.py` is {len(shipped):,} bytes: the packed (self-extracting) form of a {len(readable):,}-"
-                f"byte source, sha256 `{sha16(readable)}...`; `python tools/pack_submission.py --unpack train_gpt.py` "
-                "(in the training repository) prints it")
+                f"byte program, sha256 `{sha16(readable)}...`; in the training repository, `python "
+                "tools/pack_submission.py --unpack train_gpt.py` prints that program and `--check train_gpt.py "
+                "--source SOURCE` confirms it is SOURCE with its docstrings and comments stripped")
     else:
         code = f"`train_gpt.py` is {len(shipped):,} bytes (readable source, sha256 `{sha16(readable)}...`)"
     if not ran_shipped:
