@@ -9,7 +9,8 @@ submission).
 from __future__ import annotations
 
 import contextlib, copy, dataclasses, difflib, glob, hashlib, json, math, os, platform, signal, sys, tempfile, time
-import lzma, re, uuid, zlib
+import importlib, lzma, re, uuid, zlib
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -20,6 +21,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+def first_module(*names):
+    """The first of the named modules that imports, else None: the optional GPU libraries."""
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+triton, tl = first_module("triton"), first_module("triton.language")  # FUSED_KERNELS; else the plain PyTorch paths
+# FlashAttention's interface: FA3 (the Hopper wheels the records install), else FA4 (pip install flash-attn-4)
+FLASH = first_module("flash_attn_interface", "flash_attn.cute.interface")
 
 ARTIFACT_CAP_BYTES = 16_000_000  # decimal: code bytes + compressed model bytes
 BOS_ID = 1  # every document starts with BOS (upstream export rule)
@@ -65,6 +80,9 @@ class Hyperparameters:
     max_wallclock_seconds: float = 600.0
     grad_accum_steps: int = 0  # 0 = 8 // WORLD_SIZE, so the global batch is the same on 1 or 8 ranks
     compile: int = -1  # -1 = on for CUDA, off for CPU
+    train_loader: str = "stream"  # stream (baseline), shuffled (record 2026-04-09), packed (SOTA #1855, needs DOC_MASK=1)
+    fused_kernels: int = -1  # Triton softcapped CE and LeakyReLU^2 MLP: 1 on, 0 off, -1 on for CUDA when triton imports
+    attn_backend: str = "auto"  # auto, fa (FlashAttention 3/4), cudnn (SDPA, cuDNN first), sdpa (torch's own order)
     # model
     vocab_size: int = 1024
     num_layers: int = 9
@@ -239,6 +257,8 @@ class Hyperparameters:
         need((self.model_dim // self.num_heads) % 2 == 0, "MODEL_DIM", "head dim (MODEL_DIM/NUM_HEADS) must be even")
         need(int(self.mlp_mult * self.model_dim) > 0, "MLP_MULT", "MLP_MULT*MODEL_DIM must be at least 1")
         need(not (self.swa and self.ema_decay > 0), "EMA_DECAY", "use SWA or EMA, not both (set SWA=0 or EMA_DECAY=0)")
+        need(self.doc_mask or self.train_loader != "packed", "DOC_MASK",
+             "must be 1 with TRAIN_LOADER=packed")
         need(self.bigram_buckets == 0 or self.bigram_buckets >= 2, "BIGRAM_BUCKETS", "must be 0 (off) or >= 2")
         lo, hi = COMPRESS_LEVELS[self.compressor]
         need(lo <= self.compress_level <= hi, "COMPRESS_LEVEL", f"{self.compressor} takes levels {lo}..{hi}")
@@ -267,6 +287,8 @@ class Hyperparameters:
              "or set TARGET_BYTES=0")
         need(not (self.gptq and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds), "GPTQ_RESERVE_SECONDS",
              "must be below MAX_WALLCLOCK_SECONDS (it is taken off the training time)")
+        need(self.fused_kernels < 1 or triton, "FUSED_KERNELS", "needs triton")
+        need(self.attn_backend != "fa" or FLASH, "ATTN_BACKEND", "needs FlashAttention 3 or 4")
         need(self.ttt_mode != "lora" or self.ttt_chunk_size <= self.ttt_window(), "TTT_CHUNK_SIZE",
              f"must be <= the TTT context ({self.ttt_window()}); lower it or raise TTT_EVAL_SEQ_LEN")
 
@@ -286,7 +308,7 @@ FIELD_RANGES = dict(
     seed=f"[0, {2**32 - 1}]", val_batch_size=POS, val_loss_every=NONNEG, train_log_every=NONNEG,
     val_max_tokens=NONNEG, eval_seq_len=NONNEG, eval_stride=NONNEG, eval_batch_seqs=POS, iterations=POS,
     warmdown_iters=NONNEG, warmdown_frac=UNIT, warmup_steps=NONNEG, lr_warmup_steps=NONNEG, train_batch_tokens=POS,
-    train_seq_len=POS, max_wallclock_seconds=NONNEG, grad_accum_steps=NONNEG, compile="[-1, 1]",
+    train_seq_len=POS, max_wallclock_seconds=NONNEG, grad_accum_steps=NONNEG, compile="[-1, 1]", fused_kernels="[-1, 1]",
     vocab_size="[2, 65536]", num_layers=POS, model_dim=POS, num_heads=POS, num_kv_heads=POS, mlp_mult="(0, inf)",
     rope_base="(0, inf)", logit_softcap="(0, inf)", qk_gain_init="(-inf, inf)", tied_embed_init_std=NONNEG,
     bigram_buckets=NONNEG, bigram_dim=POS, mtp_heads=NONNEG, mtp_weight=NONNEG, embed_lr=NONNEG, head_lr=NONNEG,
@@ -308,8 +330,9 @@ FIELD_RANGES = dict(
     global_ttt_batch_seqs=POS, global_ttt_grad_clip=NONNEG)
 COMPRESS_LEVELS = dict(zstd=(1, 22), zlib=(0, 9), constriction=(0, 22))  # constriction: level unused
 FIELD_CHOICES = dict(compressor=tuple(COMPRESS_LEVELS), mlp_act=("relu2", "leaky_relu2"),
-                     parallel_final_lane=("mean", "attn", "mlp"), muon_ns=("ns5", "polar"),
-                     ttt_mode=("sgd", "lora"))  # PRESET: see from_env
+                     attn_backend=("auto", "fa", "cudnn", "sdpa"), parallel_final_lane=("mean", "attn", "mlp"),
+                     muon_ns=("ns5", "polar"), ttt_mode=("sgd", "lora"),
+                     train_loader=("stream", "shuffled", "packed"))  # PRESET: see from_env
 FREE_TEXT_FIELDS = ("preset", "data_path", "tokenizer_path", "run_id", "log_dir", "submission_json", "data_label",
                     "author", "github_id", "name", "fp16_keep_patterns", "int8_keep_float_fp32_name_patterns",
                     "eval_artifact")
@@ -358,11 +381,12 @@ SEED488 = dict(  # PR #488, records/.../2026-03-22_Phase2_A_Warmdown (1.3267 on 
 # export is ours (range coder) at the record's clip k, not fitted to a size; their compressors are lossless.
 RECORD_EXPORT = dict(FRONTIER_EXPORT, target_bytes=0)
 RECORD0409 = dict(  # records/track_10min_16mb/2026-04-09_SP8192_3LayerRecur_ParResid_QK525_LegalTTT (1.0810)
-    FRONTIER_V1, **RECORD_EXPORT, parallel_start_layer=1000, parallel_residual_start=7, matrix_lr=0.022,
+    FRONTIER_V1, **RECORD_EXPORT, train_loader="shuffled", parallel_start_layer=1000, parallel_residual_start=7,
+    matrix_lr=0.022,
     muon_momentum=0.99, beta2=0.95, min_lr=0.0, warmdown_frac=0.72, ema_warmup=False, gptq_calibration_batches=64,
     gptq_reserve_seconds=12.0, eval_seq_len=2048, val_loss_every=4000, train_log_every=500)
 SOTA1855 = dict(  # records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611 (1.0611)
-    {**FRONTIER_V1, **RECORD_EXPORT}, caseops_enabled=True,
+    {**FRONTIER_V1, **RECORD_EXPORT}, caseops_enabled=True, train_loader="packed",
     data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
     tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", qk_gain_init=5.0, parallel_start_layer=8, sparse_attn_gate_enabled=True,
     sparse_attn_gate_scale=0.5, smear_gate_enabled=True, smear_pre_norm=True, doc_mask=True, muon_ns="polar",
@@ -445,6 +469,7 @@ class Runtime:
     stage: str = "setup"  # what an interrupt would cut short: setup, train, export, eval
     step: int = 0
     host_group: object = None  # gloo group for host-side values (None: the default group, gloo on CPU)
+    sdpa: object = None  # the SDPA backend order set_kernels entered
 
     @property
     def is_main(self):
@@ -480,7 +505,7 @@ def setup_runtime() -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-    group = None
+    group = None  # for host-side values (ranks_max): gloo; on CPU the default group is gloo
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         group = dist.new_group(backend="gloo") if device.type == "cuda" else None
@@ -616,8 +641,11 @@ def shard_tokens(path) -> int:
 
 def load_shard(path, vocab_size) -> np.ndarray:
     n = shard_tokens(path)
-    tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES)
-    if n and int(tokens.max()) >= vocab_size:
+    return check_ids(np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES), vocab_size, path)
+
+
+def check_ids(tokens: np.ndarray, vocab_size, path) -> np.ndarray:
+    if tokens.size and int(tokens.max()) >= vocab_size:
         raise UserError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; "
                         "the shards were made with another tokenizer, or VOCAB_SIZE is wrong")
     return tokens
@@ -659,33 +687,138 @@ class TokenStream:
 
 
 class TrainLoader:
-    """Each step reads one global span of world*accum micro-batches; micro-batch m*world + rank is this rank's m-th.
-    The union over ranks is the same for any world size, so 1 rank x 8 accum steps == 8 ranks x 1."""
+    """TRAIN_LOADER=stream (upstream baseline): each step reads one global span of world*accum micro-batches;
+    micro-batch m*world + rank is this rank's m-th. The union over ranks is the same for any world size, so 1 rank x 8
+    accum steps == 8 ranks x 1. Every loader makes its batches in one background thread, two batches ahead (the SOTA's
+    prefetch), in pinned memory on CUDA so the copies to the GPU do not block; one thread keeps the order fixed."""
 
-    def __init__(self, args, rt, accum):
+    def __init__(self, args, rt, accum, calib=True):
         micro = rt.world_size * accum
-        if args.train_batch_tokens % (micro * args.train_seq_len):
+        unit = 1 if isinstance(self, PackedLoader) else args.train_seq_len
+        if args.train_batch_tokens % (micro * unit):
             raise UserError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be a multiple of "
-                            f"WORLD_SIZE*accum*TRAIN_SEQ_LEN = {micro * args.train_seq_len}")
+                            f"WORLD_SIZE*accum{'*TRAIN_SEQ_LEN' * (unit > 1)} = {micro * unit}")
         self.files, self.vocab_size = shard_files(args.data_path, "train"), args.vocab_size
         if sum(shard_tokens(f) for f in self.files) == 0:  # every header checked now, not at minute 8
             raise UserError(f"the train shards under {args.data_path} hold no tokens; regenerate them")
-        self.reset()
         self.rt, self.accum, self.micro, self.seq_len = rt, accum, micro, args.train_seq_len
         self.local = args.train_batch_tokens // micro
+        self.pool, self.queue = ThreadPoolExecutor(1), []
+        self.start()
+        # what GPTQ calibration reads: this stream, continued past what training read; with the records' loaders a
+        # new shuffled loader, as both records make (made now, so its settings are checked now, not at minute 10)
+        self.calib = ShuffledLoader(args, rt, accum, False) if calib and args.gptq and args.train_loader != "stream" else self
 
-    def reset(self):
+    def start(self):
         self.stream = TokenStream(self.files, self.vocab_size)
 
+    def reset(self):
+        """Back to the first batch, as if new (the records make a new loader after the compile warmup)."""
+        wait(self.queue)
+        self.queue.clear()
+        self.start()
+
     def next_batch(self) -> list[tuple[Tensor, Tensor]]:
+        while len(self.queue) < 3:
+            self.queue.append(self.pool.submit(self.prepared))
+        return [(x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True))
+                for x, y in self.queue.pop(0).result()]
+
+    def prepared(self):
+        """host_batch() (in the loader's thread), pinned on CUDA."""
+        batch = self.host_batch()
+        if self.rt.device.type != "cuda":
+            return batch
+        torch.cuda.set_device(self.rt.device)  # else this thread's pinning would open a context on GPU 0
+        return [(x.pin_memory(), y.pin_memory()) for x, y in batch]
+
+    def host_batch(self):
+        """This rank's accum micro-batches (x, y) on the host: y is x shifted by one token."""
         span = torch.from_numpy(self.stream.take(self.micro * (self.local + 1)).astype(np.int64))
         rows = span.view(self.micro, self.local + 1)
         out = []
         for m in range(self.accum):
             row = rows[m * self.rt.world_size + self.rt.rank]
-            x, y = row[:-1].view(-1, self.seq_len), row[1:].view(-1, self.seq_len)
-            out.append((x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)))
+            out.append((row[:-1].view(-1, self.seq_len), row[1:].view(-1, self.seq_len)))
         return out
+
+
+class ShuffledLoader(TrainLoader):
+    """TRAIN_LOADER=shuffled, record 2026-04-09's sampler (also the SOTA's GPTQ calibration data). Rank r reads shards
+    r, r+W, r+2W, ... Each shard is cut into sequences of TRAIN_SEQ_LEN+1 tokens (the last one only a target) from a
+    random phase < TRAIN_SEQ_LEN, in a random order; each row takes the next sequence of a shard drawn with probability
+    proportional to the sequences it has left; when all are used, every shard is cut again. The generator is
+    PCG64(rank), as in the record: SEED does not move the data, and W ranks read other rows than 1 rank (own shards,
+    own generator), so this loader is not world-size invariant; each rank's rows are fixed by (rank, W, shards)."""
+
+    def start(self):
+        r, W = self.rt.rank, self.rt.world_size
+        self.mine = self.files[r::W]
+        self.shards = [np.memmap(f, "<u2", "r", HEADER_BYTES, (shard_tokens(f),)) for f in self.mine]
+        self.rng = np.random.Generator(np.random.PCG64(r))
+        self.cut()
+        if not any(self.starts):
+            raise UserError(f"TRAIN_LOADER=shuffled (or packed's GPTQ calibration): no train shard {r}, {r}+{W}, ... of "
+                            f"{len(self.files)} holds TRAIN_SEQ_LEN+1 = {self.seq_len + 1} tokens")
+
+    def cut(self):
+        self.starts = []
+        for s in self.shards:
+            phase = int(self.rng.integers(p + 1)) if (p := min(self.seq_len - 1, len(s) - self.seq_len - 1)) > 0 else 0
+            order = self.rng.permutation(max(len(s) - 1 - phase, 0) // self.seq_len)
+            self.starts.append((phase + order * self.seq_len).tolist())
+
+    def host_batch(self):
+        L = self.seq_len
+        rows = np.empty((self.accum, self.local // L, L + 1), np.int64)
+        for m in range(self.accum):
+            for i in range(rows.shape[1]):
+                if not any(self.starts):
+                    self.cut()
+                left = np.array([len(s) for s in self.starts], np.float64)
+                si = int(self.rng.choice(len(left), p=left / left.sum()))
+                start = self.starts[si].pop()
+                rows[m, i] = self.shards[si][start:start + L + 1]
+        check_ids(rows, self.vocab_size, self.mine[0])
+        rows = torch.from_numpy(rows)
+        return [(r[:, :-1].contiguous(), r[:, 1:].contiguous()) for r in rows]
+
+
+class PackedLoader(TrainLoader):
+    """TRAIN_LOADER=packed, the SOTA's DocumentPackingLoader (PR #1855): a micro-batch is one row of
+    n = TRAIN_BATCH_TOKENS/(W*accum) tokens per rank. A cursor walks the shards in order (after the last, the first
+    again); each micro-step takes the next W spans of n+1 tokens there, rank r the r-th. A shard is entered at its
+    first BOS and left when the next W spans no longer fit (its tail is skipped). The model keeps attention within
+    each document and each TRAIN_SEQ_LEN piece of a longer one (DOC_MASK=1, document_mask's split): the record's
+    cu_seqlens. RoPE positions run along the row, as in the record (attention only sees their differences).
+    Ranks read consecutive spans, so W ranks x accum equals 1 rank x W*accum except where a step crosses a shard:
+    the fit is checked per micro-step for W spans, as the record does. GPTQ calibration reads a ShuffledLoader (the
+    record's calibration; TrainLoader.calib)."""
+
+    def start(self):
+        self.shard, self.tokens, self.cursor = -1, np.zeros(0, np.uint16), 0
+
+    def host_batch(self):
+        n, W, out = self.local + 1, self.rt.world_size, []
+        for _ in range(self.accum):
+            for _ in range(len(self.files) + 1):
+                if self.cursor + W * n <= len(self.tokens):
+                    break
+                self.shard = (self.shard + 1) % len(self.files)
+                self.tokens = load_shard(self.files[self.shard], self.vocab_size)
+                bos = np.flatnonzero(self.tokens == BOS_ID)
+                self.cursor = int(bos[0]) if len(bos) else len(self.tokens)
+            else:
+                raise UserError(f"TRAIN_LOADER=packed: no train shard holds {W} spans of TRAIN_BATCH_TOKENS/(WORLD_SIZE*"
+                                f"accum)+1 = {n} tokens from its first BOS")
+            a = self.cursor + self.rt.rank * n
+            row = torch.from_numpy(self.tokens[a:a + n].astype(np.int64))[None]
+            self.cursor += W * n
+            out.append((row[:, :-1], row[:, 1:]))
+        return out
+
+
+LOADERS = dict(stream=TrainLoader, shuffled=ShuffledLoader, packed=PackedLoader)
 
 
 def load_val_tokens(args) -> tuple[Tensor, bool]:
@@ -871,12 +1004,16 @@ class CastedLinear(nn.Linear):
         self.zero_init = zero_init
 
     def forward(self, x, ctx=PLAIN):
+        return F.linear(x, self.cast(x, ctx))
+
+    def cast(self, x, ctx) -> Tensor:
+        """The weight this forward multiplies by: fake-quantized under ctx.qat, in x's dtype."""
         w = self.weight
         if ctx.qat and self.qat_bits:
             q, s = quantize_tensor(w.detach(), self.qat_bits, self.qat_group, self.qat_clip_search, self.qat_upstream,
                                    self.qat_sigmas, self.qat_floor)
             w = w + (dequantize_tensor(q, s, self.qat_group) - w).detach()
-        return F.linear(x, w.to(x.dtype))
+        return w.to(x.dtype)
 
 
 def rotary(x: Tensor, base: float, dims: int = 0) -> Tensor:
@@ -899,22 +1036,54 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     return y - (y * v).sum(-1, keepdim=True) * v
 
 
-def document_mask(idx: Tensor, flex: bool | None = None):
+def document_mask(idx: Tensor, flex: bool | None = None, split: int = 0):
     """Causal attention within documents (a BOS starts one): a flex_attention BlockMask (default on CUDA), else a
-    dense [B, 1, T, T] boolean mask for SDPA. Both allow exactly the pairs (q, k) with k <= q in one document."""
-    doc = torch.cumsum(idx == BOS_ID, dim=1)  # [B, T] document index within the row
+    dense [B, 1, T, T] boolean mask for SDPA. Both allow exactly the pairs (q, k) with k <= q in one segment. With
+    split > 0 a segment also ends every `split` tokens from its document's start (from the row's start before the
+    row's first BOS): the SOTA's cu_seqlens for packed rows. Rows of at most `split` tokens are never cut."""
+    new = idx == BOS_ID
+    if split:
+        t = torch.arange(idx.size(1), device=idx.device)
+        new = new | ((t - torch.where(new, t, 0).cummax(1).values) % split == 0)
+    doc = torch.cumsum(new, dim=1)  # [B, T] segment index within the row
     B, T = idx.shape
     if idx.is_cuda if flex is None else flex:
         from torch.nn.attention.flex_attention import create_block_mask
         same = lambda b, h, q, k: (k <= q) & (doc[b, q] == doc[b, k])
         return create_block_mask(same, B, None, T, T, device=idx.device)
-    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    return same_document(doc)
+
+
+def same_document(doc: Tensor) -> Tensor:
+    """Dense [B, 1, T, T] mask of the pairs k <= q with equal document ids doc [B, T]."""
+    T = doc.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
     return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
 
 
-def attend(q, k, v, mask) -> Tensor:
-    """Causal attention [B, H, T, hd]; with a document mask, SDPA for a dense one, flex_attention for a BlockMask."""
-    gqa = k.size(1) != q.size(1)
+class Segments(NamedTuple):
+    """Documents packed into rows, in FlashAttention's varlen form: the seam for a document-packed loader. cu: int32
+    [n + 1], the start of each segment in the flattened B*T tokens, then B*T; every row start must be one of them.
+    max_len: the longest segment. attend() runs them through flash_attn_varlen_func, or else as a dense mask."""
+    cu: Tensor
+    max_len: int
+
+
+def attend(q, k, v, mask, flash=False) -> Tensor:
+    """Causal attention [B, H, T, hd]; GQA when k, v have fewer heads. mask: None, a dense boolean mask (SDPA), a
+    flex BlockMask, or Segments. flash (ATTN_BACKEND auto or fa): FlashAttention 3/4 on CUDA for the plain causal and
+    Segments cases. SDPA otherwise: on CUDA in the backend order set_attention chose; on CPU the reference math."""
+    B, H, T, _ = q.shape
+    gqa = k.size(1) != H
+    if flash and FLASH and q.is_cuda and (mask is None or isinstance(mask, Segments)):
+        t = [x.transpose(1, 2) for x in (q, k, v)]  # FlashAttention's layout [B, T, H, hd]
+        y = FLASH.flash_attn_func(*t, causal=True) if mask is None else FLASH.flash_attn_varlen_func(
+            *(x.flatten(0, 1) for x in t), cu_seqlens_q=mask.cu, cu_seqlens_k=mask.cu, max_seqlen_q=mask.max_len,
+            max_seqlen_k=mask.max_len, causal=True)  # varlen: [B*T, H, hd], the segments' tokens end to end
+        return (y[0] if isinstance(y, tuple) else y).view_as(t[0]).transpose(1, 2)  # some versions add the lse
+    if isinstance(mask, Segments):
+        pos = torch.arange(B * T, device=q.device, dtype=mask.cu.dtype)
+        mask = same_document(torch.searchsorted(mask.cu, pos, right=True).view(B, T))
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if isinstance(mask, Tensor):
@@ -932,6 +1101,7 @@ class Attention(nn.Module):
         dim, self.heads, self.kv_heads = args.model_dim, args.num_heads, args.num_kv_heads
         self.head_dim, self.rope_base, self.rope_dims = dim // self.heads, args.rope_base, args.rope_dims
         self.xsa = layer >= args.num_layers - args.xsa_last_n
+        self.flash = args.attn_backend in ("auto", "fa")
         self.c_q = CastedLinear(dim, dim)
         self.c_k = CastedLinear(dim, self.kv_heads * self.head_dim)
         self.c_v = CastedLinear(dim, self.kv_heads * self.head_dim)
@@ -947,7 +1117,7 @@ class Attention(nn.Module):
         v = self.c_v(x, ctx).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q = rotary(F.rms_norm(q, (self.head_dim,)), self.rope_base, self.rope_dims) * self.q_gain.to(q.dtype)[None, :, None, None]
         k = rotary(F.rms_norm(k, (self.head_dim,)), self.rope_base, self.rope_dims)
-        y = attend(q.to(v.dtype), k.to(v.dtype), v, mask)
+        y = attend(q.to(v.dtype), k.to(v.dtype), v, mask, self.flash)
         if self.xsa:
             y = exclude_self_value(y, v)
         if self.attn_gate is not None:
@@ -957,17 +1127,138 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C), ctx)
 
 
+# Fused Triton kernels (FUSED_KERNELS; frontier.md section 10: the records' softcapped CE and LeakyReLU^2 MLP). Their
+# arithmetic follows the tensors' dtype, float32 inside the CE rows and the matmul accumulator: on CPU the tests run
+# them under TRITON_INTERPRET=1 on float32 tensors (the interpreter mishandles bf16 arithmetic), against the plain paths.
+CE_BLOCK = 1024  # columns of a row in registers at once
+MLP_TILE = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+if triton:
+    @triton.jit
+    def softcap_ce_kernel(z_ptr, y_ptr, lse_ptr, g_ptr, out_ptr, V, cap, BLOCK: tl.constexpr, GRAD: tl.constexpr):
+        """Row r of the cross-entropy of x = cap*tanh(z/cap) + cap = 2cap*sigmoid(2z/cap) (the shift cancels), z read
+        in blocks. Forward: online log-sum-exp, writes lse and loss = lse - x_y. GRAD: writes
+        dz = g (softmax(x) - onehot(y)) dx/dz, with dx/dz = 4u(1-u), u = sigmoid(2z/cap)."""
+        r = tl.program_id(0).to(tl.int64)
+        y = tl.load(y_ptr + r)
+        m, s = -float("inf"), 0.0
+        for i in range(0, V, BLOCK):
+            c = i + tl.arange(0, BLOCK)
+            u = tl.sigmoid(tl.load(z_ptr + r * V + c, mask=c < V, other=0).to(tl.float32) * (2 / cap))
+            x = 2 * cap * u
+            if GRAD:
+                p = tl.exp(x - tl.load(lse_ptr + r)) - tl.where(c == y, 1.0, 0.0)
+                dz = tl.load(g_ptr + r) * p * 4 * u * (1 - u)
+                tl.store(out_ptr + r * V + c, dz.to(out_ptr.dtype.element_ty), mask=c < V)
+            else:
+                x = tl.where(c < V, x, -float("inf"))
+                m_new = tl.maximum(m, tl.max(x, 0))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+                m = m_new
+        if not GRAD:
+            lse = m + tl.log(s)
+            tl.store(lse_ptr + r, lse)
+            tl.store(out_ptr + r, lse - 2 * cap * tl.sigmoid(tl.load(z_ptr + r * V + y).to(tl.float32) * (2 / cap)))
+
+    @triton.jit
+    def mlp_kernel(a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K, sam, sak, sbn, sbk, slope,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FWD: tl.constexpr):
+        """One BM x BN tile of h = A @ B^T (A [M, K], B [N, K], by strides; C and aux [M, N] contiguous), then the
+        activation act(h) = leaky_relu(h, slope)^2 in the epilogue. FWD: writes h to C and act(h) to aux. Else aux
+        holds h and C gets h * act'(h): the backward's d pre-activation from A = d out, B = W_proj^T."""
+        pn, pm = tl.program_id(0), tl.program_id(1)  # N tiles vary fastest: one A tile serves them from L2
+        rm, rn, rk = pm * BM + tl.arange(0, BM), pn * BN + tl.arange(0, BN), tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            kk = k + rk[None, :]
+            a = tl.load(a_ptr + rm[:, None] * sam + kk * sak, mask=(rm[:, None] < M) & (kk < K), other=0)
+            b = tl.load(b_ptr + rn[:, None] * sbn + kk * sbk, mask=(rn[:, None] < N) & (kk < K), other=0)
+            acc = tl.dot(a, tl.trans(b), acc)
+        at, ok = rm[:, None] * N + rn[None, :], (rm[:, None] < M) & (rn[None, :] < N)
+        if FWD:
+            tl.store(c_ptr + at, acc.to(c_ptr.dtype.element_ty), mask=ok)
+            h = tl.where(acc > 0, acc, slope * acc)
+            tl.store(aux_ptr + at, (h * h).to(aux_ptr.dtype.element_ty), mask=ok)
+        else:
+            h = tl.load(aux_ptr + at, mask=ok, other=0).to(tl.float32)
+            tl.store(c_ptr + at, (2 * acc * tl.where(h > 0, h, slope * slope * h)).to(c_ptr.dtype.element_ty), mask=ok)
+
+
+def kernels_on(args, cuda: bool) -> bool:
+    """FUSED_KERNELS: 1 on, 0 off, -1 on CUDA when triton imports."""
+    return args.fused_kernels == 1 or args.fused_kernels < 0 and cuda and triton is not None
+
+
+def fused(args, x: Tensor) -> bool:
+    """Whether this forward runs the fused kernels: only with autograd recording (training). Evaluation and GPTQ
+    calibration (whose hooks read each CastedLinear's input) run the plain path."""
+    return kernels_on(args, x.is_cuda) and torch.is_grad_enabled()
+
+
+class SoftcapCE(torch.autograd.Function):
+    """Per-row nats of the soft-capped logits cap*tanh(z/cap) from the raw logits z [N, V] (y [N] int64): each row is
+    read in CE_BLOCK columns, float32 in registers, so no float32 [N, V] tensor is made; the backward reads z again
+    and writes dz in z's dtype. Saves z and the lse [N], not the capped logits."""
+
+    @staticmethod
+    def forward(ctx, z, y, cap):
+        loss, lse = z.new_empty((2, z.size(0)), dtype=torch.float32)
+        softcap_ce_kernel[(z.size(0),)](z, y, lse, lse, loss, z.size(1), cap, BLOCK=CE_BLOCK, GRAD=False)
+        ctx.save_for_backward(z, y, lse)
+        ctx.cap = cap
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        z, y, lse = ctx.saved_tensors
+        dz = torch.empty_like(z)
+        softcap_ce_kernel[(z.size(0),)](z, y, lse, g.float().contiguous(), dz, z.size(1), ctx.cap, BLOCK=CE_BLOCK,
+                                        GRAD=True)
+        return dz, None, None
+
+
+def mlp_matmul(a: Tensor, b: Tensor, slope: float, h: Tensor | None = None):
+    """mlp_kernel over A [M, K] and B [N, K]: (h, act(h)), or with h given, h * act'(h) of A @ B^T."""
+    M, N = a.size(0), b.size(0)
+    c = a.new_empty(M, N)
+    aux = a.new_empty(M, N) if h is None else h
+    grid = (triton.cdiv(N, MLP_TILE["BN"]), triton.cdiv(M, MLP_TILE["BM"]))
+    mlp_kernel[grid](a, b, c, aux, M, N, a.size(1), *a.stride(), *b.stride(), slope, FWD=h is None, **MLP_TILE)
+    return (c, aux) if h is None else c
+
+
+class FusedMLP(torch.autograd.Function):
+    """out = act(x W1^T) W2^T with the activation in mlp_kernel's epilogue, forward and backward; the other matmuls
+    are cuBLAS. Saves x, h and act(h), as the plain path does."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, slope):
+        x2 = x.reshape(-1, x.size(-1))
+        h, act = mlp_matmul(x2, w1, slope)
+        ctx.save_for_backward(x2, w1, w2, h, act)
+        ctx.slope = slope
+        return (act @ w2.t()).view(*x.shape[:-1], w2.size(0))
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, w1, w2, h, act = ctx.saved_tensors
+        g2 = g.reshape(-1, g.size(-1))
+        dh = mlp_matmul(g2, w2.t(), ctx.slope, h)
+        return (dh @ w1).view(*g.shape[:-1], w1.size(1)), dh.t() @ x2, g2.t() @ act, None
+
+
 class MLP(nn.Module):
-    """relu(x)^2, or leaky_relu(x, MLP_LEAKY_SLOPE)^2 (MLP_ACT=leaky_relu2, record 2026-03-23)."""
+    """relu(x)^2, or leaky_relu(x, MLP_LEAKY_SLOPE)^2 (MLP_ACT=leaky_relu2, record 2026-03-23); FusedMLP when fused."""
 
     def __init__(self, args):
         super().__init__()
         hidden = int(args.mlp_mult * args.model_dim)
-        self.slope = args.mlp_leaky_slope if args.mlp_act == "leaky_relu2" else 0.0
+        self.args, self.slope = args, args.mlp_leaky_slope if args.mlp_act == "leaky_relu2" else 0.0
         self.fc = CastedLinear(args.model_dim, hidden)
         self.proj = CastedLinear(hidden, args.model_dim, zero_init=True)
 
     def forward(self, x, ctx):
+        if fused(self.args, x):
+            return FusedMLP.apply(x, self.fc.cast(x, ctx), self.proj.cast(x, ctx), self.slope)
         h = self.fc(x, ctx)
         h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
         return self.proj(h.square(), ctx)
@@ -1155,9 +1446,9 @@ class GPT(nn.Module):
             return x + s
         return torch.lerp(s, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
 
-    def hidden(self, idx: Tensor, ctx: Ctx) -> Tensor:
+    def hidden(self, idx: Tensor, ctx: Ctx, split: int = 0) -> Tensor:
         x0 = self.embed(idx, ctx)
-        mask = document_mask(idx) if self.args.doc_mask else None
+        mask = document_mask(idx, split=split) if self.args.doc_mask else None
         encoder, decoder = self.orders[1 if ctx.looping else 0]  # not a bool index: dynamo (torch 2.11) rejects it
         lanes, skips, how = (x0,), [], self.args.parallel_final_lane
         for i in encoder:
@@ -1172,25 +1463,36 @@ class GPT(nn.Module):
         x = merge_lanes(lanes, how)
         return F.rms_norm(x, (x.size(-1),))
 
+    def head(self, h: Tensor, ctx: Ctx = PLAIN) -> Tensor:
+        return self.lm_head(h, ctx) if self.lm_head is not None else F.linear(h, self.tok_emb.weight.to(h.dtype))
+
     def logits(self, h: Tensor, ctx: Ctx = PLAIN, delta: Tensor | None = None) -> Tensor:
         """Soft-capped logits; delta (the LoRA TTT head adapter's output) is added before the cap."""
-        z = self.lm_head(h, ctx) if self.lm_head is not None else F.linear(h, self.tok_emb.weight.to(h.dtype))
+        z = self.head(h, ctx)
         z = z if delta is None else z + delta
         cap = self.args.logit_softcap
         return cap * torch.tanh(z.float() / cap)
 
-    def forward(self, idx: Tensor, targets: Tensor, ctx: Ctx | None = None, per_token: bool = False) -> Tensor:
+    def mean_nats(self, h: Tensor, y: Tensor, ctx: Ctx) -> Tensor:
+        """Training loss of targets y [B, T'] from hidden states h [B, T', D]: SoftcapCE when fused."""
+        if fused(self.args, h):
+            return SoftcapCE.apply(self.head(h, ctx).flatten(0, 1), y.flatten(), self.args.logit_softcap).mean()
+        return F.cross_entropy(self.logits(h, ctx).flatten(0, 1), y.flatten())
+
+    def forward(self, idx: Tensor, targets: Tensor, ctx: Ctx | None = None, per_token: bool = False,
+                split: int = 0) -> Tensor:
         """Mean training loss under ctx, or with per_token the nats of each target [B, K] (evaluation: no QAT): the
-        targets of the last K positions of idx [B, T], so a sliding window computes logits only where it scores."""
+        targets of the last K positions of idx [B, T], so a sliding window computes logits only where it scores.
+        split: document_mask's (training passes TRAIN_SEQ_LEN: packed rows attend within TRAIN_SEQ_LEN pieces)."""
         ctx = self.final_ctx if ctx is None else ctx
         if per_token:
             h = self.hidden(idx, Ctx(qat=False, looping=ctx.looping))[:, -targets.size(1):]
             return F.cross_entropy(self.logits(h).flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-        h = self.hidden(idx, ctx)
-        loss = F.cross_entropy(self.logits(h, ctx).flatten(0, 1), targets.flatten())
+        h = self.hidden(idx, ctx, split)
+        loss = self.mean_nats(h, targets, ctx)
         for k, head in enumerate(self.mtp_heads, start=1):
             hk = F.rms_norm(h[:, :-k] + head(h[:, :-k], ctx), (h.size(-1),))
-            loss = loss + self.args.mtp_weight * F.cross_entropy(self.logits(hk, ctx).flatten(0, 1), targets[:, k:].flatten())
+            loss = loss + self.args.mtp_weight * self.mean_nats(hk, targets[:, k:], ctx)
         return loss
 
 
@@ -1426,6 +1728,22 @@ def compile_model(base, args, rt):
     return torch.compile(base, dynamic=False, fullgraph=True)
 
 
+def set_kernels(args, rt) -> str:
+    """The attention and fused kernels of this run, as its log line. Attention on CUDA: FlashAttention (FLASH) under
+    ATTN_BACKEND auto or fa; else SDPA, cuDNN's kernel first under cudnn, and under auto on Hopper and later (issue
+    18; SDPA takes its next backend where cuDNN declines a call). CPU: SDPA's reference math."""
+    cuda, name = rt.device.type == "cuda", "sdpa"
+    if cuda and FLASH and args.attn_backend in ("auto", "fa"):
+        name = FLASH.__name__
+    elif cuda and (args.attn_backend == "cudnn" or args.attn_backend == "auto" and
+                   torch.cuda.get_device_capability(rt.device)[0] >= 9):
+        from torch.nn.attention import SDPBackend as B, sdpa_kernel
+        rt.sdpa = sdpa_kernel([B.CUDNN_ATTENTION, B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH], set_priority=True)
+        rt.sdpa.__enter__()  # process-wide, as allow_tf32; rt keeps the context alive for the run
+        name = "sdpa_cudnn_first"
+    return f"attention:{name} fused_kernels:{int(kernels_on(args, cuda))}"
+
+
 def train_step(model, batches, optimizers, args, rt, ctx: Ctx) -> Tensor:
     """One optimizer step over this rank's micro-batches; returns the mean loss (a tensor, no host sync)."""
     total = torch.zeros((), device=rt.device)
@@ -1433,7 +1751,7 @@ def train_step(model, batches, optimizers, args, rt, ctx: Ctx) -> Tensor:
         if isinstance(model, DDP):
             model.require_backward_grad_sync = i == len(batches) - 1
         with rt.autocast():
-            loss = model(x, y, ctx=ctx)
+            loss = model(x, y, ctx=ctx, split=args.train_seq_len)
         (loss / len(batches)).backward()
         total += loss.detach()
     if args.grad_clip_norm > 0:
@@ -1482,7 +1800,7 @@ class Averager:
         t, self.n = self.n, self.n + 1
         d = min(self.decay, (1 + t) / (10 + t)) if self.warmup else self.decay
         w = 1 - d if self.decay and t else 1 / self.n
-        torch._foreach_lerp_(self.params, [p.detach() for p in base.parameters()], w)
+        torch._foreach_lerp_(self.params, list(base.parameters()), w)
 
 
 def build_averager(args, base):
@@ -1636,12 +1954,12 @@ def score_windows(model, val_d, luts_d, windows: Tensor, batch_seqs: int, rt, ct
     most its last `stride` targets (0: all L) except the stream's first, which scores all L: a batch holding it gets
     logits for all L positions, every other batch for its last `stride` only (two shapes, both compiled when
     priming)."""
-    L = int(windows[0, 2] - windows[0, 0]) if len(windows) else 0
+    L, lo = (int(windows[0, 2] - windows[0, 0]), int(windows[0, 1])) if len(windows) else (0, 0)
     pad = -len(windows) % batch_seqs  # keep one static shape for compile; padded rows score nothing
     windows = torch.cat((windows, windows[-1:].repeat(pad, 1) * torch.tensor([1, 0, 0])))
     pos = torch.arange(L, device=rt.device)
-    for host, batch in zip(windows.split(batch_seqs), windows.to(rt.device).split(batch_seqs)):
-        K = L if not 0 < stride < L or int((host[:, 2] - host[:, 1]).max()) > stride else stride
+    for b, batch in enumerate(windows.to(rt.device).split(batch_seqs)):
+        K = L if not 0 < stride < L or b == lo == 0 else stride  # the stream's first window opens batch 0
         idx = batch[:, :1] + pos  # [B, L] target positions
         x, y, idx = val_d[idx], val_d[idx[:, -K:] + 1], idx[:, -K:]
         with torch.no_grad(), rt.autocast():
@@ -1733,17 +2051,16 @@ def ttt_plan(val: Tensor, args, rt, stride: int) -> tuple[list[Tensor], int, int
     return chunks, L, min(batch_seqs, -(-max(map(len, chunks)) // rt.world_size))
 
 
-def random_tokens(args, rt, n) -> Tensor:
-    return torch.randint(args.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0)).to(rt.device)
-
-
-def prime_scoring(model, tokens: Tensor, args, rt, stride: int, batch_seqs: int, L: int, ctx=None):
-    """Compiles the scoring graphs of one eval shape on `tokens` (at least (batch_seqs + 2) * L): a batch holding the
-    stream's first window (logits for all L positions) and one of later windows (the last `stride`)."""
-    windows = sliding_windows(tokens.numel() - 1, L, stride)
-    luts = [torch.zeros(args.vocab_size, dtype=d, device=rt.device) for d in (torch.long, torch.bool, torch.bool)]
-    for w in (windows[:batch_seqs], windows[1:batch_seqs + 1]):
-        score_windows(model, tokens, luts, w, batch_seqs, rt, ctx, score_sums(tokens, None, rt), None, stride)
+def prime_scoring(model, args, rt, stride: int, batch_seqs: int, L: int, ctx=None, rows: int = 0) -> Tensor:
+    """Compiles the scoring graphs of one eval shape on random tokens: a batch holding the stream's first window
+    (logits for all L positions) and one of later windows (the last `stride`). Returns the tokens (at least `rows`
+    windows' worth)."""
+    n = max(rows, batch_seqs + 2) * L
+    tokens = torch.randint(args.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0)).to(rt.device)
+    windows = sliding_windows(n, L, stride)
+    for w in (windows[:batch_seqs], windows[1:batch_seqs + 1]):  # bytes from a zero "sidecar": speed only
+        score_windows(model, tokens, [tokens * 0], w, batch_seqs, rt, ctx, score_sums(tokens, None, rt), None, stride)
+    return tokens
 
 
 def ttt_warmup(base, model, args, rt, stride: int, batch_seqs: int, L: int):
@@ -1751,8 +2068,7 @@ def ttt_warmup(base, model, args, rt, stride: int, batch_seqs: int, L: int):
     the weights: no validation token is seen before it is scored."""
     state = copy.deepcopy(base.state_dict())
     step_seqs = min(args.ttt_batch_seqs, -(-args.ttt_chunk_tokens // L))  # a chunk's windows, or a full step
-    tokens = random_tokens(args, rt, max(step_seqs, batch_seqs + 2) * L)
-    prime_scoring(model, tokens, args, rt, stride, batch_seqs, L)
+    tokens = prime_scoring(model, args, rt, stride, batch_seqs, L, rows=step_seqs)
     params = [p for p in base.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
     ttt_train(model, params, opt, tokens, 0, step_seqs * L, dataclasses.replace(args, ttt_epochs=1), rt)
@@ -1767,9 +2083,8 @@ def prime_eval(model, base, val: Tensor, args, rt):
         return
     for stride in dict.fromkeys((0, args.eval_stride)):
         _, L, batch_seqs = eval_plan(val, args, rt, stride)
-        tokens = random_tokens(args, rt, (batch_seqs + 2) * L)
         for ctx in [None] + (reachable_ctxs(args) if args.val_loss_every and not stride else []):
-            prime_scoring(model, tokens, args, rt, stride, batch_seqs, L, ctx)
+            prime_scoring(model, args, rt, stride, batch_seqs, L, ctx)
     if args.ttt_enabled and args.ttt_mode == "sgd":
         _, L, batch_seqs = ttt_plan(val, args, rt, args.eval_stride)
         ttt_warmup(base, model, args, rt, args.eval_stride, batch_seqs, L)
@@ -2574,7 +2889,7 @@ def prepare(args, rt):
     sp = load_tokenizer(args)
     val, truncated = load_val_tokens(args)
     luts = (load_byte_sidecar(args, val),) if args.caseops_enabled else build_byte_luts(sp, args.vocab_size)
-    loader = None if args.eval_artifact else TrainLoader(args, rt, args.grad_accum_steps or 8 // rt.world_size)
+    loader = None if args.eval_artifact else LOADERS[args.train_loader](args, rt, args.grad_accum_steps or 8 // rt.world_size)
     if rt.distributed:
         dist.barrier()  # no rank creates a file before every rank has checked
     claim_run_id(args, rt)
@@ -2675,31 +2990,31 @@ def measure_gptq_reserve(args, rt, base, loader, log):
     """GPTQ_RESERVE_SECONDS=-1 (with GPTQ and a wall-clock cap): the reserve is measured before the clock, as
     GPTQ_CALIBRATION_BATCHES x the time of one calibration batch (timed after an untimed first one, which pays the
     one-off costs) x GPTQ_RESERVE_MARGIN, the slowest rank's. Calibration is eager forwards of fixed shapes, so its
-    time does not depend on the weights. The Hessians are dropped and the loader rewound."""
-    if not (args.gptq and args.max_wallclock_seconds > 0 and args.gptq_reserve_seconds < 0):
+    time does not depend on the weights. The Hessians are dropped and the calibration loader rewound."""
+    if not args.gptq or args.max_wallclock_seconds <= 0 or args.gptq_reserve_seconds >= 0:
         return
     for _ in range(2):
         rt.sync()
         t0 = time.perf_counter()
-        collect_hessians(base, [loader.next_batch()], args, rt)
+        collect_hessians(base, [loader.calib.next_batch()], args, rt)
         rt.sync()
         took = time.perf_counter() - t0
-    loader.reset()
+    loader.calib.reset()
     args.gptq_reserve_seconds = reserve = ranks_max(GPTQ_RESERVE_MARGIN * args.gptq_calibration_batches * took, rt)
-    log(f"gptq_reserve: {reserve:.2f}s measured (a calibration batch: {took:.3f}s)")
+    log(f"gptq_reserve:{reserve:.2f}s batch:{took:.3f}s")
     if reserve >= args.max_wallclock_seconds:
-        raise UserError(f"GPTQ_RESERVE_SECONDS: calibration is measured at {reserve:.1f}s, no less than "
-                        f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds:g}; lower GPTQ_CALIBRATION_BATCHES")
+        raise UserError(f"GPTQ_RESERVE_SECONDS: measured {reserve:.1f}s >= MAX_WALLCLOCK_SECONDS")
 
 
 def calibrate(args, rt, base, loader, log) -> dict[str, Tensor] | None:
-    """GPTQ's Hessians from GPTQ_CALIBRATION_BATCHES training batches (the stream continues past what training
-    read; never validation), inside the training budget: GPTQ_RESERVE_SECONDS was kept back for it."""
+    """GPTQ's Hessians from GPTQ_CALIBRATION_BATCHES training batches (loader.calib: the stream continued past what
+    training read, or the records' new shuffled loader; never validation), inside the training budget:
+    GPTQ_RESERVE_SECONDS was kept back for it."""
     if not args.gptq:
         return None
     rt.sync()
     t0 = time.perf_counter()
-    hessians = collect_hessians(base, (loader.next_batch() for _ in range(args.gptq_calibration_batches)), args, rt)
+    hessians = collect_hessians(base, (loader.calib.next_batch() for _ in range(args.gptq_calibration_batches)), args, rt)
     rt.sync()
     took = time.perf_counter() - t0
     log(f"gptq_calibration: batches:{args.gptq_calibration_batches} matrices:{len(hessians)} time:{took:.2f}s "
@@ -2799,6 +3114,7 @@ def run(args: Hyperparameters, rt: Runtime) -> dict:
     np.random.seed(args.seed)
     luts, val, truncated, loader = prepare(args, rt)
     log = start_log(args, rt)
+    log(set_kernels(args, rt))
     try:
         if args.eval_artifact:
             return rescore(args, rt, val, truncated, luts, log)

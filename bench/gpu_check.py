@@ -14,7 +14,8 @@ and --stages picks a subset for a rerun:
  3. gptq: Hessians from calibration batches (ms per batch, so the reserve GPTQ_RESERVE_SECONDS=-1 would measure),
     the GPTQ quantization of every matrix, then the TARGET_BYTES size fit (the whole export).
  4. attention: one micro-batch (B=48, 8 q / 4 kv heads, T=2048, hd=64, bf16, causal) forward+backward, median ms,
-    for SDPA flash (what train_gpt.py gets), SDPA cuDNN (GQA, and with K/V expanded), flex_attention causal and
+    for SDPA flash, SDPA cuDNN (GQA, and with K/V expanded; train_gpt.py's set_kernels picks FlashAttention 3/4
+    when importable, else SDPA cuDNN-first on Hopper: the step stage logs its choice), flex_attention causal and
     document-masked; each checked against float32 math attention on the first two sequences (relative error of the
     output and the three gradients).
 Random tokens and random weights: speed only, no scores. The SOTA's figures are in the JSON for comparison.
@@ -135,7 +136,7 @@ def attention_stage(dev, B, Hq, Hkv, T, D):
 
     variants = {}  # name -> (fn, uses the document mask)
     if dev.type == "cuda":
-        variants["sdpa_flash_gqa (train_gpt.py)"] = sdpa(SDPBackend.FLASH_ATTENTION), False
+        variants["sdpa_flash_gqa"] = sdpa(SDPBackend.FLASH_ATTENTION), False
         variants["sdpa_cudnn_gqa"] = sdpa(SDPBackend.CUDNN_ATTENTION), False
         variants["sdpa_cudnn_expanded_kv"] = sdpa(SDPBackend.CUDNN_ATTENTION, expand=True), False
     else:
@@ -221,10 +222,11 @@ def step_stage(smoke):
     rt = tg.Runtime(0, 1, DEV)
     rows = args.train_batch_tokens // 8 // args.train_seq_len  # one rank's micro-batch on 8 GPUs: 48 x 2048
     batch = [random_batch(args, rows)]
+    kernels = tg.set_kernels(args, rt)  # the attention and fused kernels train_gpt.py would pick here
     base, model = tg.build_model(args, rt)
     optimizers = tg.build_optimizers(base, args, rt)
     out = dict(tokens_per_rank=rows * args.train_seq_len, vocab=args.vocab_size, act_dtype=str(rt.act_dtype),
-               compiled=model is not base)
+               compiled=model is not base, kernels=kernels)
     for ctx in (tg.Ctx(looping=False), tg.Ctx(looping=True)):
         name = "looped" if ctx.looping else "plain"
         t = time.time()
@@ -237,7 +239,7 @@ def step_stage(smoke):
 
         def muon_only():  # Muon's step on fresh gradients (one rank does all of Newton-Schulz here, 1/8 on 8 GPUs)
             with rt.autocast():
-                model(*batch[0], ctx=ctx).backward()
+                model(*batch[0], ctx=ctx, split=args.train_seq_len).backward()
             sync()
             t = time.perf_counter()
             optimizers[1].step()
@@ -310,18 +312,19 @@ def eval_stage(smoke):
     world, L, stride = tg.RECORD_RANKS, args.train_seq_len, args.eval_stride
     out = dict(world=world, stride=stride, full_val_targets=tg.FULL_VAL_TOKENS)
     with rank0_of(world) as rt:
+        out["kernels"] = tg.set_kernels(args, rt)
         base, model = tg.build_model(args, rt, mtp=False)
         luts = [torch.ones(args.vocab_size, dtype=torch.long), torch.zeros(args.vocab_size, dtype=torch.bool),
                 torch.zeros(args.vocab_size, dtype=torch.bool)]
         batches = 1 if smoke else 3  # batches of sliding windows scored by rank 0
         n = L + (world * batches * args.eval_batch_seqs - 1) * stride
-        host = tg.Runtime(0, 1, torch.device("cpu"))
-        val = tg.random_tokens(args, host, n)
-        ttt_val = tg.random_tokens(args, host, (tg.TTT_PROJECT_CHUNKS + 1) * args.ttt_chunk_tokens)
+        g = torch.Generator().manual_seed(0)
+        val = torch.randint(args.vocab_size, (n + 1,), generator=g)
+        ttt_val = torch.randint(args.vocab_size, ((tg.TTT_PROJECT_CHUNKS + 1) * args.ttt_chunk_tokens + 1,), generator=g)
         t = time.time()
         if model is not base:  # the sliding and TTT graphs, as train_gpt.py's prime_eval compiles them
             _, L, seqs = tg.eval_plan(val, args, rt, stride)
-            tg.prime_scoring(model, tg.random_tokens(args, rt, (seqs + 2) * L), args, rt, stride, seqs, L)
+            tg.prime_scoring(model, args, rt, stride, seqs, L)
             _, L, seqs = tg.ttt_plan(ttt_val, args, rt, stride)
             tg.ttt_warmup(base, model, args, rt, stride, seqs, L)
         sync()

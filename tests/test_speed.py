@@ -185,13 +185,13 @@ def test_gptq_reserve_is_measured_before_the_clock_and_leaves_no_trace(markov_da
         return train_gpt.run(train_gpt.Hyperparameters.from_env(env), cpu_runtime())
     measured, fixed = run(RUN_ID="measured"), run(RUN_ID="fixed", GPTQ_RESERVE_SECONDS=5)
     log = open(f"{markov_data['LOG_DIR']}/measured.txt").read()
-    reserve, batch = map(float, re.search(r"gptq_reserve: ([\d.]+)s measured \(a calibration batch: ([\d.]+)s\)", log).groups())
+    reserve, batch = map(float, re.search(r"gptq_reserve:([\d.]+)s batch:([\d.]+)s", log).groups())
     assert reserve == pytest.approx(train_gpt.GPTQ_RESERVE_MARGIN * 4 * batch, rel=0.01, abs=0.01)
     assert caps == [pytest.approx(300 - measured["config"]["gptq_reserve_seconds"]), 295]
     assert measured["config"]["gptq_reserve_seconds"] == pytest.approx(reserve, abs=0.005)
     assert f"reserve:{measured['config']['gptq_reserve_seconds']:g}s" in log
     assert measured["train_losses"] == fixed["train_losses"]
-    with pytest.raises(train_gpt.UserError, match="^GPTQ_RESERVE_SECONDS: calibration is measured at"):
+    with pytest.raises(train_gpt.UserError, match="^GPTQ_RESERVE_SECONDS: measured "):
         run(RUN_ID="short", MAX_WALLCLOCK_SECONDS=1e-6)
 
 
