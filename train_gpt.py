@@ -383,7 +383,8 @@ SOTA1855 = dict(  # records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_B
     sparse_attn_gate_scale=0.5, smear_gate_enabled=True, smear_pre_norm=True, doc_mask=True, muon_ns="polar",
     warmdown_frac=0.85, min_lr=0.1, ema_warmup=False, embed_bits=7, embed_clip_sigmas=14.0, attn_clip_sigmas=13.0,
     mlp_clip_sigmas=11.5, lqer_enabled=True, lqer_rank=4, lqer_top_k=3, gated_attn_quant_gate=True,
-    gptq_calibration_batches=16, gptq_reserve_seconds=0.5, ttt_mode="lora", ttt_lora_rank=80, ttt_weight_decay=0.5,
+    gptq_calibration_batches=16, gptq_reserve_seconds=0.5, ttt_mode="lora", ttt_lora_rank=80, ttt_lora_alpha=144.0,
+    ttt_weight_decay=0.5,
     ttt_beta2=0.99, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3, ttt_eval_seq_len=2048, eval_seq_len=2048,
     val_loss_every=0, train_log_every=500)
 FRONTIER2135 = dict(  # PR #2135, records/.../2026-05-01_SP8192_PR2130Base_Calib32 (1.05651), its README command
