@@ -275,12 +275,12 @@ class Hyperparameters:
              "or set TARGET_BYTES=0")
         need(not (self.gptq and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds), "GPTQ_RESERVE_SECONDS",
              "must be below MAX_WALLCLOCK_SECONDS (it is taken off the training time)")
-        need(not self.awq_lite_enabled or self.gptq, "AWQ_LITE_ENABLED", "needs GPTQ=1 (activation RMS from its Hessians)")
+        awq, g = not self.awq_lite_enabled, self.awq_lite_group_size  # AWQ-lite reads GPTQ's Hessians
+        need(awq or self.gptq, "AWQ_LITE_ENABLED", "needs GPTQ=1")
         bits = self.matrix_bits or min(self.quant_attn_bits, self.quant_mlp_bits)
-        need(not self.awq_lite_enabled or self.awq_lite_bits > bits, "AWQ_LITE_BITS", f"must exceed the matrices' {bits} bits")
-        g = self.awq_lite_group_size
-        need(not self.awq_lite_enabled or self.model_dim % g == 0 == int(self.mlp_mult * self.model_dim) % g,
-             "AWQ_LITE_GROUP_SIZE", "must divide the matrix widths MODEL_DIM and MLP_MULT*MODEL_DIM")
+        need(awq or self.awq_lite_bits > bits, "AWQ_LITE_BITS", f"must exceed the matrices' {bits}")
+        need(awq or self.model_dim % g == 0 == int(self.mlp_mult * self.model_dim) % g, "AWQ_LITE_GROUP_SIZE",
+             "must divide MODEL_DIM and MLP_MULT*MODEL_DIM")
         need(self.ttt_mode != "lora" or self.ttt_chunk_size <= self.ttt_window(), "TTT_CHUNK_SIZE",
              f"must be <= the TTT context ({self.ttt_window()}); lower it or raise TTT_EVAL_SEQ_LEN")
 
@@ -1031,7 +1031,7 @@ class Block(nn.Module):
         return r[0] * lane0 + p[0, 0] * a + p[0, 1] * m, r[1] * lane1 + p[1, 0] * a + p[1, 1] * m
 
 
-def previous_in_document(x: Tensor, tokens: Tensor, bos_fix: bool = True) -> Tensor:
+def previous_in_document(x: Tensor, tokens: Tensor, bos_fix=True) -> Tensor:
     """x_{t-1} at each position [B, T, D]; zero at the row start and (bos_fix) where token t is a BOS (a new
     document). bos_fix=False: a BOS gets the previous document's last position (SMEAR_GATE_BOS_FIX=0, PR #2135)."""
     x = F.pad(x[:, :-1], (0, 0, 1, 0))
@@ -1108,7 +1108,7 @@ def unet_orders(args, looping) -> tuple[list[int], list[int]]:
     return order[:len(order) // 2], order[len(order) // 2:]
 
 
-def softcap(z: Tensor, pos, neg=None) -> Tensor:
+def softcap(z, pos, neg=None):
     """c tanh(z / c): c = pos, or with neg (AsymLogit, PR #1923) c = pos where z >= 0 and neg below."""
     c = pos if neg is None else torch.where(z >= 0, pos, neg)
     return c * torch.tanh(z / c)
@@ -1196,7 +1196,7 @@ class GPT(nn.Module):
         x = merge_lanes(lanes, how)
         return F.rms_norm(x, (x.size(-1),))
 
-    def logits(self, h: Tensor, ctx: Ctx = PLAIN, delta: Tensor | None = None, train: bool = False) -> Tensor:
+    def logits(self, h: Tensor, ctx: Ctx = PLAIN, delta: Tensor | None = None, train=False) -> Tensor:
         """Soft-capped fp32 logits; delta (the LoRA TTT head adapter's output) is added before the cap. The training
         loss (train) always uses the single LOGIT_SOFTCAP; evaluation and TTT the AsymLogit caps when enabled."""
         z = self.lm_head(h, ctx) if self.lm_head is not None else F.linear(h, self.tok_emb.weight.to(h.dtype))
@@ -2118,7 +2118,7 @@ def gptq_factor(H: Tensor) -> GPTQFactor:
 
 
 @torch.no_grad()
-def gptq_quantize(w: Tensor, H: Tensor | GPTQFactor, scale: Tensor, bits: int | Tensor) -> Tensor:
+def gptq_quantize(w: Tensor, H: Tensor | GPTQFactor, scale: Tensor, bits) -> Tensor:
     """GPTQ (Frantar et al. 2022) of w [rows, cols] with per-row steps `scale` [rows, 1] and input Hessian H [cols,
     cols] (or its gptq_factor): columns in order of diag(H) descending, each rounded to nearest and its error spread
     over the columns not yet quantized through the upper Cholesky factor of H^-1; blocks of GPTQ_BLOCK columns, the
@@ -2146,7 +2146,7 @@ def gptq_quantize(w: Tensor, H: Tensor | GPTQFactor, scale: Tensor, bits: int | 
     return Q[:, torch.argsort(perm)].to(torch.int8)
 
 
-def awq_groups(state, factors: dict, args) -> dict[str, list[list[int]]]:
+def awq_groups(state, factors, args):
     """AWQ-lite (PR #1908): each GPTQ'd matrix narrower than AWQ_LITE_BITS, cut into groups of AWQ_LITE_GROUP_SIZE
     input columns, scores each group sum_c rms_c * mean_rows |W_rc| (rms: its activations', from the Hessian); the
     AWQ_LITE_GROUP_TOP_K best groups over all matrices are returned as [start, end) column ranges by matrix."""
@@ -2156,7 +2156,7 @@ def awq_groups(state, factors: dict, args) -> dict[str, list[list[int]]]:
         if export_bits(n, w, args) < args.awq_lite_bits:
             sal = (f.rms.cpu() * w.abs().mean(0))[:w.size(1) // g * g].view(-1, g).sum(1)
             cands += [(float(v), n, k * g) for k, v in enumerate(sal)]
-    for _, n, c in sorted(cands, key=lambda t: -t[0])[:args.awq_lite_group_top_k]:
+    for _, n, c in sorted(cands, reverse=True)[:args.awq_lite_group_top_k]:
         out.setdefault(n, []).append([c, c + g])
     return out
 
@@ -2202,7 +2202,7 @@ LQER_A_SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # int2 steps tried for A, in s
 LQER_KEYS = ("lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale")
 
 
-def lqer_factors(err: Tensor, rank: int, group: int = 64) -> dict:
+def lqer_factors(err: Tensor, rank: int, group=64) -> dict:
     """LQER (Zhang et al. 2024): a rank-r correction A B of the quantization error E = W - W_q [rows, cols]. A = the
     top r left singular vectors (similar magnitudes, so one int2 scale fits all of A); B = the least-squares B for
     the quantized A (so B absorbs A's rounding), int4 with one scale per `group` columns of each row (per row if
@@ -2295,7 +2295,7 @@ def collect_hessians(model, batches, args, rt) -> dict[str, Tensor]:
     return {k: (sums[k] / n[i]).float() for i, k in enumerate(names)}
 
 
-def dequantize_codes(e) -> Tensor:
+def dequantize_codes(e):
     """The codes times their steps (AWQ-lite's ranges with theirs), without the LQER correction."""
     w = dequantize_tensor(e["q"], e["scale"], e["group"])
     for a, b in e.get("awq", ()):
