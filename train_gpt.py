@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib, copy, dataclasses, difflib, glob, hashlib, json, math, os, platform, signal, sys, tempfile, time
 import lzma, re, uuid, zlib
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -66,6 +67,7 @@ class Hyperparameters:
     max_wallclock_seconds: float = 600.0
     grad_accum_steps: int = 0  # 0 = 8 // WORLD_SIZE, so the global batch is the same on 1 or 8 ranks
     compile: int = -1  # -1 = on for CUDA, off for CPU
+    train_loader: str = "stream"  # stream (baseline), shuffled (record 2026-04-09), packed (SOTA #1855, needs DOC_MASK=1)
     # model
     vocab_size: int = 1024
     num_layers: int = 9
@@ -247,6 +249,8 @@ class Hyperparameters:
         need((self.model_dim // self.num_heads) % 2 == 0, "MODEL_DIM", "head dim (MODEL_DIM/NUM_HEADS) must be even")
         need(int(self.mlp_mult * self.model_dim) > 0, "MLP_MULT", "MLP_MULT*MODEL_DIM must be at least 1")
         need(not (self.swa and self.ema_decay > 0), "EMA_DECAY", "use SWA or EMA, not both (set SWA=0 or EMA_DECAY=0)")
+        need(self.doc_mask or self.train_loader != "packed", "DOC_MASK",
+             "must be 1 with TRAIN_LOADER=packed")
         need(self.bigram_buckets == 0 or self.bigram_buckets >= 2, "BIGRAM_BUCKETS", "must be 0 (off) or >= 2")
         lo, hi = COMPRESS_LEVELS[self.compressor]
         need(lo <= self.compress_level <= hi, "COMPRESS_LEVEL", f"{self.compressor} takes levels {lo}..{hi}")
@@ -324,7 +328,7 @@ FIELD_RANGES = dict(
 COMPRESS_LEVELS = dict(zstd=(1, 22), zlib=(0, 9), constriction=(0, 22))  # constriction: level unused
 FIELD_CHOICES = dict(compressor=tuple(COMPRESS_LEVELS), mlp_act=("relu2", "leaky_relu2"),
                      parallel_final_lane=("mean", "attn", "mlp"), muon_ns=("ns5", "polar"),
-                     ttt_mode=("sgd", "lora"))  # PRESET: see from_env
+                     ttt_mode=("sgd", "lora"), train_loader=("stream", "shuffled", "packed"))  # PRESET: see from_env
 FREE_TEXT_FIELDS = ("preset", "data_path", "tokenizer_path", "run_id", "log_dir", "submission_json", "data_label",
                     "author", "github_id", "name", "fp16_keep_patterns", "int8_keep_float_fp32_name_patterns",
                     "eval_artifact")
@@ -373,11 +377,12 @@ SEED488 = dict(  # PR #488, records/.../2026-03-22_Phase2_A_Warmdown (1.3267 on 
 # export is ours (range coder) at the record's clip k, not fitted to a size; their compressors are lossless.
 RECORD_EXPORT = dict(FRONTIER_EXPORT, target_bytes=0)
 RECORD0409 = dict(  # records/track_10min_16mb/2026-04-09_SP8192_3LayerRecur_ParResid_QK525_LegalTTT (1.0810)
-    FRONTIER_V1, **RECORD_EXPORT, parallel_start_layer=1000, parallel_residual_start=7, matrix_lr=0.022,
+    FRONTIER_V1, **RECORD_EXPORT, train_loader="shuffled", parallel_start_layer=1000, parallel_residual_start=7,
+    matrix_lr=0.022,
     muon_momentum=0.99, beta2=0.95, min_lr=0.0, warmdown_frac=0.72, ema_warmup=False, gptq_calibration_batches=64,
     gptq_reserve_seconds=12.0, eval_seq_len=2048, val_loss_every=4000, train_log_every=500)
 SOTA1855 = dict(  # records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611 (1.0611)
-    {**FRONTIER_V1, **RECORD_EXPORT}, caseops_enabled=True,
+    {**FRONTIER_V1, **RECORD_EXPORT}, caseops_enabled=True, train_loader="packed",
     data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
     tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", qk_gain_init=5.0, parallel_start_layer=8, sparse_attn_gate_enabled=True,
     sparse_attn_gate_scale=0.5, smear_gate_enabled=True, smear_pre_norm=True, doc_mask=True, muon_ns="polar",
@@ -630,8 +635,11 @@ def shard_tokens(path) -> int:
 
 def load_shard(path, vocab_size) -> np.ndarray:
     n = shard_tokens(path)
-    tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES)
-    if n and int(tokens.max()) >= vocab_size:
+    return check_ids(np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES), vocab_size, path)
+
+
+def check_ids(tokens: np.ndarray, vocab_size, path) -> np.ndarray:
+    if tokens.size and int(tokens.max()) >= vocab_size:
         raise UserError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; "
                         "the shards were made with another tokenizer, or VOCAB_SIZE is wrong")
     return tokens
@@ -673,33 +681,138 @@ class TokenStream:
 
 
 class TrainLoader:
-    """Each step reads one global span of world*accum micro-batches; micro-batch m*world + rank is this rank's m-th.
-    The union over ranks is the same for any world size, so 1 rank x 8 accum steps == 8 ranks x 1."""
+    """TRAIN_LOADER=stream (upstream baseline): each step reads one global span of world*accum micro-batches;
+    micro-batch m*world + rank is this rank's m-th. The union over ranks is the same for any world size, so 1 rank x 8
+    accum steps == 8 ranks x 1. Every loader makes its batches in one background thread, two batches ahead (the SOTA's
+    prefetch), in pinned memory on CUDA so the copies to the GPU do not block; one thread keeps the order fixed."""
 
-    def __init__(self, args, rt, accum):
+    def __init__(self, args, rt, accum, calib=True):
         micro = rt.world_size * accum
-        if args.train_batch_tokens % (micro * args.train_seq_len):
+        unit = 1 if isinstance(self, PackedLoader) else args.train_seq_len
+        if args.train_batch_tokens % (micro * unit):
             raise UserError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be a multiple of "
-                            f"WORLD_SIZE*accum*TRAIN_SEQ_LEN = {micro * args.train_seq_len}")
+                            f"WORLD_SIZE*accum{'*TRAIN_SEQ_LEN' * (unit > 1)} = {micro * unit}")
         self.files, self.vocab_size = shard_files(args.data_path, "train"), args.vocab_size
         if sum(shard_tokens(f) for f in self.files) == 0:  # every header checked now, not at minute 8
             raise UserError(f"the train shards under {args.data_path} hold no tokens; regenerate them")
-        self.reset()
         self.rt, self.accum, self.micro, self.seq_len = rt, accum, micro, args.train_seq_len
         self.local = args.train_batch_tokens // micro
+        self.pool, self.queue = ThreadPoolExecutor(1), []
+        self.start()
+        # what GPTQ calibration reads: this stream, continued past what training read; with the records' loaders a
+        # new shuffled loader, as both records make (made now, so its settings are checked now, not at minute 10)
+        self.calib = ShuffledLoader(args, rt, accum, False) if calib and args.gptq and args.train_loader != "stream" else self
 
-    def reset(self):
+    def start(self):
         self.stream = TokenStream(self.files, self.vocab_size)
 
+    def reset(self):
+        """Back to the first batch, as if new (the records make a new loader after the compile warmup)."""
+        wait(self.queue)
+        self.queue.clear()
+        self.start()
+
     def next_batch(self) -> list[tuple[Tensor, Tensor]]:
+        while len(self.queue) < 3:
+            self.queue.append(self.pool.submit(self.prepared))
+        return [(x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True))
+                for x, y in self.queue.pop(0).result()]
+
+    def prepared(self):
+        """host_batch() (in the loader's thread), pinned on CUDA."""
+        batch = self.host_batch()
+        if self.rt.device.type != "cuda":
+            return batch
+        torch.cuda.set_device(self.rt.device)  # else this thread's pinning would open a context on GPU 0
+        return [(x.pin_memory(), y.pin_memory()) for x, y in batch]
+
+    def host_batch(self):
+        """This rank's accum micro-batches (x, y) on the host: y is x shifted by one token."""
         span = torch.from_numpy(self.stream.take(self.micro * (self.local + 1)).astype(np.int64))
         rows = span.view(self.micro, self.local + 1)
         out = []
         for m in range(self.accum):
             row = rows[m * self.rt.world_size + self.rt.rank]
-            x, y = row[:-1].view(-1, self.seq_len), row[1:].view(-1, self.seq_len)
-            out.append((x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)))
+            out.append((row[:-1].view(-1, self.seq_len), row[1:].view(-1, self.seq_len)))
         return out
+
+
+class ShuffledLoader(TrainLoader):
+    """TRAIN_LOADER=shuffled, record 2026-04-09's sampler (also the SOTA's GPTQ calibration data). Rank r reads shards
+    r, r+W, r+2W, ... Each shard is cut into sequences of TRAIN_SEQ_LEN+1 tokens (the last one only a target) from a
+    random phase < TRAIN_SEQ_LEN, in a random order; each row takes the next sequence of a shard drawn with probability
+    proportional to the sequences it has left; when all are used, every shard is cut again. The generator is
+    PCG64(rank), as in the record: SEED does not move the data, and W ranks read other rows than 1 rank (own shards,
+    own generator), so this loader is not world-size invariant; each rank's rows are fixed by (rank, W, shards)."""
+
+    def start(self):
+        r, W = self.rt.rank, self.rt.world_size
+        self.mine = self.files[r::W]
+        self.shards = [np.memmap(f, "<u2", "r", HEADER_BYTES, (shard_tokens(f),)) for f in self.mine]
+        self.rng = np.random.Generator(np.random.PCG64(r))
+        self.cut()
+        if not any(self.starts):
+            raise UserError(f"TRAIN_LOADER=shuffled (or packed's GPTQ calibration): no train shard {r}, {r}+{W}, ... of "
+                            f"{len(self.files)} holds TRAIN_SEQ_LEN+1 = {self.seq_len + 1} tokens")
+
+    def cut(self):
+        self.starts = []
+        for s in self.shards:
+            phase = int(self.rng.integers(p + 1)) if (p := min(self.seq_len - 1, len(s) - self.seq_len - 1)) > 0 else 0
+            order = self.rng.permutation(max(len(s) - 1 - phase, 0) // self.seq_len)
+            self.starts.append((phase + order * self.seq_len).tolist())
+
+    def host_batch(self):
+        L = self.seq_len
+        rows = np.empty((self.accum, self.local // L, L + 1), np.int64)
+        for m in range(self.accum):
+            for i in range(rows.shape[1]):
+                if not any(self.starts):
+                    self.cut()
+                left = np.array([len(s) for s in self.starts], np.float64)
+                si = int(self.rng.choice(len(left), p=left / left.sum()))
+                start = self.starts[si].pop()
+                rows[m, i] = self.shards[si][start:start + L + 1]
+        check_ids(rows, self.vocab_size, self.mine[0])
+        rows = torch.from_numpy(rows)
+        return [(r[:, :-1].contiguous(), r[:, 1:].contiguous()) for r in rows]
+
+
+class PackedLoader(TrainLoader):
+    """TRAIN_LOADER=packed, the SOTA's DocumentPackingLoader (PR #1855): a micro-batch is one row of
+    n = TRAIN_BATCH_TOKENS/(W*accum) tokens per rank. A cursor walks the shards in order (after the last, the first
+    again); each micro-step takes the next W spans of n+1 tokens there, rank r the r-th. A shard is entered at its
+    first BOS and left when the next W spans no longer fit (its tail is skipped). The model keeps attention within
+    each document and each TRAIN_SEQ_LEN piece of a longer one (DOC_MASK=1, document_mask's split): the record's
+    cu_seqlens. RoPE positions run along the row, as in the record (attention only sees their differences).
+    Ranks read consecutive spans, so W ranks x accum equals 1 rank x W*accum except where a step crosses a shard:
+    the fit is checked per micro-step for W spans, as the record does. GPTQ calibration reads a ShuffledLoader (the
+    record's calibration; TrainLoader.calib)."""
+
+    def start(self):
+        self.shard, self.tokens, self.cursor = -1, np.zeros(0, np.uint16), 0
+
+    def host_batch(self):
+        n, W, out = self.local + 1, self.rt.world_size, []
+        for _ in range(self.accum):
+            for _ in range(len(self.files) + 1):
+                if self.cursor + W * n <= len(self.tokens):
+                    break
+                self.shard = (self.shard + 1) % len(self.files)
+                self.tokens = load_shard(self.files[self.shard], self.vocab_size)
+                bos = np.flatnonzero(self.tokens == BOS_ID)
+                self.cursor = int(bos[0]) if len(bos) else len(self.tokens)
+            else:
+                raise UserError(f"TRAIN_LOADER=packed: no train shard holds {W} spans of TRAIN_BATCH_TOKENS/(WORLD_SIZE*"
+                                f"accum)+1 = {n} tokens from its first BOS")
+            a = self.cursor + self.rt.rank * n
+            row = torch.from_numpy(self.tokens[a:a + n].astype(np.int64))[None]
+            self.cursor += W * n
+            out.append((row[:, :-1], row[:, 1:]))
+        return out
+
+
+LOADERS = dict(stream=TrainLoader, shuffled=ShuffledLoader, packed=PackedLoader)
 
 
 def load_val_tokens(args) -> tuple[Tensor, bool]:
@@ -913,10 +1026,16 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     return y - (y * v).sum(-1, keepdim=True) * v
 
 
-def document_mask(idx: Tensor, flex: bool | None = None):
+def document_mask(idx: Tensor, flex: bool | None = None, split: int = 0):
     """Causal attention within documents (a BOS starts one): a flex_attention BlockMask (default on CUDA), else a
-    dense [B, 1, T, T] boolean mask for SDPA. Both allow exactly the pairs (q, k) with k <= q in one document."""
-    doc = torch.cumsum(idx == BOS_ID, dim=1)  # [B, T] document index within the row
+    dense [B, 1, T, T] boolean mask for SDPA. Both allow exactly the pairs (q, k) with k <= q in one segment. With
+    split > 0 a segment also ends every `split` tokens from its document's start (from the row's start before the
+    row's first BOS): the SOTA's cu_seqlens for packed rows. Rows of at most `split` tokens are never cut."""
+    new = idx == BOS_ID
+    if split:
+        t = torch.arange(idx.size(1), device=idx.device)
+        new = new | ((t - torch.where(new, t, 0).cummax(1).values) % split == 0)
+    doc = torch.cumsum(new, dim=1)  # [B, T] segment index within the row
     B, T = idx.shape
     if idx.is_cuda if flex is None else flex:
         from torch.nn.attention.flex_attention import create_block_mask
@@ -1179,9 +1298,9 @@ class GPT(nn.Module):
             return x + s
         return torch.lerp(s, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
 
-    def hidden(self, idx: Tensor, ctx: Ctx) -> Tensor:
+    def hidden(self, idx: Tensor, ctx: Ctx, split: int = 0) -> Tensor:
         x0 = self.embed(idx, ctx)
-        mask = document_mask(idx) if self.args.doc_mask else None
+        mask = document_mask(idx, split=split) if self.args.doc_mask else None
         encoder, decoder = self.orders[1 if ctx.looping else 0]  # not a bool index: dynamo (torch 2.11) rejects it
         lanes, skips, how = (x0,), [], self.args.parallel_final_lane
         for i in encoder:
@@ -1205,13 +1324,15 @@ class GPT(nn.Module):
             return softcap(z, self.args.logit_softcap)
         return softcap(z, self.softcap_pos, self.softcap_neg)
 
-    def forward(self, idx: Tensor, targets: Tensor, ctx: Ctx | None = None, per_token: bool = False) -> Tensor:
-        """Mean training loss under ctx, or with per_token the nats of each target [B, T] (evaluation: no QAT)."""
+    def forward(self, idx: Tensor, targets: Tensor, ctx: Ctx | None = None, per_token: bool = False,
+                split: int = 0) -> Tensor:
+        """Mean training loss under ctx, or with per_token the nats of each target [B, T] (evaluation: no QAT).
+        split: document_mask's (training passes TRAIN_SEQ_LEN: packed rows attend within TRAIN_SEQ_LEN pieces)."""
         ctx = self.final_ctx if ctx is None else ctx
         if per_token:
             h = self.hidden(idx, Ctx(qat=False, looping=ctx.looping))
             return F.cross_entropy(self.logits(h).flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-        h = self.hidden(idx, ctx)
+        h = self.hidden(idx, ctx, split)
         loss = F.cross_entropy(self.logits(h, ctx, train=True).flatten(0, 1), targets.flatten())
         for k, head in enumerate(self.mtp_heads, start=1):
             hk = F.rms_norm(h[:, :-k] + head(h[:, :-k], ctx), (h.size(-1),))
@@ -1452,7 +1573,7 @@ def train_step(model, batches, optimizers, args, rt, ctx: Ctx) -> Tensor:
         if isinstance(model, DDP):
             model.require_backward_grad_sync = i == len(batches) - 1
         with rt.autocast():
-            loss = model(x, y, ctx=ctx)
+            loss = model(x, y, ctx=ctx, split=args.train_seq_len)
         (loss / len(batches)).backward()
         total += loss.detach()
     if args.grad_clip_norm > 0:
@@ -2603,7 +2724,7 @@ def prepare(args, rt):
     sp = load_tokenizer(args)
     val, truncated = load_val_tokens(args)
     luts = (load_byte_sidecar(args, val),) if args.caseops_enabled else build_byte_luts(sp, args.vocab_size)
-    loader = None if args.eval_artifact else TrainLoader(args, rt, args.grad_accum_steps or 8 // rt.world_size)
+    loader = None if args.eval_artifact else LOADERS[args.train_loader](args, rt, args.grad_accum_steps or 8 // rt.world_size)
     if rt.distributed:
         dist.barrier()  # no rank creates a file before every rank has checked
     claim_run_id(args, rt)
@@ -2698,13 +2819,14 @@ def export_artifact(args, rt, base, hessians=None, log=print) -> tuple[str, dict
 
 
 def calibrate(args, rt, base, loader, log) -> dict[str, Tensor] | None:
-    """GPTQ's Hessians from GPTQ_CALIBRATION_BATCHES training batches (the stream continues past what training
-    read; never validation), inside the training budget: GPTQ_RESERVE_SECONDS was kept back for it."""
+    """GPTQ's Hessians from GPTQ_CALIBRATION_BATCHES training batches (loader.calib: the stream continued past what
+    training read, or the records' new shuffled loader; never validation), inside the training budget:
+    GPTQ_RESERVE_SECONDS was kept back for it."""
     if not args.gptq:
         return None
     rt.sync()
     t0 = time.perf_counter()
-    hessians = collect_hessians(base, (loader.next_batch() for _ in range(args.gptq_calibration_batches)), args, rt)
+    hessians = collect_hessians(base, (loader.calib.next_batch() for _ in range(args.gptq_calibration_batches)), args, rt)
     rt.sync()
     took = time.perf_counter() - t0
     log(f"gptq_calibration: batches:{args.gptq_calibration_batches} matrices:{len(hessians)} time:{took:.2f}s "

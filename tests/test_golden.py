@@ -96,7 +96,7 @@ def our_logits(model, ids, looping):
 def test_logits_equal_the_records(preset, looping):
     """Same weights, same tokens: our forward at the preset equals the record's forward_logits (float32). sota1855's
     plain-causal rows run with DOC_MASK=0 (the record's non-varlen path: attention crosses the BOS at t = 7, 10)."""
-    model = golden_model(preset, DOC_MASK=0)
+    model = golden_model(preset, DOC_MASK=0, TRAIN_LOADER="stream")  # the packed loader needs the mask
     want = load(preset)["looped" if looping else "plain"]
     got = our_logits(model, golden_inputs()["tokens"], looping)
     assert np.abs(got - want).max() < 1e-5  # logits of size ~4
@@ -171,7 +171,7 @@ def test_sota1855_attention_gate_is_int8_per_row():
     ("frontier2135", dict(SMEAR_GATE_BOS_FIX=1))])  # no smearing into the BOS at t = 7, 10
 def test_the_golden_logits_tell_the_forms_apart(preset, change):
     """Each form switch moves these logits far beyond the tolerance above, so the equalities are not vacuous."""
-    model = golden_model(preset, DOC_MASK=0, **change)
+    model = golden_model(preset, DOC_MASK=0, TRAIN_LOADER="stream", **change)  # the packed loader needs the mask
     got = our_logits(model, golden_inputs()["tokens"], True)
     assert np.abs(got - load(preset)["looped"]).max() > 0.05
 

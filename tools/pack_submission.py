@@ -30,6 +30,7 @@ import argparse
 import ast
 import bz2
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -66,6 +67,31 @@ def strip_tree(source: bytes) -> ast.Module:
     return tree
 
 
+# python-minifier (the SOTA's "pyminify"), pinned in requirements.txt: local names shortened, variable annotations
+# dropped. What a run may read by name stays: globals, attributes, keyword and dataclass field names, argument and
+# return annotations (torch.library.custom_op reads them), class attribute annotations (dataclass fields).
+MINIFY_VERSION = "3.4.0"
+MINIFY = dict(remove_literal_statements=True, rename_locals=True, rename_globals=False, hoist_literals=False)
+KEEP_ANNOTATIONS = dict(remove_variable_annotations=True, remove_return_annotations=False,
+                        remove_argument_annotations=False, remove_class_attribute_annotations=False)
+
+
+def program_of(source: bytes) -> bytes:
+    """What a packed file runs: strip_source(source) with its local names shortened by python-minifier."""
+    try:
+        installed = importlib.metadata.version("python-minifier")
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed != MINIFY_VERSION:  # another version may write another program: --check would not match
+        raise PackError(f"packing needs python-minifier {MINIFY_VERSION} (installed: {installed}); "
+                        f"pip install python-minifier=={MINIFY_VERSION}")
+    import python_minifier as pm
+    program = pm.minify(strip_source(source).decode(), remove_annotations=pm.RemoveAnnotationsOptions(**KEEP_ANNOTATIONS),
+                        **MINIFY) + "\n"
+    compile(program, "<packed train_gpt.py>", "exec")
+    return program.encode()
+
+
 def strip_source(source: bytes) -> bytes:
     """The program a packed file runs: ast.unparse of strip_tree(source), checked to parse back to that tree."""
     tree = strip_tree(source)
@@ -93,12 +119,12 @@ def latin1_literal(data: bytes) -> str:
 
 def pack_source(source: bytes) -> bytes:
     """The self-extracting wrapper of `source` (bytes of a Python file)."""
-    blob = latin1_literal(bz2.compress(strip_source(source), 9))
+    blob = latin1_literal(bz2.compress(program_of(source), 9))
     return (HEADER + hashlib.sha256(source).hexdigest() + "\n" + BODY.format(blob=blob)).encode("latin-1")
 
 
 def unpack_source(packed: bytes) -> bytes:
-    """The program a packed file runs (strip_source of the source it was packed from)."""
+    """The program a packed file runs (program_of the source it was packed from)."""
     text = packed.decode("latin-1")
     head, _, rest = text.partition("\n")  # not splitlines: it would also split at latin-1 \x85, \x1c...
     body_head, body_tail = BODY.split("{blob}")
@@ -108,11 +134,11 @@ def unpack_source(packed: bytes) -> bytes:
 
 
 def check_packed(packed_path, source_path) -> str:
-    """The line saying that `packed_path` runs strip_source(source), else PackError. The ASTs are compared, so a
+    """The line saying that `packed_path` runs program_of(source), else PackError. The ASTs are compared, so a
     file packed by another Python version, whose ast.unparse may write the same program differently, still matches."""
     packed, source = open(packed_path, "rb").read(), open(source_path, "rb").read()
     program = unpack_source(packed)
-    if ast.dump(ast.parse(program)) != ast.dump(strip_tree(source)):
+    if ast.dump(ast.parse(program)) != ast.dump(ast.parse(program_of(source))):
         raise PackError(f"does not run {source_path} stripped (the programs differ; --unpack shows the packed one); "
                         "pack again")
     named, sha = packed.split(b"\n", 1)[0].decode("latin-1")[len(HEADER):], hashlib.sha256(source).hexdigest()
