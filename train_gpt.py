@@ -9,7 +9,7 @@ submission).
 from __future__ import annotations
 
 import contextlib, copy, dataclasses, difflib, glob, hashlib, json, math, os, platform, signal, sys, tempfile, time
-import lzma, re, uuid, zlib
+import importlib, lzma, re, uuid, zlib
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -22,6 +22,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel
+
+
+def first_module(*names):
+    """The first of the named modules that imports, else None: the optional GPU libraries."""
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+triton, tl = first_module("triton"), first_module("triton.language")  # FUSED_KERNELS; else the plain PyTorch paths
+# FlashAttention's interface: FA3 (the Hopper wheels the records install), else FA4 (pip install flash-attn-4)
+FLASH = first_module("flash_attn_interface", "flash_attn.cute.interface")
 
 ARTIFACT_CAP_BYTES = 16_000_000  # decimal: code bytes + compressed model bytes
 BOS_ID = 1  # every document starts with BOS (upstream export rule)
@@ -68,6 +82,8 @@ class Hyperparameters:
     grad_accum_steps: int = 0  # 0 = 8 // WORLD_SIZE, so the global batch is the same on 1 or 8 ranks
     compile: int = -1  # -1 = on for CUDA, off for CPU
     train_loader: str = "stream"  # stream (baseline), shuffled (record 2026-04-09), packed (SOTA #1855, needs DOC_MASK=1)
+    fused_kernels: int = -1  # Triton softcapped CE and LeakyReLU^2 MLP: 1 on, 0 off, -1 on for CUDA when triton imports
+    attn_backend: str = "auto"  # auto, fa (FlashAttention 3/4), cudnn (SDPA, cuDNN first), sdpa (torch's own order)
     # model
     vocab_size: int = 1024
     num_layers: int = 9
@@ -285,6 +301,8 @@ class Hyperparameters:
         need(awq or self.awq_lite_bits > bits, "AWQ_LITE_BITS", f"must exceed the matrices' {bits}")
         need(awq or self.model_dim % g == 0 == int(self.mlp_mult * self.model_dim) % g, "AWQ_LITE_GROUP_SIZE",
              "must divide MODEL_DIM and MLP_MULT*MODEL_DIM")
+        need(self.fused_kernels < 1 or triton, "FUSED_KERNELS", "needs triton")
+        need(self.attn_backend != "fa" or FLASH, "ATTN_BACKEND", "needs FlashAttention 3 or 4")
         need(self.ttt_mode != "lora" or self.ttt_chunk_size <= self.ttt_window(), "TTT_CHUNK_SIZE",
              f"must be <= the TTT context ({self.ttt_window()}); lower it or raise TTT_EVAL_SEQ_LEN")
 
@@ -304,7 +322,7 @@ FIELD_RANGES = dict(
     seed=f"[0, {2**32 - 1}]", val_batch_size=POS, val_loss_every=NONNEG, train_log_every=NONNEG,
     val_max_tokens=NONNEG, eval_seq_len=NONNEG, eval_stride=NONNEG, eval_batch_seqs=POS, iterations=POS,
     warmdown_iters=NONNEG, warmdown_frac=UNIT, warmup_steps=NONNEG, lr_warmup_steps=NONNEG, train_batch_tokens=POS,
-    train_seq_len=POS, max_wallclock_seconds=NONNEG, grad_accum_steps=NONNEG, compile="[-1, 1]",
+    train_seq_len=POS, max_wallclock_seconds=NONNEG, grad_accum_steps=NONNEG, compile="[-1, 1]", fused_kernels="[-1, 1]",
     vocab_size="[2, 65536]", num_layers=POS, model_dim=POS, num_heads=POS, num_kv_heads=POS, mlp_mult="(0, inf)",
     rope_base="(0, inf)", logit_softcap="(0, inf)", qk_gain_init="(-inf, inf)", tied_embed_init_std=NONNEG,
     bigram_buckets=NONNEG, bigram_dim=POS, mtp_heads=NONNEG, mtp_weight=NONNEG, embed_lr=NONNEG, head_lr=NONNEG,
@@ -327,8 +345,9 @@ FIELD_RANGES = dict(
     global_ttt_batch_seqs=POS, global_ttt_grad_clip=NONNEG)
 COMPRESS_LEVELS = dict(zstd=(1, 22), zlib=(0, 9), constriction=(0, 22))  # constriction: level unused
 FIELD_CHOICES = dict(compressor=tuple(COMPRESS_LEVELS), mlp_act=("relu2", "leaky_relu2"),
-                     parallel_final_lane=("mean", "attn", "mlp"), muon_ns=("ns5", "polar"),
-                     ttt_mode=("sgd", "lora"), train_loader=("stream", "shuffled", "packed"))  # PRESET: see from_env
+                     attn_backend=("auto", "fa", "cudnn", "sdpa"), parallel_final_lane=("mean", "attn", "mlp"),
+                     muon_ns=("ns5", "polar"), ttt_mode=("sgd", "lora"),
+                     train_loader=("stream", "shuffled", "packed"))  # PRESET: see from_env
 FREE_TEXT_FIELDS = ("preset", "data_path", "tokenizer_path", "run_id", "log_dir", "submission_json", "data_label",
                     "author", "github_id", "name", "fp16_keep_patterns", "int8_keep_float_fp32_name_patterns",
                     "eval_artifact")
@@ -470,6 +489,7 @@ class Runtime:
     device: torch.device
     stage: str = "setup"  # what an interrupt would cut short: setup, train, export, eval
     step: int = 0
+    sdpa: object = None  # the SDPA backend order set_kernels entered
 
     @property
     def is_main(self):
@@ -998,12 +1018,16 @@ class CastedLinear(nn.Linear):
         self.zero_init = zero_init
 
     def forward(self, x, ctx=PLAIN):
+        return F.linear(x, self.cast(x, ctx))
+
+    def cast(self, x, ctx) -> Tensor:
+        """The weight this forward multiplies by: fake-quantized under ctx.qat, in x's dtype."""
         w = self.weight
         if ctx.qat and self.qat_bits:
             q, s = quantize_tensor(w.detach(), self.qat_bits, self.qat_group, self.qat_clip_search, self.qat_upstream,
                                    self.qat_sigmas, self.qat_floor)
             w = w + (dequantize_tensor(q, s, self.qat_group) - w).detach()
-        return F.linear(x, w.to(x.dtype))
+        return w.to(x.dtype)
 
 
 def rotary(x: Tensor, base: float, dims: int = 0) -> Tensor:
@@ -1041,13 +1065,39 @@ def document_mask(idx: Tensor, flex: bool | None = None, split: int = 0):
         from torch.nn.attention.flex_attention import create_block_mask
         same = lambda b, h, q, k: (k <= q) & (doc[b, q] == doc[b, k])
         return create_block_mask(same, B, None, T, T, device=idx.device)
-    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    return same_document(doc)
+
+
+def same_document(doc: Tensor) -> Tensor:
+    """Dense [B, 1, T, T] mask of the pairs k <= q with equal document ids doc [B, T]."""
+    T = doc.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
     return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
 
 
-def attend(q, k, v, mask) -> Tensor:
-    """Causal attention [B, H, T, hd]; with a document mask, SDPA for a dense one, flex_attention for a BlockMask."""
-    gqa = k.size(1) != q.size(1)
+class Segments(NamedTuple):
+    """Documents packed into rows, in FlashAttention's varlen form: the seam for a document-packed loader. cu: int32
+    [n + 1], the start of each segment in the flattened B*T tokens, then B*T; every row start must be one of them.
+    max_len: the longest segment. attend() runs them through flash_attn_varlen_func, or else as a dense mask."""
+    cu: Tensor
+    max_len: int
+
+
+def attend(q, k, v, mask, flash=False) -> Tensor:
+    """Causal attention [B, H, T, hd]; GQA when k, v have fewer heads. mask: None, a dense boolean mask (SDPA), a
+    flex BlockMask, or Segments. flash (ATTN_BACKEND auto or fa): FlashAttention 3/4 on CUDA for the plain causal and
+    Segments cases. SDPA otherwise: on CUDA in the backend order set_attention chose; on CPU the reference math."""
+    B, H, T, _ = q.shape
+    gqa = k.size(1) != H
+    if flash and FLASH and q.is_cuda and (mask is None or isinstance(mask, Segments)):
+        t = [x.transpose(1, 2) for x in (q, k, v)]  # FlashAttention's layout [B, T, H, hd]
+        y = FLASH.flash_attn_func(*t, causal=True) if mask is None else FLASH.flash_attn_varlen_func(
+            *(x.flatten(0, 1) for x in t), cu_seqlens_q=mask.cu, cu_seqlens_k=mask.cu, max_seqlen_q=mask.max_len,
+            max_seqlen_k=mask.max_len, causal=True)  # varlen: [B*T, H, hd], the segments' tokens end to end
+        return (y[0] if isinstance(y, tuple) else y).view_as(t[0]).transpose(1, 2)  # some versions add the lse
+    if isinstance(mask, Segments):
+        pos = torch.arange(B * T, device=q.device, dtype=mask.cu.dtype)
+        mask = same_document(torch.searchsorted(mask.cu, pos, right=True).view(B, T))
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if isinstance(mask, Tensor):
@@ -1065,6 +1115,7 @@ class Attention(nn.Module):
         dim, self.heads, self.kv_heads = args.model_dim, args.num_heads, args.num_kv_heads
         self.head_dim, self.rope_base, self.rope_dims = dim // self.heads, args.rope_base, args.rope_dims
         self.xsa = layer >= args.num_layers - args.xsa_last_n
+        self.flash = args.attn_backend in ("auto", "fa")
         self.c_q = CastedLinear(dim, dim)
         self.c_k = CastedLinear(dim, self.kv_heads * self.head_dim)
         self.c_v = CastedLinear(dim, self.kv_heads * self.head_dim)
@@ -1080,7 +1131,7 @@ class Attention(nn.Module):
         v = self.c_v(x, ctx).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q = rotary(F.rms_norm(q, (self.head_dim,)), self.rope_base, self.rope_dims) * self.q_gain.to(q.dtype)[None, :, None, None]
         k = rotary(F.rms_norm(k, (self.head_dim,)), self.rope_base, self.rope_dims)
-        y = attend(q.to(v.dtype), k.to(v.dtype), v, mask)
+        y = attend(q.to(v.dtype), k.to(v.dtype), v, mask, self.flash)
         if self.xsa:
             y = exclude_self_value(y, v)
         if self.attn_gate is not None:
@@ -1090,17 +1141,138 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C), ctx)
 
 
+# Fused Triton kernels (FUSED_KERNELS; frontier.md section 10: the records' softcapped CE and LeakyReLU^2 MLP). Their
+# arithmetic follows the tensors' dtype, float32 inside the CE rows and the matmul accumulator: on CPU the tests run
+# them under TRITON_INTERPRET=1 on float32 tensors (the interpreter mishandles bf16 arithmetic), against the plain paths.
+CE_BLOCK = 1024  # columns of a row in registers at once
+MLP_TILE = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+if triton:
+    @triton.jit
+    def softcap_ce_kernel(z_ptr, y_ptr, lse_ptr, g_ptr, out_ptr, V, cap, BLOCK: tl.constexpr, GRAD: tl.constexpr):
+        """Row r of the cross-entropy of x = cap*tanh(z/cap) + cap = 2cap*sigmoid(2z/cap) (the shift cancels), z read
+        in blocks. Forward: online log-sum-exp, writes lse and loss = lse - x_y. GRAD: writes
+        dz = g (softmax(x) - onehot(y)) dx/dz, with dx/dz = 4u(1-u), u = sigmoid(2z/cap)."""
+        r = tl.program_id(0).to(tl.int64)
+        y = tl.load(y_ptr + r)
+        m, s = -float("inf"), 0.0
+        for i in range(0, V, BLOCK):
+            c = i + tl.arange(0, BLOCK)
+            u = tl.sigmoid(tl.load(z_ptr + r * V + c, mask=c < V, other=0).to(tl.float32) * (2 / cap))
+            x = 2 * cap * u
+            if GRAD:
+                p = tl.exp(x - tl.load(lse_ptr + r)) - tl.where(c == y, 1.0, 0.0)
+                dz = tl.load(g_ptr + r) * p * 4 * u * (1 - u)
+                tl.store(out_ptr + r * V + c, dz.to(out_ptr.dtype.element_ty), mask=c < V)
+            else:
+                x = tl.where(c < V, x, -float("inf"))
+                m_new = tl.maximum(m, tl.max(x, 0))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+                m = m_new
+        if not GRAD:
+            lse = m + tl.log(s)
+            tl.store(lse_ptr + r, lse)
+            tl.store(out_ptr + r, lse - 2 * cap * tl.sigmoid(tl.load(z_ptr + r * V + y).to(tl.float32) * (2 / cap)))
+
+    @triton.jit
+    def mlp_kernel(a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K, sam, sak, sbn, sbk, slope,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FWD: tl.constexpr):
+        """One BM x BN tile of h = A @ B^T (A [M, K], B [N, K], by strides; C and aux [M, N] contiguous), then the
+        activation act(h) = leaky_relu(h, slope)^2 in the epilogue. FWD: writes h to C and act(h) to aux. Else aux
+        holds h and C gets h * act'(h): the backward's d pre-activation from A = d out, B = W_proj^T."""
+        pn, pm = tl.program_id(0), tl.program_id(1)  # N tiles vary fastest: one A tile serves them from L2
+        rm, rn, rk = pm * BM + tl.arange(0, BM), pn * BN + tl.arange(0, BN), tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            kk = k + rk[None, :]
+            a = tl.load(a_ptr + rm[:, None] * sam + kk * sak, mask=(rm[:, None] < M) & (kk < K), other=0)
+            b = tl.load(b_ptr + rn[:, None] * sbn + kk * sbk, mask=(rn[:, None] < N) & (kk < K), other=0)
+            acc = tl.dot(a, tl.trans(b), acc)
+        at, ok = rm[:, None] * N + rn[None, :], (rm[:, None] < M) & (rn[None, :] < N)
+        if FWD:
+            tl.store(c_ptr + at, acc.to(c_ptr.dtype.element_ty), mask=ok)
+            h = tl.where(acc > 0, acc, slope * acc)
+            tl.store(aux_ptr + at, (h * h).to(aux_ptr.dtype.element_ty), mask=ok)
+        else:
+            h = tl.load(aux_ptr + at, mask=ok, other=0).to(tl.float32)
+            tl.store(c_ptr + at, (2 * acc * tl.where(h > 0, h, slope * slope * h)).to(c_ptr.dtype.element_ty), mask=ok)
+
+
+def kernels_on(args, cuda: bool) -> bool:
+    """FUSED_KERNELS: 1 on, 0 off, -1 on CUDA when triton imports."""
+    return args.fused_kernels == 1 or args.fused_kernels < 0 and cuda and triton is not None
+
+
+def fused(args, x: Tensor) -> bool:
+    """Whether this forward runs the fused kernels: only with autograd recording (training). Evaluation and GPTQ
+    calibration (whose hooks read each CastedLinear's input) run the plain path."""
+    return kernels_on(args, x.is_cuda) and torch.is_grad_enabled()
+
+
+class SoftcapCE(torch.autograd.Function):
+    """Per-row nats of the soft-capped logits cap*tanh(z/cap) from the raw logits z [N, V] (y [N] int64): each row is
+    read in CE_BLOCK columns, float32 in registers, so no float32 [N, V] tensor is made; the backward reads z again
+    and writes dz in z's dtype. Saves z and the lse [N], not the capped logits."""
+
+    @staticmethod
+    def forward(ctx, z, y, cap):
+        loss, lse = z.new_empty((2, z.size(0)), dtype=torch.float32)
+        softcap_ce_kernel[(z.size(0),)](z, y, lse, lse, loss, z.size(1), cap, BLOCK=CE_BLOCK, GRAD=False)
+        ctx.save_for_backward(z, y, lse)
+        ctx.cap = cap
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        z, y, lse = ctx.saved_tensors
+        dz = torch.empty_like(z)
+        softcap_ce_kernel[(z.size(0),)](z, y, lse, g.float().contiguous(), dz, z.size(1), ctx.cap, BLOCK=CE_BLOCK,
+                                        GRAD=True)
+        return dz, None, None
+
+
+def mlp_matmul(a: Tensor, b: Tensor, slope: float, h: Tensor | None = None):
+    """mlp_kernel over A [M, K] and B [N, K]: (h, act(h)), or with h given, h * act'(h) of A @ B^T."""
+    M, N = a.size(0), b.size(0)
+    c = a.new_empty(M, N)
+    aux = a.new_empty(M, N) if h is None else h
+    grid = (triton.cdiv(N, MLP_TILE["BN"]), triton.cdiv(M, MLP_TILE["BM"]))
+    mlp_kernel[grid](a, b, c, aux, M, N, a.size(1), *a.stride(), *b.stride(), slope, FWD=h is None, **MLP_TILE)
+    return (c, aux) if h is None else c
+
+
+class FusedMLP(torch.autograd.Function):
+    """out = act(x W1^T) W2^T with the activation in mlp_kernel's epilogue, forward and backward; the other matmuls
+    are cuBLAS. Saves x, h and act(h), as the plain path does."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, slope):
+        x2 = x.reshape(-1, x.size(-1))
+        h, act = mlp_matmul(x2, w1, slope)
+        ctx.save_for_backward(x2, w1, w2, h, act)
+        ctx.slope = slope
+        return (act @ w2.t()).view(*x.shape[:-1], w2.size(0))
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, w1, w2, h, act = ctx.saved_tensors
+        g2 = g.reshape(-1, g.size(-1))
+        dh = mlp_matmul(g2, w2.t(), ctx.slope, h)
+        return (dh @ w1).view(*g.shape[:-1], w1.size(1)), dh.t() @ x2, g2.t() @ act, None
+
+
 class MLP(nn.Module):
-    """relu(x)^2, or leaky_relu(x, MLP_LEAKY_SLOPE)^2 (MLP_ACT=leaky_relu2, record 2026-03-23)."""
+    """relu(x)^2, or leaky_relu(x, MLP_LEAKY_SLOPE)^2 (MLP_ACT=leaky_relu2, record 2026-03-23); FusedMLP when fused."""
 
     def __init__(self, args):
         super().__init__()
         hidden = int(args.mlp_mult * args.model_dim)
-        self.slope = args.mlp_leaky_slope if args.mlp_act == "leaky_relu2" else 0.0
+        self.args, self.slope = args, args.mlp_leaky_slope if args.mlp_act == "leaky_relu2" else 0.0
         self.fc = CastedLinear(args.model_dim, hidden)
         self.proj = CastedLinear(hidden, args.model_dim, zero_init=True)
 
     def forward(self, x, ctx):
+        if fused(self.args, x):
+            return FusedMLP.apply(x, self.fc.cast(x, ctx), self.proj.cast(x, ctx), self.slope)
         h = self.fc(x, ctx)
         h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
         return self.proj(h.square(), ctx)
@@ -1315,14 +1487,24 @@ class GPT(nn.Module):
         x = merge_lanes(lanes, how)
         return F.rms_norm(x, (x.size(-1),))
 
+    def head(self, h: Tensor, ctx: Ctx = PLAIN) -> Tensor:
+        return self.lm_head(h, ctx) if self.lm_head is not None else F.linear(h, self.tok_emb.weight.to(h.dtype))
+
     def logits(self, h: Tensor, ctx: Ctx = PLAIN, delta: Tensor | None = None, train=False) -> Tensor:
         """Soft-capped fp32 logits; delta (the LoRA TTT head adapter's output) is added before the cap. The training
-        loss (train) always uses the single LOGIT_SOFTCAP; evaluation and TTT the AsymLogit caps when enabled."""
-        z = self.lm_head(h, ctx) if self.lm_head is not None else F.linear(h, self.tok_emb.weight.to(h.dtype))
+        loss (train; SoftcapCE when fused) always uses the single LOGIT_SOFTCAP; evaluation and TTT the AsymLogit caps
+        when enabled."""
+        z = self.head(h, ctx)
         z = (z if delta is None else z + delta).float()
         if train or self.softcap_pos is None:
             return softcap(z, self.args.logit_softcap)
         return softcap(z, self.softcap_pos, self.softcap_neg)
+
+    def mean_nats(self, h: Tensor, y: Tensor, ctx: Ctx) -> Tensor:
+        """Training loss of targets y [B, T'] from hidden states h [B, T', D]: SoftcapCE when fused."""
+        if fused(self.args, h):
+            return SoftcapCE.apply(self.head(h, ctx).flatten(0, 1), y.flatten(), self.args.logit_softcap).mean()
+        return F.cross_entropy(self.logits(h, ctx, train=True).flatten(0, 1), y.flatten())
 
     def forward(self, idx: Tensor, targets: Tensor, ctx: Ctx | None = None, per_token: bool = False,
                 split: int = 0) -> Tensor:
@@ -1333,10 +1515,10 @@ class GPT(nn.Module):
             h = self.hidden(idx, Ctx(qat=False, looping=ctx.looping))
             return F.cross_entropy(self.logits(h).flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         h = self.hidden(idx, ctx, split)
-        loss = F.cross_entropy(self.logits(h, ctx, train=True).flatten(0, 1), targets.flatten())
+        loss = self.mean_nats(h, targets, ctx)
         for k, head in enumerate(self.mtp_heads, start=1):
             hk = F.rms_norm(h[:, :-k] + head(h[:, :-k], ctx), (h.size(-1),))
-            loss = loss + self.args.mtp_weight * F.cross_entropy(self.logits(hk, ctx, train=True).flatten(0, 1), targets[:, k:].flatten())
+            loss = loss + self.args.mtp_weight * self.mean_nats(hk, targets[:, k:], ctx)
         return loss
 
 
@@ -1564,6 +1746,22 @@ def compile_model(base, args, rt):
     # and with fullgraph=True going past the limit is an error, not a fallback
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(base, dynamic=False, fullgraph=True)
+
+
+def set_kernels(args, rt) -> str:
+    """The attention and fused kernels of this run, as its log line. Attention on CUDA: FlashAttention (FLASH) under
+    ATTN_BACKEND auto or fa; else SDPA, cuDNN's kernel first under cudnn, and under auto on Hopper and later (issue
+    18; SDPA takes its next backend where cuDNN declines a call). CPU: SDPA's reference math."""
+    cuda, name = rt.device.type == "cuda", "sdpa"
+    if cuda and FLASH and args.attn_backend in ("auto", "fa"):
+        name = FLASH.__name__
+    elif cuda and (args.attn_backend == "cudnn" or args.attn_backend == "auto" and
+                   torch.cuda.get_device_capability(rt.device)[0] >= 9):
+        from torch.nn.attention import SDPBackend as B, sdpa_kernel
+        rt.sdpa = sdpa_kernel([B.CUDNN_ATTENTION, B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH], set_priority=True)
+        rt.sdpa.__enter__()  # process-wide, as allow_tf32; rt keeps the context alive for the run
+        name = "sdpa_cudnn_first"
+    return f"attention:{name} fused_kernels:{int(kernels_on(args, cuda))}"
 
 
 def train_step(model, batches, optimizers, args, rt, ctx: Ctx) -> Tensor:
@@ -2919,6 +3117,7 @@ def run(args: Hyperparameters, rt: Runtime) -> dict:
     np.random.seed(args.seed)
     luts, val, truncated, loader = prepare(args, rt)
     log = start_log(args, rt)
+    log(set_kernels(args, rt))
     try:
         if args.eval_artifact:
             return rescore(args, rt, val, truncated, luts, log)

@@ -1,4 +1,5 @@
 """Shared test helpers: tiny configurations, generated shards, the real challenge tokenizer from ../shared/proxy."""
+import os
 import pathlib
 import sys
 
@@ -10,6 +11,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+# Without CUDA the Triton kernels' tests run them in Triton's interpreter. The variable is read when triton is
+# imported and when a kernel is decorated, so it is set before train_gpt imports triton; nothing else here uses it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import train_gpt  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: one thread is as fast, and far faster when the cores are shared
