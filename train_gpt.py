@@ -93,6 +93,7 @@ class Hyperparameters:
     tie_embeddings: bool = True
     rope_base: float = 10000.0
     logit_softcap: float = 30.0
+    asym_logit_rescale: bool = False  # AsymLogit (PR #1923): eval logits capped by learned softcap_pos / softcap_neg
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
     smear_gate: bool = False
@@ -120,6 +121,7 @@ class Hyperparameters:
     gate_window: int = 12  # leading input dims read by the sparse attention gate and the SOTA SmearGate
     smear_gate_enabled: bool = False  # SmearGate, SOTA form (SMEAR_GATE is #162's)
     smear_pre_norm: bool = False  # the SmearGate mixes the raw embedding, before its norm (PR #1855), not after
+    smear_gate_bos_fix: bool = True  # no smearing into a BOS (PR #1855); 0 = across documents, as PR #2135 runs
     doc_mask: bool = False  # attention never crosses a BOS
     # optimizers
     embed_lr: float = 0.6
@@ -182,6 +184,11 @@ class Hyperparameters:
     lqer_enabled: bool = False
     lqer_rank: int = 4
     lqer_top_k: int = 3
+    lqer_asym_group: int = 64  # LQER's B: one int4 step per this many columns
+    awq_lite_enabled: bool = False  # AWQ-lite (PR #1908): the most activation-salient column groups keep more bits
+    awq_lite_bits: int = 8
+    awq_lite_group_top_k: int = 1  # groups kept, over all GPTQ'd matrices
+    awq_lite_group_size: int = 64
     # legal score-first test-time training of the reloaded artifact (frontier.md section 6), after the plain eval
     ttt_enabled: bool = False
     ttt_lr: float = 0.005  # SGD, cosine over chunks
@@ -287,6 +294,12 @@ class Hyperparameters:
              "or set TARGET_BYTES=0")
         need(not (self.gptq and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds), "GPTQ_RESERVE_SECONDS",
              "must be below MAX_WALLCLOCK_SECONDS (it is taken off the training time)")
+        awq, g = not self.awq_lite_enabled, self.awq_lite_group_size  # AWQ-lite reads GPTQ's Hessians
+        need(awq or self.gptq, "AWQ_LITE_ENABLED", "needs GPTQ=1")
+        bits = self.matrix_bits or min(self.quant_attn_bits, self.quant_mlp_bits)
+        need(awq or self.awq_lite_bits > bits, "AWQ_LITE_BITS", f"must exceed the matrices' {bits}")
+        need(awq or self.model_dim % g == 0 == int(self.mlp_mult * self.model_dim) % g, "AWQ_LITE_GROUP_SIZE",
+             "must divide MODEL_DIM and MLP_MULT*MODEL_DIM")
         need(self.fused_kernels < 1 or triton, "FUSED_KERNELS", "needs triton")
         need(self.attn_backend != "fa" or FLASH, "ATTN_BACKEND", "needs FlashAttention 3 or 4")
         need(self.ttt_mode != "lora" or self.ttt_chunk_size <= self.ttt_window(), "TTT_CHUNK_SIZE",
@@ -322,6 +335,7 @@ FIELD_RANGES = dict(
     min_lr=UNIT, embed_wd="[-1, inf)", matrix_clip_sigmas=NONNEG, attn_clip_sigmas=NONNEG, mlp_clip_sigmas=NONNEG,
     embed_clip_sigmas="(0, inf)", matrix_bits="[0, 8]", embed_bits="[0, 8]", gptq_calibration_batches=POS,
     gptq_reserve_seconds="[-1, inf)", target_bytes=NONNEG, lqer_rank=POS, lqer_top_k=POS,
+    lqer_asym_group=POS, awq_lite_bits="[2, 8]", awq_lite_group_top_k=POS, awq_lite_group_size=POS,
     ttt_lr=NONNEG, ttt_epochs=POS, ttt_momentum=UNIT_OPEN, ttt_chunk_tokens=POS, ttt_grad_clip=NONNEG,
     ttt_batch_seqs=POS, eval_budget_seconds="(0, inf)", ttt_lora_rank=POS, ttt_lora_alpha=NONNEG,
     ttt_lora_lr=NONNEG, ttt_beta1=UNIT_OPEN, ttt_beta2=UNIT_OPEN, ttt_weight_decay=NONNEG, ttt_chunk_size=POS,
@@ -392,9 +406,14 @@ SOTA1855 = dict(  # records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_B
     sparse_attn_gate_scale=0.5, smear_gate_enabled=True, smear_pre_norm=True, doc_mask=True, muon_ns="polar",
     warmdown_frac=0.85, min_lr=0.1, ema_warmup=False, embed_bits=7, embed_clip_sigmas=14.0, attn_clip_sigmas=13.0,
     mlp_clip_sigmas=11.5, lqer_enabled=True, lqer_rank=4, lqer_top_k=3, gated_attn_quant_gate=True,
-    gptq_calibration_batches=16, gptq_reserve_seconds=0.5, ttt_mode="lora", ttt_lora_rank=80, ttt_weight_decay=0.5,
+    gptq_calibration_batches=16, gptq_reserve_seconds=0.5, ttt_mode="lora", ttt_lora_rank=80, ttt_lora_alpha=144.0,
+    ttt_weight_decay=0.5,
     ttt_beta2=0.99, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3, ttt_eval_seq_len=2048, eval_seq_len=2048,
     val_loss_every=0, train_log_every=500)
+FRONTIER2135 = dict(  # PR #2135, records/.../2026-05-01_SP8192_PR2130Base_Calib32 (1.05651), its README command
+    SOTA1855, asym_logit_rescale=True, smear_gate_bos_fix=False, gated_attn_quant_gate=False, matrix_lr=0.028,
+    lqer_asym_group=32, ttt_lora_lr=8e-5, ttt_weight_decay=2.0, ttt_k_lora=False, phased_ttt_num_phases=1,
+    gptq_calibration_batches=32, gptq_reserve_seconds=8.0)
 PRESETS = {
     # upstream NaiveBaseline: 9x512, MLP 2x, int8 + zlib export, no sliding window
     "baseline": dict(eval_stride=0, quant_attn_bits=8, quant_mlp_bits=8, quant_clip_search=False,
@@ -409,13 +428,14 @@ PRESETS = {
     "seed488": SEED488,
     "record0409": RECORD0409,
     "sota1855": SOTA1855,
+    "frontier2135": FRONTIER2135,
 }
 
 # Families of our variables: an unknown name in one of them is a typo, not someone else's variable.
 ENV_FAMILIES = ("NUM_", "MODEL_", "MLP_", "TRAIN_", "VAL_", "EVAL_", "MUON_", "NORMUON_", "ADAM_", "QAT_", "SWA_",
                 "EMA_", "BIGRAM_", "SMEAR_", "MTP_", "QUANT_", "WARMDOWN_", "WARMUP_", "LR_", "TIED_", "EMBED_",
                 "MATRIX_", "SCALAR_", "ROPE_", "QK_", "LOGIT_", "VOCAB_", "GRAD_", "ORTHO_", "COMPRESS_", "INT8_",
-                "GPTQ_", "ATTN_", "TARGET_", "LQER_", "TTT_", "PHASED_TTT_", "GLOBAL_TTT_")
+                "GPTQ_", "ATTN_", "TARGET_", "LQER_", "AWQ_", "ASYM_", "TTT_", "PHASED_TTT_", "GLOBAL_TTT_")
 
 
 # Upstream switches that are a value of one of our variables here
@@ -1308,9 +1328,11 @@ class Block(nn.Module):
         return r[0] * lane0 + p[0, 0] * a + p[0, 1] * m, r[1] * lane1 + p[1, 0] * a + p[1, 1] * m
 
 
-def previous_in_document(x: Tensor, tokens: Tensor) -> Tensor:
-    """x_{t-1} at each position [B, T, D]; zero at the row start and where token t is a BOS (a new document)."""
-    return F.pad(x[:, :-1], (0, 0, 1, 0)) * (tokens != BOS_ID).unsqueeze(-1).to(x.dtype)
+def previous_in_document(x: Tensor, tokens: Tensor, bos_fix=True) -> Tensor:
+    """x_{t-1} at each position [B, T, D]; zero at the row start and (bos_fix) where token t is a BOS (a new
+    document). bos_fix=False: a BOS gets the previous document's last position (SMEAR_GATE_BOS_FIX=0, PR #2135)."""
+    x = F.pad(x[:, :-1], (0, 0, 1, 0))
+    return x * (tokens != BOS_ID).unsqueeze(-1).to(x.dtype) if bos_fix else x
 
 
 class SmearGate(nn.Module):
@@ -1362,10 +1384,11 @@ class LambdaSmear(nn.Module):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(args.gate_window))
         self.lam = nn.Parameter(torch.zeros(1))
+        self.bos_fix = args.smear_gate_bos_fix
 
     def forward(self, x, tokens):
         g = torch.sigmoid(x[..., :self.gate.numel()] @ self.gate.to(x.dtype))[..., None]  # [B, T, 1]
-        return x + self.lam.to(x.dtype) * g * previous_in_document(x, tokens)
+        return x + self.lam.to(x.dtype) * g * previous_in_document(x, tokens, self.bos_fix)
 
 
 def layer_order(num_layers, start, end, loops) -> list[int]:
@@ -1380,6 +1403,12 @@ def unet_orders(args, looping) -> tuple[list[int], list[int]]:
     else:
         order = layer_order(args.num_layers, args.loop_start, args.loop_end, args.num_loops)
     return order[:len(order) // 2], order[len(order) // 2:]
+
+
+def softcap(z, pos, neg=None):
+    """c tanh(z / c): c = pos, or with neg (AsymLogit, PR #1923) c = pos where z >= 0 and neg below."""
+    c = pos if neg is None else torch.where(z >= 0, pos, neg)
+    return c * torch.tanh(z / c)
 
 
 class GPT(nn.Module):
@@ -1404,6 +1433,9 @@ class GPT(nn.Module):
         # multi-token prediction: head k predicts the token k+1 ahead; training only, never exported
         self.mtp_heads = nn.ModuleList(CastedLinear(dim, dim, zero_init=True) for _ in range(args.mtp_heads))
         self.final_ctx = Ctx(looping=args.num_loops > 0)  # what evaluation runs: the order training ended in
+        # AsymLogit (PR #1923): frozen in training (its loss keeps the one cap), trained by the global TTT phase only
+        self.softcap_pos, self.softcap_neg = (nn.Parameter(torch.tensor(args.logit_softcap), requires_grad=False)
+                                              for _ in range(2)) if args.asym_logit_rescale else (None, None)
         for name, m in self.named_modules():
             if isinstance(m, CastedLinear) and not name.startswith("mtp_heads."):
                 m.qat_bits = export_bits(name + ".weight", m.weight, args)
@@ -1466,18 +1498,21 @@ class GPT(nn.Module):
     def head(self, h: Tensor, ctx: Ctx = PLAIN) -> Tensor:
         return self.lm_head(h, ctx) if self.lm_head is not None else F.linear(h, self.tok_emb.weight.to(h.dtype))
 
-    def logits(self, h: Tensor, ctx: Ctx = PLAIN, delta: Tensor | None = None) -> Tensor:
-        """Soft-capped logits; delta (the LoRA TTT head adapter's output) is added before the cap."""
+    def logits(self, h: Tensor, ctx: Ctx = PLAIN, delta: Tensor | None = None, train=False) -> Tensor:
+        """Soft-capped fp32 logits; delta (the LoRA TTT head adapter's output) is added before the cap. The training
+        loss (train; SoftcapCE when fused) always uses the single LOGIT_SOFTCAP; evaluation and TTT the AsymLogit caps
+        when enabled."""
         z = self.head(h, ctx)
-        z = z if delta is None else z + delta
-        cap = self.args.logit_softcap
-        return cap * torch.tanh(z.float() / cap)
+        z = (z if delta is None else z + delta).float()
+        if train or self.softcap_pos is None:
+            return softcap(z, self.args.logit_softcap)
+        return softcap(z, self.softcap_pos, self.softcap_neg)
 
     def mean_nats(self, h: Tensor, y: Tensor, ctx: Ctx) -> Tensor:
         """Training loss of targets y [B, T'] from hidden states h [B, T', D]: SoftcapCE when fused."""
         if fused(self.args, h):
             return SoftcapCE.apply(self.head(h, ctx).flatten(0, 1), y.flatten(), self.args.logit_softcap).mean()
-        return F.cross_entropy(self.logits(h, ctx).flatten(0, 1), y.flatten())
+        return F.cross_entropy(self.logits(h, ctx, train=True).flatten(0, 1), y.flatten())
 
     def forward(self, idx: Tensor, targets: Tensor, ctx: Ctx | None = None, per_token: bool = False,
                 split: int = 0) -> Tensor:
@@ -2342,7 +2377,7 @@ def evaluate_ttt_lora(base, val: Tensor, luts, args, rt, log, docs: Tensor | Non
     groups = phase_groups(len(spans), args)
     val_d, luts_d = val.to(rt.device), [t.to(rt.device) for t in luts]
     sums = torch.zeros(len(spans), 3, device=rt.device, dtype=torch.float64)
-    params = [p for p in base.parameters() if p.requires_grad]
+    params = list(base.parameters())  # with the AsymLogit caps, frozen until here
     for p in params:
         p.requires_grad_(False)
     adapters = DocAdapters(base, args).to(rt.device)
@@ -2420,6 +2455,7 @@ class GPTQFactor(NamedTuple):
     dead: Tensor  # columns whose input was always zero
     U: Tensor  # upper Cholesky factor of the permuted, damped H^-1
     damp: float  # the damping used, in units of mean(diag H)
+    rms: Tensor  # sqrt(diag H): each input column's activation RMS (AWQ-lite's salience)
 
 
 @torch.no_grad()
@@ -2429,6 +2465,7 @@ def gptq_factor(H: Tensor) -> GPTQFactor:
     precision can have tiny negative eigenvalues. float64: in float32 (TF32 on CUDA) the inverse of a damped H of
     cond ~1e5 is not even positive definite (an H200 run failed so at the MLP projection's 2048-dim Hessian)."""
     H = H.double().clone()
+    rms = H.diagonal().float().sqrt()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     perm = torch.argsort(H.diagonal(), descending=True, stable=True)
@@ -2439,20 +2476,22 @@ def gptq_factor(H: Tensor) -> GPTQFactor:
         if not info:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if not info:
-                return GPTQFactor(perm, dead, U.float(), damp)
+                return GPTQFactor(perm, dead, U.float(), damp, rms)
     raise UserError(f"GPTQ: a Hessian is not positive definite even with damping {damp:g} x mean(diag); set GPTQ=0")
 
 
 @torch.no_grad()
-def gptq_quantize(w: Tensor, H: Tensor | GPTQFactor, scale: Tensor, bits: int) -> Tensor:
+def gptq_quantize(w: Tensor, H: Tensor | GPTQFactor, scale: Tensor, bits) -> Tensor:
     """GPTQ (Frantar et al. 2022) of w [rows, cols] with per-row steps `scale` [rows, 1] and input Hessian H [cols,
     cols] (or its gptq_factor): columns in order of diag(H) descending, each rounded to nearest and its error spread
     over the columns not yet quantized through the upper Cholesky factor of H^-1; blocks of GPTQ_BLOCK columns, the
-    rest updated once per block. Dead columns (H_ii = 0: an input that was always zero) get weight 0. Int8 codes."""
-    qmax = 2 ** (bits - 1) - 1
+    rest updated once per block. Dead columns (H_ii = 0: an input that was always zero) get weight 0. Int8 codes.
+    AWQ-lite: scale [rows, cols] (a step per weight) and bits [cols] (a width per column)."""
     f = H if isinstance(H, GPTQFactor) else gptq_factor(H)
     U, perm = f.U, f.perm  # on the Hessian's device: the work goes there
-    W, s = w.to(U.device, torch.float32, copy=True), scale.to(U.device, torch.float32)
+    W = w.to(U.device, torch.float32, copy=True)
+    s = scale.to(U.device, torch.float32).expand_as(W)[:, perm]
+    qmax = (2 ** (torch.as_tensor(bits, device=U.device) - 1) - 1).float().expand(W.size(1))[perm]
     W[:, f.dead] = 0.0
     W = W[:, perm]
     Q = torch.zeros_like(W)
@@ -2460,17 +2499,34 @@ def gptq_quantize(w: Tensor, H: Tensor | GPTQFactor, scale: Tensor, bits: int) -
         j = min(i + GPTQ_BLOCK, W.size(1))
         Wb, Ub, err = W[:, i:j].clone(), U[i:j, i:j], torch.zeros_like(W[:, i:j])
         for c in range(j - i):
-            q = (Wb[:, c:c + 1] / s).round().clamp(-qmax, qmax)
+            sc, m = s[:, i + c:i + c + 1], qmax[i + c]
+            q = (Wb[:, c:c + 1] / sc).round().clamp(-m, m)
             Q[:, i + c:i + c + 1] = q
-            e = (Wb[:, c:c + 1] - q * s) / Ub[c, c]
+            e = (Wb[:, c:c + 1] - q * sc) / Ub[c, c]
             Wb[:, c:] -= e * Ub[c:c + 1, c:]
             err[:, c:c + 1] = e
         W[:, j:] -= err @ U[i:j, j:]
     return Q[:, torch.argsort(perm)].to(torch.int8)
 
 
-def quantize_entry(name, t: Tensor, args, hessian=None, matrix_sigmas=None) -> dict:
-    """One tensor of the artifact: codes and fp16 scales (GPTQ when a Hessian is given), or the raw tensor."""
+def awq_groups(state, factors, args):
+    """AWQ-lite (PR #1908): each GPTQ'd matrix narrower than AWQ_LITE_BITS, cut into groups of AWQ_LITE_GROUP_SIZE
+    input columns, scores each group sum_c rms_c * mean_rows |W_rc| (rms: its activations', from the Hessian); the
+    AWQ_LITE_GROUP_TOP_K best groups over all matrices are returned as [start, end) column ranges by matrix."""
+    g, cands, out = args.awq_lite_group_size, [], {}
+    for n, f in factors.items() if args.awq_lite_enabled else ():
+        w = state[n].float()
+        if export_bits(n, w, args) < args.awq_lite_bits:
+            sal = (f.rms.cpu() * w.abs().mean(0))[:w.size(1) // g * g].view(-1, g).sum(1)
+            cands += [(float(v), n, k * g) for k, v in enumerate(sal)]
+    for _, n, c in sorted(cands, reverse=True)[:args.awq_lite_group_top_k]:
+        out.setdefault(n, []).append([c, c + g])
+    return out
+
+
+def quantize_entry(name, t: Tensor, args, hessian=None, matrix_sigmas=None, awq=()) -> dict:
+    """One tensor of the artifact: codes and fp16 scales (GPTQ when a Hessian is given), or the raw tensor. awq: the
+    [start, end) column ranges quantized to AWQ_LITE_BITS with their own per-row step `awq_scale` (AWQ-lite)."""
     bits = export_bits(name, t, args) if t.is_floating_point() else 0
     if args.gated_attn_quant_gate and name.endswith(".attn_gate") and 32 <= t.numel() <= 8192:
         q, s = quantize_tensor(t, 8)  # row max / 127, as PR #1855's gate quantizer
@@ -2479,9 +2535,16 @@ def quantize_entry(name, t: Tensor, args, hessian=None, matrix_sigmas=None) -> d
         group, sigmas = export_group(t, args), export_sigmas(name, args, matrix_sigmas)
         q, s = quantize_tensor(t, bits, group, args.quant_clip_search, args.quant_int8_upstream, sigmas,
                                args.quant_scale_floor)
+        e = dict(scale=s, bits=bits, group=group)
+        if awq:
+            e.update(awq=awq, awq_scale=sdclip_scale(t.float(), args.awq_lite_bits, sigmas).half())
+            cols = torch.zeros(t.size(1), dtype=torch.bool)
+            for a, b in awq:
+                cols[a:b] = True
+            s, bits = torch.where(cols, e["awq_scale"].float(), s.float()), torch.where(cols, args.awq_lite_bits, bits)
         if hessian is not None:
             q = gptq_quantize(t, hessian, s, bits).cpu()
-        return dict(q=q, scale=s, bits=bits, group=group)
+        return dict(e, q=q)
     if t.is_floating_point():
         fp32 = matches_any(name, args.int8_keep_float_fp32_name_patterns)
         return dict(raw=t.float() if fp32 else t.half())
@@ -2491,20 +2554,22 @@ def quantize_entry(name, t: Tensor, args, hessian=None, matrix_sigmas=None) -> d
 def quantize_state(state, args, hessians=None, matrix_sigmas=None) -> dict[str, dict]:
     """The quantized state: GPTQ for the tensors with a Hessian in `hessians` (name -> H), round-to-nearest for the
     rest, LQER corrections when enabled. matrix_sigmas replaces MATRIX_CLIP_SIGMAS (size fitting)."""
-    hessians = hessians or {}
-    q = {name: quantize_entry(name, t, args, hessians.get(name), matrix_sigmas) for name, t in state.items()}
+    hessians = {n: H if isinstance(H, GPTQFactor) else gptq_factor(H) for n, H in (hessians or {}).items()}
+    awq = awq_groups(state, hessians, args)
+    q = {n: quantize_entry(n, t, args, hessians.get(n), matrix_sigmas, awq.get(n, ())) for n, t in state.items()}
     return add_lqer(q, state, args)
 
 
-LQER_A_BITS, LQER_B_BITS, LQER_B_GROUP = 2, 4, 64  # the SOTA's factor widths (PR #1855): A int2, B int4 per 64
+LQER_A_BITS, LQER_B_BITS = 2, 4  # the SOTA's factor widths (PR #1855): A int2, B int4 per LQER_ASYM_GROUP
 LQER_A_SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # int2 steps tried for A, in stds of A (one scale for all of A)
 LQER_KEYS = ("lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale")
 
 
-def lqer_factors(err: Tensor, rank: int) -> dict:
+def lqer_factors(err: Tensor, rank: int, group=64) -> dict:
     """LQER (Zhang et al. 2024): a rank-r correction A B of the quantization error E = W - W_q [rows, cols]. A = the
     top r left singular vectors (similar magnitudes, so one int2 scale fits all of A); B = the least-squares B for
-    the quantized A (so B absorbs A's rounding), int4 with one scale per LQER_B_GROUP columns of each row."""
+    the quantized A (so B absorbs A's rounding), int4 with one scale per `group` columns of each row (per row if
+    `group` does not divide them)."""
     U = torch.linalg.svd(err.float(), full_matrices=False)[0][:, :rank]
     best = None
     for k in LQER_A_SIGMAS:
@@ -2515,7 +2580,7 @@ def lqer_factors(err: Tensor, rank: int) -> dict:
     qa, sa = best[1], best[2]
     A = dequantize_tensor(qa, sa.expand(qa.shape[0], 1))
     B = torch.linalg.pinv(A) @ err.float()
-    group = LQER_B_GROUP if B.shape[1] % LQER_B_GROUP == 0 else 0
+    group = group if B.shape[1] % group == 0 else 0
     qb, sb = quantize_tensor(B, LQER_B_BITS, group, clip_search=True)
     return dict(lqer_a=qa, lqer_a_scale=sa, lqer_b=qb, lqer_b_scale=sb, lqer_group=group)
 
@@ -2530,10 +2595,10 @@ def add_lqer(qstate, state, args) -> dict[str, dict]:
     correction, stored in low bits beside their codes and added back at load."""
     if not args.lqer_enabled:
         return qstate
-    err = {n: state[n].float() - dequantize_tensor(e["q"], e["scale"], e["group"])
-           for n, e in qstate.items() if "q" in e and min(e["q"].shape) > args.lqer_rank}
+    err = {n: state[n].float() - dequantize_codes(e) for n, e in qstate.items()
+           if "q" in e and min(e["q"].shape) > args.lqer_rank}
     for n in sorted(err, key=lambda n: -float(err[n].square().sum()))[:args.lqer_top_k]:
-        qstate[n] = dict(qstate[n], **lqer_factors(err[n], args.lqer_rank))
+        qstate[n] = dict(qstate[n], **lqer_factors(err[n], args.lqer_rank, args.lqer_asym_group))
     return qstate
 
 
@@ -2562,10 +2627,11 @@ def input_recorder(model, args, record):
 
 @torch.no_grad()
 def collect_hessians(model, batches, args, rt) -> dict[str, Tensor]:
-    """H = mean of x^T x over every input row x of each quantized matrix, over the micro-batches of `batches`
-    (training data), summed in float64 and all-reduced, so every rank holds the same H. Inputs shared by several
-    matrices (q, k, v read one tensor) are multiplied once. Evaluation forward (per-token loss: no MTP heads)."""
-    sums, rows, seen = {}, torch.zeros((), dtype=torch.float64, device=rt.device), {}
+    """H = mean of x^T x over every input row x of each quantized matrix (a looped block's rows once per pass), over
+    the micro-batches of `batches` (training data), summed in float64 and all-reduced, so every rank holds the same
+    H. Inputs shared by several matrices (q, k, v read one tensor) are multiplied once. Evaluation forward (per-token
+    loss: no MTP heads)."""
+    sums, rows, seen = {}, {}, {}
 
     def record(name, x):
         key = id(x)
@@ -2576,25 +2642,34 @@ def collect_hessians(model, batches, args, rt) -> dict[str, Tensor]:
             sums[name].add_(seen[key][1])
         else:
             sums[name] = seen[key][1].clone()
+        rows[name] = rows.get(name, 0) + x[..., 0].numel()
     with input_recorder(model, args, record):
         for batch in batches:
             for x, y in batch:
                 with rt.autocast():
                     model(x, y, per_token=True)
-                rows += x.numel()
                 seen.clear()
     names = sorted(sums)
+    n = torch.tensor([rows[k] for k in names], dtype=torch.float64, device=rt.device)
     if rt.distributed:
-        for n in names:
-            dist.all_reduce(sums[n])
-        dist.all_reduce(rows)
-    return {n: (sums[n] / rows).float() for n in names}
+        for k in names:
+            dist.all_reduce(sums[k])
+        dist.all_reduce(n)
+    return {k: (sums[k] / n[i]).float() for i, k in enumerate(names)}
+
+
+def dequantize_codes(e):
+    """The codes times their steps (AWQ-lite's ranges with theirs), without the LQER correction."""
+    w = dequantize_tensor(e["q"], e["scale"], e["group"])
+    for a, b in e.get("awq", ()):
+        w[:, a:b] = e["q"][:, a:b].float() * e["awq_scale"].float()
+    return w
 
 
 def dequantize_entry(e) -> Tensor:
     if "raw" in e:
         return e["raw"].float()
-    w = dequantize_tensor(e["q"], e["scale"], e["group"])
+    w = dequantize_codes(e)
     return w + lqer_correction(e) if "lqer_a" in e else w
 
 
@@ -2607,7 +2682,8 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_he
                 "rope_base", "logit_softcap", "smear_gate", "bigram_buckets", "bigram_dim", "xsa_last_n", "rope_dims",
                 "ln_scale", "mlp_act", "mlp_leaky_slope", "skip_gates_enabled", "num_loops", "loop_start", "loop_end",
                 "parallel_start_layer", "parallel_residual_start", "parallel_final_lane", "sparse_attn_gate_enabled",
-                "sparse_attn_gate_scale", "gate_window", "smear_gate_enabled", "smear_pre_norm", "doc_mask")
+                "sparse_attn_gate_scale", "gate_window", "smear_gate_enabled", "smear_pre_norm", "doc_mask",
+                "asym_logit_rescale", "smear_gate_bos_fix")
 EVAL_FIELDS = ("train_seq_len", "eval_seq_len", "eval_stride", "val_max_tokens", "seed", "caseops_enabled") + tuple(
     f.name for f in dataclasses.fields(Hyperparameters) if f.name.startswith(("ttt_", "phased_ttt_", "global_ttt_")))
 ARTIFACT_VERSION = 3  # 2: range-coded codes (COMPRESSOR=constriction); 3: tokenizer hash, seed, eval order
@@ -2661,10 +2737,9 @@ def pack(qstate, args, looping: bool | None = None) -> bytes:
     coded = args.compressor == "constriction"
     tensors, chunks, words, offset, n_words = [], [], [], 0, 0
     for name, e in qstate.items():
-        arrays = [e["q"], e["scale"]] + [e[k] for k in LQER_KEYS if k in e] if "q" in e else [e["raw"]]
+        arrays = [e[k] for k in ("q", "scale", *LQER_KEYS, "awq_scale") if k in e] if "q" in e else [e["raw"]]
         meta = dict(name=name, bits=e.get("bits", 0), group=e.get("group", 0), arrays=[])
-        if "lqer_a" in e:
-            meta["lqer_group"] = e["lqer_group"]
+        meta.update({k: e[k] for k in ("lqer_group", "awq") if k in e})
         for i, a in enumerate(arrays):
             entry = dict(dtype=str(a.dtype).removeprefix("torch."), shape=list(a.shape))
             if coded and "q" in e and i == 0:
@@ -2758,7 +2833,9 @@ def unpack(data: bytes, path="artifact", tensors=True) -> tuple[dict[str, dict],
         if meta["bits"]:
             out[meta["name"]] = dict(q=arrays[0], scale=arrays[1], bits=meta["bits"], group=meta["group"])
             if "lqer_group" in meta:
-                out[meta["name"]].update(zip(LQER_KEYS, arrays[2:]), lqer_group=meta["lqer_group"])
+                out[meta["name"]].update(zip(LQER_KEYS, arrays[2:6]), lqer_group=meta["lqer_group"])
+            if "awq" in meta:
+                out[meta["name"]].update(awq=meta["awq"], awq_scale=arrays[-1])
         else:
             out[meta["name"]] = dict(raw=arrays[0])
     return out, header

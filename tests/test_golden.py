@@ -19,7 +19,8 @@ H = train_gpt.Hyperparameters
 TINY_RECORD = dict(VOCAB_SIZE=64, NUM_LAYERS=6, MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, ROPE_DIMS=4,
                    XSA_LAST_N=6, LOOP_START=1, LOOP_END=2, TRAIN_SEQ_LEN=32)
 TINY = {"record0409": dict(TINY_RECORD, PARALLEL_RESIDUAL_START=4),
-        "sota1855": dict(TINY_RECORD, PARALLEL_START_LAYER=4)}
+        "sota1855": dict(TINY_RECORD, PARALLEL_START_LAYER=4),
+        "frontier2135": dict(TINY_RECORD, PARALLEL_START_LAYER=4)}
 
 
 def tiny_record_args(preset, **kw) -> "train_gpt.Hyperparameters":
@@ -35,6 +36,8 @@ def golden_weights(args) -> dict[str, torch.Tensor]:
         n = torch.from_numpy(np.random.default_rng(zlib.crc32(name.encode())).standard_normal(tuple(p.shape))).float()
         control = p.ndim != 2 or train_gpt.matches_any(name, train_gpt.CONTROL_TENSOR_PATTERNS)
         out[name] = p.detach() + 0.3 * n if control else n / p.shape[1] ** 0.5
+        if name.startswith("softcap_"):  # AsymLogit's caps: small (4 to 6), so they shape logits of size ~4
+            out[name] = 5 + n
     return out
 
 
@@ -70,6 +73,11 @@ def golden_inputs() -> dict[str, np.ndarray]:
     seed_w = rng(60).standard_normal((48, 160)).astype(np.float32) * np.geomspace(0.003, 0.2, 48, dtype=np.float32)[:, None]
     seed_w[40:, 3] = 1.5  # rows whose max passes 1: above the 1/31 floor
     out["seed_w"] = seed_w
+    for i, (scale, seed) in enumerate(((0.07, 70), (0.06, 72))):  # AWQ-lite: attention 288x256, MLP 272x256
+        w = rng(seed).standard_normal((288 - 16 * i, 256)).astype(np.float32) * scale
+        w[:, 64:96] *= 1 + 2 * i  # the MLP's third group: large weights at middling activations
+        x = rng(seed + 1).standard_normal((600, 256)).astype(np.float32) * np.linspace(0.2, 2, 256, dtype=np.float32)
+        out.update({f"awq_w{i}": w, f"awq_h{i}": x.T @ x / 600})
     return out
 
 
@@ -83,7 +91,7 @@ def our_logits(model, ids, looping):
         return model.logits(h).numpy()
 
 
-@pytest.mark.parametrize("preset", ["record0409", "sota1855"])
+@pytest.mark.parametrize("preset", ["record0409", "sota1855", "frontier2135"])
 @pytest.mark.parametrize("looping", [False, True], ids=["plain", "looped"])
 def test_logits_equal_the_records(preset, looping):
     """Same weights, same tokens: our forward at the preset equals the record's forward_logits (float32). sota1855's
@@ -94,16 +102,18 @@ def test_logits_equal_the_records(preset, looping):
     assert np.abs(got - want).max() < 1e-5  # logits of size ~4
 
 
-def test_sota1855_document_packed_logits_equal_its_varlen_path():
+@pytest.mark.parametrize("preset", ["sota1855", "frontier2135"])
+def test_document_packed_logits_equal_the_records_varlen_path(preset):
     """Three documents packed in one row: the record's flash_attn_varlen_func (cu_seqlens at each BOS) against our
-    DOC_MASK=1; the SmearGate adds nothing at a BOS, so no document sees the one before it."""
-    model = golden_model("sota1855")
-    assert model.args.doc_mask
+    DOC_MASK=1. #1855's SmearGate adds nothing at a BOS, so no document sees the one before it; #2135's run
+    (SMEAR_GATE_BOS_FIX=0) smears the previous document's last token into each BOS."""
+    model = golden_model(preset)
+    assert model.args.doc_mask and model.args.smear_gate_bos_fix == (preset == "sota1855")
     got = our_logits(model, golden_inputs()["packed"], True)
-    assert np.abs(got - load("sota1855")["packed_looped"]).max() < 1e-5
+    assert np.abs(got - load(preset)["packed_looped"]).max() < 1e-5
 
 
-@pytest.mark.parametrize("preset", ["record0409", "sota1855"])
+@pytest.mark.parametrize("preset", ["record0409", "sota1855", "frontier2135"])
 def test_lr_multiplier_equals_the_records_lr_mul(preset):
     """The record's lr_mul(frac) at 41 wall-clock fractions (warmdown floored at MIN_LR): ours by wall clock."""
     g = load(preset)
@@ -156,7 +166,9 @@ def test_sota1855_attention_gate_is_int8_per_row():
 @pytest.mark.parametrize("preset,change", [
     ("record0409", dict(PARALLEL_RESIDUAL_START=1000)),  # sequential blocks instead of GPT-J
     ("sota1855", dict(SMEAR_PRE_NORM=0)),  # smearing the normed embedding
-    ("sota1855", dict(PARALLEL_START_LAYER=1000, PARALLEL_RESIDUAL_START=4))])  # GPT-J instead of two lanes
+    ("sota1855", dict(PARALLEL_START_LAYER=1000, PARALLEL_RESIDUAL_START=4)),  # GPT-J instead of two lanes
+    ("frontier2135", dict(ASYM_LOGIT_RESCALE=0)),  # one cap (30) instead of the golden caps 5 + n
+    ("frontier2135", dict(SMEAR_GATE_BOS_FIX=1))])  # no smearing into the BOS at t = 7, 10
 def test_the_golden_logits_tell_the_forms_apart(preset, change):
     """Each form switch moves these logits far beyond the tolerance above, so the equalities are not vacuous."""
     model = golden_model(preset, DOC_MASK=0, TRAIN_LOADER="stream", **change)  # the packed loader needs the mask
@@ -216,6 +228,13 @@ LOGGED = {
 }
 
 
+# #2135's log (train_seed42.log) differs from #1855's in these (EVAL_SEQ_LEN, TTT_EVAL_SEQ_LEN 2560: not yet here)
+LOGGED["frontier2135"] = dict(LOGGED["sota1855"], asym_logit_rescale=True, gated_attn_quant_gate=False,
+                              matrix_lr=0.028, lqer_asym_group=32, gptq_calibration_batches=32, ttt_lora_lr=8e-5,
+                              ttt_weight_decay=2.0, ttt_k_lora=False, phased_ttt_num_phases=1,
+                              gptq_reserve_seconds=8.0)  # logged 0.5: ours keeps calibration inside the 600 s
+
+
 @pytest.mark.parametrize("preset", LOGGED)
 def test_record_presets_carry_the_logged_hyperparameters(preset):
     args = H.from_env({"PRESET": preset})
@@ -223,10 +242,11 @@ def test_record_presets_carry_the_logged_hyperparameters(preset):
     assert args.gptq and args.ortho_init and args.mlp_act == "leaky_relu2" and args.tie_embeddings
 
 
-@pytest.mark.parametrize("preset,params", [("record0409", 35_944_536), ("sota1855", 35_945_671 - 48)])
+@pytest.mark.parametrize("preset,params", [("record0409", 35_944_536), ("sota1855", 35_945_671 - 48),
+                                           ("frontier2135", 35_945_673 - 48)])
 def test_record_preset_parameter_counts(preset, params):
     """04-09 logged model_params:35944536. #1855 logged 35945671: its lane scalars exist for all 11 layers (66), ours
-    only for the 3 two-lane layers (18); the other 48 never enter its forward."""
+    only for the 3 two-lane layers (18); the other 48 never enter its forward. #2135: #1855's plus the two caps."""
     model = train_gpt.GPT(H.from_env({"PRESET": preset}))
     assert sum(p.numel() for p in model.parameters()) == params
 
@@ -289,3 +309,31 @@ def test_seed_preset_parameter_counts(preset, params):
     dim x dim, also never exported); #488: 11 layers of the same block (its README: 26.5M)."""
     model = train_gpt.GPT(H.from_env({"PRESET": preset}))
     assert sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp_heads.")) == params
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# AWQ-lite (PR #1908, as PR #1945 ships it; frontier2135.npz)
+
+AWQ_NAMES = ("blocks.0.attn.c_q.weight", "blocks.0.mlp.fc.weight")
+
+
+def test_awq_lite_salience_selection_codes_and_steps_equal_pr1945():
+    """Its gptq_mixed_quantize on an attention (k 13) and an MLP (k 11.5) matrix, activation RMS sqrt(diag H),
+    32-column groups, the top 2 int8: the same group scores, the same groups chosen (one per matrix here), the same
+    fp16 steps (int6 and the int8 groups' own) and the same integer codes."""
+    g, i = load("frontier2135"), golden_inputs()
+    args = H.from_env(dict(PRESET="frontier2135", AWQ_LITE_ENABLED="1", AWQ_LITE_GROUP_SIZE="32",
+                           AWQ_LITE_GROUP_TOP_K="2"))
+    state = {n: torch.from_numpy(i[f"awq_w{k}"]) for k, n in enumerate(AWQ_NAMES)}
+    hs = {n: torch.from_numpy(i[f"awq_h{k}"]) for k, n in enumerate(AWQ_NAMES)}
+    q = train_gpt.quantize_state(state, args, hs)
+    for k, n in enumerate(AWQ_NAMES):
+        f = train_gpt.gptq_factor(hs[n])
+        ours = (f.rms * state[n].abs().mean(0)).view(-1, 32).sum(1)
+        np.testing.assert_allclose(ours.numpy(), g[f"awq_scores{k}"], rtol=1e-6)
+        start = int(g[f"awq_start{k}"][0])
+        assert q[n]["awq"] == [[start, start + 32]]
+        assert torch.equal(q[n]["scale"].flatten(), torch.from_numpy(g[f"awq_s{k}"]))
+        assert torch.equal(q[n]["awq_scale"].flatten(), torch.from_numpy(g[f"awq_s_hi{k}"]))
+        assert torch.equal(q[n]["q"], torch.from_numpy(g[f"awq_q{k}"]))
+        assert int(q[n]["q"][:, start:start + 32].abs().max()) > 31  # the protected group uses int8 codes

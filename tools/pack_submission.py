@@ -40,8 +40,11 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TOOLS)
 PROG = "pack_submission.py"
 HEADER = "# coding:latin-1 | packed train_gpt.py (tools/pack_submission.py), source sha256 "
-BODY = ("import bz2\n"
-        "exec(compile(bz2.decompress({blob}.encode('latin1')),'<packed train_gpt.py>','exec'))\n")
+# The program is put in linecache under its code's file name, so what reads a function's source at run time finds it:
+# Triton's @triton.jit does ("@jit functions should be defined in a Python file" without it).
+BODY = ("import bz2,linecache as c\n"
+        "s=bz2.decompress({blob}.encode('latin1')).decode();f='<packed train_gpt.py>';"
+        "c.cache[f]=(len(s),None,s.splitlines(1),f)\nexec(compile(s,f,'exec'))\n")
 # Names whose run-time result stripping would change: the program must not read its own docstrings or source.
 READS_OWN_TEXT = {"__doc__", "getdoc", "getsource", "getsourcelines", "getcomments", "linecache"}
 
@@ -67,11 +70,12 @@ def strip_tree(source: bytes) -> ast.Module:
     return tree
 
 
-# python-minifier (the SOTA's "pyminify"), pinned in requirements.txt: local names shortened, variable annotations
-# dropped. What a run may read by name stays: globals, attributes, keyword and dataclass field names, argument and
-# return annotations (torch.library.custom_op reads them), class attribute annotations (dataclass fields).
+# python-minifier (the SOTA's "pyminify"), pinned in requirements.txt: local and module-level names shortened (the
+# program reads none of them by name: no globals(), vars() or getattr on the module), variable annotations dropped.
+# What a run may read by name stays: attributes, keyword and dataclass field names, argument and return annotations
+# (torch.library.custom_op reads them), class attribute annotations (dataclass fields).
 MINIFY_VERSION = "3.4.0"
-MINIFY = dict(remove_literal_statements=True, rename_locals=True, rename_globals=False, hoist_literals=False)
+MINIFY = dict(remove_literal_statements=True, rename_locals=True, rename_globals=True, hoist_literals=False)
 KEEP_ANNOTATIONS = dict(remove_variable_annotations=True, remove_return_annotations=False,
                         remove_argument_annotations=False, remove_class_attribute_annotations=False)
 

@@ -1,7 +1,7 @@
 """Regenerates tests/golden/record0409.npz and sota1855.npz by running the records' own train_gpt.py (read from a local
 git mirror of openai/parameter-golf, never copied here) on CPU in float32, with FlashAttention-3 and Triton replaced
 by small shims (SDPA; varlen = causal within segments) and the records' bf16 casts made float32. Usage:
-    python tests/golden/make_records.py /path/to/parameter-golf.git
+    python tests/golden/make_records.py /path/to/parameter-golf.git [record0409 sota1855 seeds frontier2135]
 See tests/golden/README.md for the commits and inputs."""
 import inspect, linecache, lzma, base64, os, re, subprocess, sys, tempfile, textwrap, types
 
@@ -24,6 +24,11 @@ SEEDS = dict(  # PR number: (head commit, the scored train_gpt.py)
           RECORDS + "2026-03-20_Int6STE_NorMuon_SWA_SlidingWindow/train_gpt.py"),
     s88=(88, "5d3054865de0461a5c6ef099926724e8c27648f7", RECORDS + "2026-03-19_Int6_MLP3x_MTP_SlideEval/train_gpt.py"),
     s488=(488, "af3eeb9d9817cc359028b2d1ad048192d5ba9849", RECORDS + "2026-03-22_Phase2_A_Warmdown/train_gpt.py"))
+# PR #2135 (1.05651) at its head; AWQ-lite (PR #1908) as PR #1945 ships it (#2135's code has no AWQ-lite)
+R2135 = (2135, "ff905226136eb2506fe9505feff87f58eb6dc4ff",
+         RECORDS + "2026-05-01_SP8192_PR2130Base_Calib32/train_gpt.py")
+R1945 = (1945, "46c75f4dfec0b98ae37db6249f515447a0cff572",
+         RECORDS + "2026-04-30_V19_PR1908_AsymLogit_WD2/train_gpt.py")
 OUT = os.path.join(REPO, "tests", "golden")
 SHIMS = {
     "flash_attn_interface.py": "# CPU shim: FlashAttention-3's [B, T, H, D] causal attention through SDPA, float32; varlen = causal within segments\nimport torch, torch.nn.functional as F\ndef flash_attn_func(q, k, v, causal=True, **kw):\n    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,\n                                       enable_gqa=k.size(2) != q.size(2))\n    return o.transpose(1, 2)\ndef flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True, **kw):\n    n = q.size(0)\n    seg = torch.zeros(n, dtype=torch.long)\n    for b in cu_seqlens_q[1:-1].tolist():\n        seg[b:] += 1\n    pos = torch.arange(n)\n    mask = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])\n    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],\n                                       attn_mask=mask, enable_gqa=k.size(1) != q.size(1))\n    return o[0].transpose(0, 1)\n",
@@ -120,14 +125,8 @@ def run_0409():
     out.update(gptq_q6=q6.numpy(), gptq_s6=s6.numpy(), gptq_q8=q8.numpy(), gptq_s8=s8.numpy())
     np.savez_compressed(os.path.join(OUT, "record0409.npz"), **out)
 
-def run_1855():
-    env = dict(tiny_env("sota1855"), QK_GAIN_INIT=5.0, NUM_LOOPS=2, PARALLEL_START_LAYER=4, SMEAR_GATE_ENABLED=1,
-               SPARSE_ATTN_GATE_ENABLED=1, SPARSE_ATTN_GATE_SCALE=0.5, GATE_WINDOW=12)
-    rec = load(SRC["r1855"], "r1855", env)
-    rec.BOS_ID = 1
-    h = rec.Hyperparameters()
-    up = rec.GPT(h).eval()
-    w = tg.golden_weights(tg.tiny_record_args("sota1855"))
+def load_1855_weights(up, h, w):
+    """Our golden weights into a #1855-family model (its parameter banks and names)."""
     L = h.num_layers
     sd = {k: v.clone() for k, v in up.state_dict().items()}
     for i in range(L):
@@ -141,10 +140,59 @@ def run_1855():
         if b + "lane_mix" in w:  # ours [lane, source]; the record's post lambdas [layer, source, lane]
             sd["parallel_post_lambdas"][i] = w[b + "lane_mix"].T
             sd["parallel_resid_lambdas"][i] = w[b + "lane_resid"]
-    for k in ("tok_emb.weight", "skip_weights", "skip_gates"):
-        sd[k] = w[k]
+    for k in ("tok_emb.weight", "skip_weights", "skip_gates", "softcap_pos", "softcap_neg"):
+        if k in sd:
+            sd[k] = w[k]
     sd["smear_gate.weight"], sd["smear_lambda"] = w["smear.gate"][None], w["smear.lam"]
     up.load_state_dict(sd, strict=True)
+
+
+def run_2135():
+    """PR #2135: its model (AsymLogit caps at the golden weights' values, SmearGate without the BOS fix, as its
+    SMEAR_GATE_BOS_FIX=0 run) and lr_mul; AWQ-lite from PR #1945's code on two matrices."""
+    env = dict(tiny_env("frontier2135"), QK_GAIN_INIT=5.0, NUM_LOOPS=2, PARALLEL_START_LAYER=4, SMEAR_GATE_ENABLED=1,
+               SPARSE_ATTN_GATE_ENABLED=1, SPARSE_ATTN_GATE_SCALE=0.5, GATE_WINDOW=12, ASYM_LOGIT_RESCALE=1,
+               SMEAR_GATE_BOS_FIX=0)
+    rec = load(SRC["r2135"], "r2135", env)
+    rec.BOS_ID = 1
+    h = rec.Hyperparameters()
+    up = rec.GPT(h).eval()
+    load_1855_weights(up, h, tg.golden_weights(tg.tiny_record_args("frontier2135")))
+    out = dict(plain=logits(up, tokens, False), looped=logits(up, tokens, True))
+    bos = [int(i) for i in np.flatnonzero(packed[0] == 1) if i > 0]
+    cu = torch.tensor([0, *bos, packed.shape[1]], dtype=torch.int32)
+    out.update(packed_looped=logits(up, packed, True, cu_seqlens=cu, max_seqlen=32))
+    fr = np.linspace(0, 1, 41)
+    lr_mul = nested_fn(rec.train_model, "lr_mul", h=types.SimpleNamespace(warmdown_frac=0.85, min_lr=0.1))
+    out.update(lr_frac=fr, lr_mul=np.array([lr_mul(f) for f in fr]))
+    # AWQ-lite: gptq_mixed_quantize on two GPTQ'd matrices (int6, SDClip k 13 attention / 11.5 MLP), activation RMS
+    # sqrt(diag H), 32-column groups, the top 2 groups int8
+    r45 = load(SRC["r1945"], "r1945", {})
+    hp = types.SimpleNamespace(embed_bits=7, matrix_bits=6, awq_lite_enabled=True, awq_lite_bits=8,
+                               awq_lite_group_top_k=2, awq_lite_group_size=32, embed_clip_sigmas=14.0,
+                               mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0, matrix_clip_sigmas=12.85,
+                               gated_attn_quant_gate=False, lqer_enabled=False)
+    names = ("blocks.0.attn.c_q.weight", "blocks.0.mlp.fc.weight")
+    sd = {n: T(I[f"awq_w{i}"]) for i, n in enumerate(names)}
+    H = {n: T(I[f"awq_h{i}"]) for i, n in enumerate(names)}
+    act = {n: H[n].diag().sqrt() for n in names}
+    res, meta = r45.gptq_mixed_quantize(sd, H, act, hp)
+    for i, n in enumerate(names):
+        out[f"awq_scores{i}"] = np.array([c[0] for c in r45._awq_lite_group_candidates(sd[n], act[n], 32)])
+        out[f"awq_q{i}"], out[f"awq_s{i}"] = res[n + ".q"].numpy(), res[n + ".scale"].numpy()
+        if n + ".awqg_start" in res:
+            out[f"awq_start{i}"], out[f"awq_s_hi{i}"] = res[n + ".awqg_start"].numpy(), res[n + ".awqg_s_hi"].numpy()
+    np.savez_compressed(os.path.join(OUT, "frontier2135.npz"), **out)
+
+
+def run_1855():
+    env = dict(tiny_env("sota1855"), QK_GAIN_INIT=5.0, NUM_LOOPS=2, PARALLEL_START_LAYER=4, SMEAR_GATE_ENABLED=1,
+               SPARSE_ATTN_GATE_ENABLED=1, SPARSE_ATTN_GATE_SCALE=0.5, GATE_WINDOW=12)
+    rec = load(SRC["r1855"], "r1855", env)
+    rec.BOS_ID = 1
+    h = rec.Hyperparameters()
+    up = rec.GPT(h).eval()
+    load_1855_weights(up, h, tg.golden_weights(tg.tiny_record_args("sota1855")))
     out = dict(plain=logits(up, tokens, False), looped=logits(up, tokens, True))
     # documents packed in one row, attention within documents (its varlen path; cu_seqlens at each BOS)
     bos = [int(i) for i in np.flatnonzero(packed[0] == 1) if i > 0]
@@ -189,11 +237,13 @@ if __name__ == "__main__":
     git_dir = sys.argv[1]
     SRC = dict(r0409=record_source(git_dir, R0409), r1855=record_source(git_dir, R1855))
     SRC.update({k: record_source(git_dir, path, commit) for k, (_, commit, path) in SEEDS.items()})
+    SRC.update(r2135=record_source(git_dir, R2135[2], R2135[1]), r1945=record_source(git_dir, R1945[2], R1945[1]))
     with tempfile.TemporaryDirectory() as shim_dir:
         for rel, text in SHIMS.items():
             os.makedirs(os.path.dirname(os.path.join(shim_dir, rel)), exist_ok=True)
             open(os.path.join(shim_dir, rel), "w").write(text)
         sys.path.insert(0, shim_dir)
-        run_0409()
-        run_1855()
-        run_seeds()
+        only = sys.argv[2:]  # file names to write (default: all)
+        for name, run in dict(record0409=run_0409, sota1855=run_1855, seeds=run_seeds, frontier2135=run_2135).items():
+            if not only or name in only:
+                run()
