@@ -72,16 +72,30 @@ def strip_tree(source: bytes) -> ast.Module:
 
 # python-minifier (the SOTA's "pyminify"), pinned in requirements.txt: local and module-level names shortened (the
 # program reads none of them by name: no globals(), vars() or getattr on the module), variable annotations dropped.
-# What a run may read by name stays: attributes, keyword and dataclass field names, argument and return annotations
-# (torch.library.custom_op reads them), class attribute annotations (dataclass fields).
+# What a run may read by name stays: attributes, keyword and dataclass field names, class attribute annotations
+# (dataclass and NamedTuple fields). Argument and return annotations are dropped before it (drop_annotations),
+# except in @triton.jit kernels, whose `tl.constexpr` annotations Triton reads.
 MINIFY_VERSION = "3.4.0"
 MINIFY = dict(remove_literal_statements=True, rename_locals=True, rename_globals=True, hoist_literals=False)
 KEEP_ANNOTATIONS = dict(remove_variable_annotations=True, remove_return_annotations=False,
                         remove_argument_annotations=False, remove_class_attribute_annotations=False)
 
 
+def drop_annotations(tree: ast.Module) -> ast.Module:
+    """Removes the argument and return annotations of every function but Triton kernels (decorated with a .jit)."""
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and not any(
+                "jit" in ast.unparse(d) for d in fn.decorator_list):
+            a = fn.args
+            for arg in a.posonlyargs + a.args + a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x]:
+                arg.annotation = None
+            fn.returns = None
+    return tree
+
+
 def program_of(source: bytes) -> bytes:
-    """What a packed file runs: strip_source(source) with its local names shortened by python-minifier."""
+    """What a packed file runs: strip_source(source) without argument and return annotations (drop_annotations),
+    its names shortened by python-minifier."""
     try:
         installed = importlib.metadata.version("python-minifier")
     except importlib.metadata.PackageNotFoundError:
@@ -90,8 +104,8 @@ def program_of(source: bytes) -> bytes:
         raise PackError(f"packing needs python-minifier {MINIFY_VERSION} (installed: {installed}); "
                         f"pip install python-minifier=={MINIFY_VERSION}")
     import python_minifier as pm
-    program = pm.minify(strip_source(source).decode(), remove_annotations=pm.RemoveAnnotationsOptions(**KEEP_ANNOTATIONS),
-                        **MINIFY) + "\n"
+    stripped = ast.unparse(drop_annotations(ast.parse(strip_source(source)))) + "\n"
+    program = pm.minify(stripped, remove_annotations=pm.RemoveAnnotationsOptions(**KEEP_ANNOTATIONS), **MINIFY) + "\n"
     compile(program, "<packed train_gpt.py>", "exec")
     return program.encode()
 
