@@ -1942,6 +1942,49 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation
 
+# Token n-gram tilt (#2130/#2135, NGRAM_TILT_ENABLED): upstream's online_ngram_state.c keys each context of the last
+# TOKEN_ORDER-1 tokens by XOR_j tok_j * C[j] (oldest first; 64-bit wrap), counts (context, next token) pairs under
+# key*1000003 ^ tok*C[ctx_len % 32], and keeps per context a total and a top token, replaced only when a pair count
+# strictly exceeds the top count. No backoff: a context with no history proposes nothing.
+NG_C = (36313, 27191, 51647, 81929, 131071, 196613, 262147, 393241, 524309, 655373, 786433, 917521, 1048583, 1179653,
+        1310729, 1441801, 1572869, 1703941, 1835017, 1966087, 2097169, 2228243, 2359319, 2490389, 2621471, 2752549,
+        2883617, 3014687, 3145757, 3276833, 3407903, 3538973)
+
+
+def tilt_hints(val: Tensor, order: int, threshold: float) -> Tensor:
+    """The hinted token of each target val[t+1] (-1: none), in one left-to-right pass over the stream, from val[:t+1]
+    only: the top token of the context val[t-order+2 : t+1] among its earlier occurrences, where top/total >= threshold
+    (float32, as upstream). Vectorized: sorting by key puts each context's occurrences in stream order."""
+    k, n = order - 1, val.numel() - 1
+    i0 = min(max(k - 1, 0), n)  # targets before i0 lack a full context
+    v, c = val.long(), torch.tensor(NG_C, device=val.device)
+    key = torch.zeros(n - i0, dtype=torch.long, device=val.device)
+    for j in range(k):
+        key ^= v[i0 + 1 - k + j:n + 1 - k + j] * c[j]
+    tok = v[i0 + 1:]
+    pair = key * 1000003 ^ tok * c[k % 32]
+    ar = torch.arange(n - i0, device=val.device)
+
+    def grouped(x):  # sort order, start flags, rank of each occurrence in its group
+        o = torch.sort(x, stable=True)[1]
+        new = torch.ones_like(o, dtype=torch.bool)
+        new[1:] = x[o[1:]] != x[o[:-1]]
+        return o, new, ar - torch.where(new, ar, 0).cummax(0)[0]
+    o, new, rank = grouped(pair)
+    count = torch.empty_like(rank).scatter_(0, o, rank + 1)  # the pair's count once this target is added
+    o, new, total = grouped(key)
+    run = ((new.cumsum(0) - 1) * (n + 1) + count[o]).cummax(0)[0]  # top count per group, offset by group
+    rec = torch.ones_like(new)
+    rec[1:] = run[1:] > run[:-1]
+    top = tok[o][torch.where(rec, ar, 0).cummax(0)[0]]
+    prob = torch.zeros(n - i0, device=val.device)
+    prob[1:] = (run - (new.cumsum(0) - 1) * (n + 1))[:-1].float() / total[1:].clamp(min=1).float()
+    hint = torch.where(~new & (prob >= threshold), torch.roll(top, 1), -1)
+    out = torch.full((n,), -1, dtype=torch.long, device=val.device)
+    out[i0 + o] = hint
+    return out
+
+
 def sliding_windows(num_targets: int, seq_len: int, stride: int) -> Tensor:
     """Windows [start, start+L) over the targets with the part [lo, hi) each one scores: the first scores all L, each
     later one the `stride` targets after its predecessor's end, the last ends exactly at num_targets. Every target is
