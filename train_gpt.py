@@ -218,6 +218,10 @@ class Hyperparameters:
     global_ttt_chunk_tokens: int = 32768  # cosine LR over chunks of this many positions
     global_ttt_batch_seqs: int = 32
     global_ttt_grad_clip: float = 1.0
+    ngram_tilt_enabled: bool = False  # token n-gram tilt (#2135) of every final score; see tilt_hints
+    token_order: int = 16
+    token_threshold: float = 0.8
+    token_boost: float = 2.625
     save_doc_scores: bool = False  # write LOG_DIR/<RUN_ID>.docs.tsv: the final evals' nats per document
     eval_budget_seconds: float = 600.0  # the challenge's eval limit; TTT projected past it is flagged
 
@@ -341,7 +345,8 @@ FIELD_RANGES = dict(
     ttt_lora_lr=NONNEG, ttt_beta1=UNIT_OPEN, ttt_beta2=UNIT_OPEN, ttt_weight_decay=NONNEG, ttt_chunk_size=POS,
     ttt_batch_size=POS, ttt_eval_seq_len=NONNEG, phased_ttt_prefix_docs=NONNEG, phased_ttt_num_phases=POS,
     global_ttt_lr=NONNEG, global_ttt_momentum=UNIT_OPEN, global_ttt_epochs=POS, global_ttt_chunk_tokens=POS,
-    global_ttt_batch_seqs=POS, global_ttt_grad_clip=NONNEG)
+    global_ttt_batch_seqs=POS, global_ttt_grad_clip=NONNEG, token_order="[1, 32]", token_threshold="(0, 1]",
+    token_boost=NONNEG)
 COMPRESS_LEVELS = dict(zstd=(1, 22), zlib=(0, 9), constriction=(0, 22))  # constriction: level unused
 FIELD_CHOICES = dict(compressor=tuple(COMPRESS_LEVELS), mlp_act=("relu2", "leaky_relu2"),
                      attn_backend=("auto", "fa", "cudnn", "sdpa"), parallel_final_lane=("mean", "attn", "mlp"),
@@ -413,7 +418,7 @@ SOTA1855 = dict(  # records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_B
 FRONTIER2135 = dict(  # PR #2135, records/.../2026-05-01_SP8192_PR2130Base_Calib32 (1.05651), its README command
     SOTA1855, asym_logit_rescale=True, smear_gate_bos_fix=False, gated_attn_quant_gate=False, matrix_lr=0.028,
     lqer_asym_group=32, ttt_lora_lr=8e-5, ttt_weight_decay=2.0, ttt_k_lora=False, phased_ttt_num_phases=1,
-    gptq_calibration_batches=32, gptq_reserve_seconds=8.0)
+    gptq_calibration_batches=32, gptq_reserve_seconds=8.0, ngram_tilt_enabled=True)
 PRESETS = {
     # upstream NaiveBaseline: 9x512, MLP 2x, int8 + zlib export, no sliding window
     "baseline": dict(eval_stride=0, quant_attn_bits=8, quant_mlp_bits=8, quant_clip_search=False,
@@ -435,7 +440,7 @@ PRESETS = {
 ENV_FAMILIES = ("NUM_", "MODEL_", "MLP_", "TRAIN_", "VAL_", "EVAL_", "MUON_", "NORMUON_", "ADAM_", "QAT_", "SWA_",
                 "EMA_", "BIGRAM_", "SMEAR_", "MTP_", "QUANT_", "WARMDOWN_", "WARMUP_", "LR_", "TIED_", "EMBED_",
                 "MATRIX_", "SCALAR_", "ROPE_", "QK_", "LOGIT_", "VOCAB_", "GRAD_", "ORTHO_", "COMPRESS_", "INT8_",
-                "GPTQ_", "ATTN_", "TARGET_", "LQER_", "AWQ_", "ASYM_", "TTT_", "PHASED_TTT_", "GLOBAL_TTT_")
+                "GPTQ_", "ATTN_", "TARGET_", "LQER_", "AWQ_", "ASYM_", "TTT_", "PHASED_TTT_", "GLOBAL_TTT_", "NGRAM_", "TOKEN_")
 
 
 # Upstream switches that are a value of one of our variables here
@@ -1515,20 +1520,31 @@ class GPT(nn.Module):
         return F.cross_entropy(self.logits(h, ctx, train=True).flatten(0, 1), y.flatten())
 
     def forward(self, idx: Tensor, targets: Tensor, ctx: Ctx | None = None, per_token: bool = False,
-                split: int = 0) -> Tensor:
+                split: int = 0, hint: Tensor | None = None) -> Tensor:
         """Mean training loss under ctx, or with per_token the nats of each target [B, K] (evaluation: no QAT): the
-        targets of the last K positions of idx [B, T], so a sliding window computes logits only where it scores.
+        targets of the last K positions of idx [B, T], so a sliding window computes logits only where it scores; hint:
+        their tilt's (tilt_hints).
         split: document_mask's (training passes TRAIN_SEQ_LEN: packed rows attend within TRAIN_SEQ_LEN pieces)."""
         ctx = self.final_ctx if ctx is None else ctx
         if per_token:
             h = self.hidden(idx, Ctx(qat=False, looping=ctx.looping))[:, -targets.size(1):]
-            return F.cross_entropy(self.logits(h).flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+            return tilted(self.logits(h), targets, hint, self.args.token_boost)
         h = self.hidden(idx, ctx, split)
         loss = self.mean_nats(h, targets, ctx)
         for k, head in enumerate(self.mtp_heads, start=1):
             hk = F.rms_norm(h[:, :-k] + head(h[:, :-k], ctx), (h.size(-1),))
             loss = loss + self.args.mtp_weight * self.mean_nats(hk, targets[:, k:], ctx)
         return loss
+
+
+def tilted(z: Tensor, y: Tensor, hint: Tensor | None, b: float) -> Tensor:
+    """Nats of targets y under logits z, tilted where hint >= 0: p'(a) = e^(b[a = hint]) p(a) / Z with
+    Z = 1 + p(hint) (e^b - 1), so nll' = nll - b [y = hint] + log1p(p(hint) (e^b - 1)); sums to 1 over the vocab."""
+    nll = F.cross_entropy(z.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    if hint is None:
+        return nll
+    q = torch.exp(-F.cross_entropy(z.flatten(0, 1), hint.clamp(min=0).flatten(), reduction="none").view_as(y))
+    return torch.where(hint >= 0, nll - b * (y == hint) + torch.log1p(q * math.expm1(b)), nll)
 
 
 def train_flops_per_token(args, model) -> float:
@@ -2007,8 +2023,14 @@ def evaluate(model, val: Tensor, luts, args, rt, stride: int, ctx: Ctx | None = 
     windows, L, batch_seqs = eval_plan(val, args, rt, stride)
     sums = score_sums(val, docs, rt)
     score_windows(model, val.to(rt.device), [t.to(rt.device) for t in luts], windows.tensor_split(rt.world_size)[rt.rank],
-                  batch_seqs, rt, ctx, sums, None if docs is None else docs.to(rt.device), stride)
+                  batch_seqs, rt, ctx, sums, None if docs is None else docs.to(rt.device), stride, hints_for(val, args, rt))
     return totals(sums, rt, t0, min(stride or L, L), docs is not None)
+
+
+def hints_for(val: Tensor, args, rt) -> Tensor | None:
+    """The tilt's hints for the stream on the device, or None when NGRAM_TILT_ENABLED=0: each eval computes its own,
+    inside its timer."""
+    return tilt_hints(val.to(rt.device), args.token_order, args.token_threshold) if args.ngram_tilt_enabled else None
 
 
 def eval_plan(val: Tensor, args, rt, stride: int) -> tuple[Tensor, int, int]:
@@ -2026,7 +2048,7 @@ def score_sums(val: Tensor, docs: Tensor | None, rt) -> Tensor:
 
 
 def score_windows(model, val_d, luts_d, windows: Tensor, batch_seqs: int, rt, ctx, sums: Tensor, docs_d=None,
-                  stride: int = 0):
+                  stride: int = 0, hints=None):
     """Adds the nats, count and bytes of the scored targets [lo, hi) of each window (start, lo, hi) to sums, by the
     document of each target when docs_d is given. No gradient, no state change, no host sync. A window scores at
     most its last `stride` targets (0: all L) except the stream's first, which scores all L: a batch holding it gets
@@ -2041,7 +2063,7 @@ def score_windows(model, val_d, luts_d, windows: Tensor, batch_seqs: int, rt, ct
         idx = batch[:, :1] + pos  # [B, L] target positions
         x, y, idx = val_d[idx], val_d[idx[:, -K:] + 1], idx[:, -K:]
         with torch.no_grad(), rt.autocast():
-            nll = model(x, y, ctx=ctx, per_token=True)
+            nll = model(x, y, ctx=ctx, per_token=True, hint=None if hints is None else hints[idx])
         scored = (idx >= batch[:, 1:2]) & (idx < batch[:, 2:3])
         add_scores(sums, docs_d[idx] if docs_d is not None else torch.zeros_like(idx), nll, idx, x[:, -K:], y, luts_d,
                    scored)
@@ -2137,7 +2159,8 @@ def prime_scoring(model, args, rt, stride: int, batch_seqs: int, L: int, ctx=Non
     tokens = torch.randint(args.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0)).to(rt.device)
     windows = sliding_windows(n, L, stride)
     for w in (windows[:batch_seqs], windows[1:batch_seqs + 1]):  # bytes from a zero "sidecar": speed only
-        score_windows(model, tokens, [tokens * 0], w, batch_seqs, rt, ctx, score_sums(tokens, None, rt), None, stride)
+        score_windows(model, tokens, [tokens * 0], w, batch_seqs, rt, ctx, score_sums(tokens, None, rt), None, stride,
+                      hints_for(tokens, args, rt))
     return tokens
 
 
@@ -2178,17 +2201,20 @@ def evaluate_ttt(base, model, val: Tensor, luts, args, rt, stride: int, log, doc
     docs_d = None if docs is None else docs.to(rt.device)
     params = [p for p in base.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
-    sums, projection = score_sums(val, docs, rt), None
+    sums, projection, hints = score_sums(val, docs, rt), None, hints_for(val, args, rt)
+    rt.sync()
+    pre = time.perf_counter() - t0  # the tilt's precompute, projected as a fixed cost
     for c, chunk in enumerate(chunks):
         score_windows(model, val_d, luts_d, chunk.tensor_split(rt.world_size)[rt.rank], batch_seqs, rt, None, sums, docs_d,
-                      stride)
+                      stride, hints)
         if c < len(chunks) - 1:  # the last chunk's targets are scored by nothing later: never trained on
             for group in opt.param_groups:
                 group["lr"] = ttt_lr(args, c, len(chunks))
             ttt_train(model, params, opt, val_d, int(chunk[0, 1]), int(chunk[-1, 2]), args, rt)
         if c + 1 == min(TTT_PROJECT_CHUNKS, len(chunks)):
             rt.sync()
-            projection = ttt_projection(args, rt, val, time.perf_counter() - t0, c + 1, len(chunks), spent_s, log)
+            projection = ttt_projection(args, rt, val, time.perf_counter() - t0, c + 1, len(chunks), spent_s, log,
+                                        pre=pre)
     out = totals(sums, rt, t0, min(stride or L, L), docs is not None)
     return ttt_result(out, len(chunks), projection, spent_s, args)
 
@@ -2256,15 +2282,15 @@ FULL_VAL_TOKENS = 62_021_632  # the sp1024 records' validation targets; sp8192 h
 RECORD_RANKS = 8
 
 
-def ttt_projection(args, rt, val, elapsed_s, done, total, spent_s, log, unit="chunks") -> dict:
-    """Projected TTT seconds for this stream on these ranks (elapsed * total / done units of work), the whole eval's,
-    and (throughput scaled by tokens and ranks) the full validation set's on 8 of these devices; loud when this eval
-    would pass EVAL_BUDGET_SECONDS."""
-    projected = elapsed_s * total / done
-    full = projected * FULL_VAL_TOKENS / (val.numel() - 1) * rt.world_size / RECORD_RANKS
+def ttt_projection(args, rt, val, elapsed_s, done, total, spent_s, log, unit="chunks", pre=0.0) -> dict:
+    """Projected TTT seconds for this stream on these ranks (pre, the tilt's precompute, + the rest of elapsed *
+    total / done units of work), the whole eval's, and (throughput scaled by tokens, and but for pre by ranks) the full
+    validation set's on 8 of these devices; loud when this eval would pass EVAL_BUDGET_SECONDS."""
+    projected, scale = pre + (elapsed_s - pre) * total / done, FULL_VAL_TOKENS / (val.numel() - 1)
+    full = (projected - pre) * scale * rt.world_size / RECORD_RANKS + pre * scale
     over = spent_s + projected > args.eval_budget_seconds
     avg = f" chunk_avg:{1000 * elapsed_s / done:.0f}ms" if unit == "chunks" else ""
-    log(f"ttt_projection: {unit}:{done}/{total} elapsed:{elapsed_s:.1f}s{avg} projected_ttt:{projected:.1f}s "
+    log(f"ttt_projection: {unit}:{done}/{total} elapsed:{elapsed_s:.1f}s{avg} tilt_hints:{pre:.1f}s projected_ttt:{projected:.1f}s "
         f"projected_eval:{spent_s + projected:.1f}s full_val_{RECORD_RANKS}x:{full:.1f}s "
         f"budget:{args.eval_budget_seconds:g}s")
     if over:
@@ -2342,13 +2368,16 @@ class DocAdapters(nn.Module):
                 h.remove()
 
 
-def lora_nats(base, head, x: Tensor, y: Tensor, ctx: Ctx) -> Tensor:
+def lora_nats(base, head, x: Tensor, y: Tensor, ctx: Ctx, hint: Tensor | None = None):
+    """The nats of y; with hint, (those, the tilted nats): the scores are tilted, the adapters train on the plain."""
     h = base.hidden(x, ctx)
-    return F.cross_entropy(base.logits(h, delta=head(h)).flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    z = base.logits(h, delta=head(h))
+    nll = tilted(z, y, None, 0)
+    return nll if hint is None else (nll, tilted(z.detach(), y, hint, base.args.token_boost))
 
 
 def lora_step(base, head, opt, val_d, luts_d, idx: Tensor, lo: Tensor, hi: Tensor, train: Tensor, rows: Tensor,
-              rt, sums: Tensor):
+              rt, sums: Tensor, hints=None):
     """Scores the targets [lo, hi) of each row's window idx (positions) into sums by document (rows), then one AdamW
     step on the mean nats of that chunk for the rows marked train. Rows never mix, so each gradient reaches only its
     own document's adapters. Padding past the stream's last target reads that target's tokens but is never scored:
@@ -2357,8 +2386,9 @@ def lora_step(base, head, opt, val_d, luts_d, idx: Tensor, lo: Tensor, hi: Tenso
     idx = idx.clamp(max=val_d.numel() - 2)
     x, y = val_d[idx], val_d[idx + 1]
     with torch.enable_grad(), rt.autocast():
-        nll = lora_nats(base, head, x, y, Ctx(looping=base.final_ctx.looping)).float()
-    add_scores(sums, rows[:, None].expand_as(idx), nll, idx, x, y, luts_d, scored)
+        nll = lora_nats(base, head, x, y, Ctx(looping=base.final_ctx.looping), None if hints is None else hints[idx])
+    nll, score = (nll, nll) if hints is None else nll
+    add_scores(sums, rows[:, None].expand_as(idx), score, idx, x, y, luts_d, scored)
     if train.any():
         per_doc = (nll * scored).sum(1) / scored.sum(1)
         opt.zero_grad(set_to_none=True)
@@ -2366,7 +2396,7 @@ def lora_step(base, head, opt, val_d, luts_d, idx: Tensor, lo: Tensor, hi: Tenso
         opt.step()
 
 
-def lora_batch(base, adapters, rows: Tensor, spans: Tensor, val_d, luts_d, args, rt, sums: Tensor):
+def lora_batch(base, adapters, rows: Tensor, spans: Tensor, val_d, luts_d, args, rt, sums: Tensor, hints=None):
     """Scores and adapts documents `rows` (longest first; spans: [first, end) target positions) chunk by chunk. A
     chunk's window is the TTT_EVAL_SEQ_LEN positions of its document ending at the chunk's end (fewer near the start);
     shorter windows are padded on the right, which causal attention never lets a scored target see."""
@@ -2382,7 +2412,7 @@ def lora_batch(base, adapters, rows: Tensor, spans: Tensor, val_d, luts_d, args,
             start = torch.maximum(first[:m], hi - L)
             idx = start[:, None] + torch.arange(int((hi - start).max()))
             lo, hi, idx, train = (t.to(rt.device) for t in (lo, hi, idx, hi < end[:m]))
-            lora_step(base, head, opt, val_d, luts_d, idx, lo, hi, train, rows_d[:m], rt, sums)
+            lora_step(base, head, opt, val_d, luts_d, idx, lo, hi, train, rows_d[:m], rt, sums, hints)
 
 
 def phase_groups(n_docs: int, args) -> list[tuple[int, int]]:
@@ -2419,7 +2449,9 @@ def evaluate_ttt_lora(base, val: Tensor, luts, args, rt, log, docs: Tensor | Non
     spans = torch.stack((starts, torch.cat((starts[1:], torch.tensor([val.numel() - 1])))), 1)
     groups = phase_groups(len(spans), args)
     val_d, luts_d = val.to(rt.device), [t.to(rt.device) for t in luts]
-    sums = torch.zeros(len(spans), 3, device=rt.device, dtype=torch.float64)
+    sums, hints = torch.zeros(len(spans), 3, device=rt.device, dtype=torch.float64), hints_for(val, args, rt)
+    rt.sync()
+    pre = time.perf_counter() - t0
     params = list(base.parameters())  # with the AsymLogit caps, frozen until here
     for p in params:
         p.requires_grad_(False)
@@ -2432,18 +2464,19 @@ def evaluate_ttt_lora(base, val: Tensor, luts, args, rt, log, docs: Tensor | Non
         split = ids[torch.argsort(spans[ids, 1] - spans[ids, 0], descending=True, stable=True)].split(args.ttt_batch_size)
         batches += len(split)
         for rows in split[rt.rank::rt.world_size]:
-            lora_batch(base, adapters, rows, spans, val_d, luts_d, args, rt, sums)
+            lora_batch(base, adapters, rows, spans, val_d, luts_d, args, rt, sums, hints)
             done, mine = done + int((spans[rows, 1] - spans[rows, 0]).sum()) * rt.world_size, mine + 1
             if mine == TTT_PROJECT_CHUNKS:
                 rt.sync()
-                projection = ttt_projection(args, rt, val, time.perf_counter() - t0, done, work, spent_s, log, "work")
+                projection = ttt_projection(args, rt, val, time.perf_counter() - t0, done, work, spent_s, log, "work",
+                                            pre)
         if g < len(groups) - 1:
             global_sgd(base, params, val_d, trained[g], args, rt)
             done += args.global_ttt_epochs * trained[g]
             log(f"ttt_phase: {g + 1}/{len(groups) - 1} docs_scored:{d1} trained_positions:{trained[g]} "
                 f"elapsed:{time.perf_counter() - t0:.1f}s")
     if projection is None:
-        projection = ttt_projection(args, rt, val, time.perf_counter() - t0, work, work, spent_s, log, "work")
+        projection = ttt_projection(args, rt, val, time.perf_counter() - t0, work, work, spent_s, log, "work", pre)
     out = totals(sums, rt, t0, args.ttt_chunk_size, docs is not None)
     return ttt_result(out, batches, projection, spent_s, args, phases=len(groups) - 1)
 

@@ -154,7 +154,7 @@ class PositionProbe(torch.nn.Module):
         super().__init__()
         self.f, self.calls = f, []
 
-    def forward(self, x, y, ctx=None, per_token=False):
+    def forward(self, x, y, ctx=None, per_token=False, hint=None):
         k = y.size(1)  # the targets of the last k positions of x (GPT.forward's contract)
         assert per_token and x.size(0) == y.size(0) and (y == x[:, -k:] + 1).all()
         self.calls.append(x.shape)

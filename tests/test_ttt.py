@@ -33,7 +33,7 @@ class Recorder(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(()))
         self.trained = []
 
-    def forward(self, x, y, ctx=None, per_token=False):
+    def forward(self, x, y, ctx=None, per_token=False, hint=None):
         x = x[:, -y.size(1):]  # the targets of the last y.size(1) positions (GPT.forward's contract)
         assert per_token and (y == x + 1).all()
         if torch.is_grad_enabled():

@@ -82,13 +82,13 @@ def recorded(monkeypatch, args, val, leak=False):
     the positions each row's adapter step trains on, ("global", None, positions) for each global SGD phase."""
     events, step, sgd = [], train_gpt.lora_step, train_gpt.global_sgd
 
-    def recording_step(base, head, opt, val_d, luts_d, idx, lo, hi, train, rows, rt, sums):
+    def recording_step(base, head, opt, val_d, luts_d, idx, lo, hi, train, rows, rt, sums, *more):
         scored = (idx >= lo[:, None]) & (idx < hi[:, None])
         for i, d in enumerate(rows.tolist()):
             events.append(("score", d, set(idx[i][scored[i]].tolist())))
         for i in torch.nonzero(train).flatten().tolist():
             events.append(("adapt", int(rows[i]), set(idx[i][scored[i]].tolist())))
-        return step(base, head, opt, val_d, luts_d, idx, lo, hi, train, rows, rt, sums)
+        return step(base, head, opt, val_d, luts_d, idx, lo, hi, train, rows, rt, sums, *more)
 
     def recording_sgd(base, params, val_d, hi, args, rt):
         hi = val_d.numel() - 1 if leak else hi  # the leak: train on the whole stream, later documents included
