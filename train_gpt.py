@@ -2760,7 +2760,8 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_he
                 "parallel_start_layer", "parallel_residual_start", "parallel_final_lane", "sparse_attn_gate_enabled",
                 "sparse_attn_gate_scale", "gate_window", "smear_gate_enabled", "smear_pre_norm", "doc_mask",
                 "asym_logit_rescale", "smear_gate_bos_fix")
-EVAL_FIELDS = ("train_seq_len", "eval_seq_len", "eval_stride", "val_max_tokens", "seed", "caseops_enabled") + tuple(
+EVAL_FIELDS = ("train_seq_len", "eval_seq_len", "eval_stride", "val_max_tokens", "seed", "caseops_enabled",
+               "ngram_tilt_enabled", "token_order", "token_threshold", "token_boost") + tuple(
     f.name for f in dataclasses.fields(Hyperparameters) if f.name.startswith(("ttt_", "phased_ttt_", "global_ttt_")))
 ARTIFACT_VERSION = 3  # 2: range-coded codes (COMPRESSOR=constriction); 3: tokenizer hash, seed, eval order
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

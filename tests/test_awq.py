@@ -219,6 +219,7 @@ def test_frontier2135_is_sota1855_with_its_levers():
                         smear_gate_bos_fix=(True, False), gated_attn_quant_gate=(True, False),
                         matrix_lr=(0.026, 0.028), lqer_asym_group=(64, 32), ttt_lora_lr=(1e-4, 8e-5),
                         ttt_weight_decay=(0.5, 2.0), ttt_k_lora=(True, False), phased_ttt_num_phases=(3, 1),
-                        gptq_calibration_batches=(16, 32), gptq_reserve_seconds=(0.5, 8.0))
+                        gptq_calibration_batches=(16, 32), gptq_reserve_seconds=(0.5, 8.0),
+                        ngram_tilt_enabled=(False, True))
     assert not a.awq_lite_enabled  # #2135's code has no AWQ-lite
     assert a.ttt_lora_alpha == b.ttt_lora_alpha == 144  # both records' code default (TTT_LORA_ALPHA, not logged)
