@@ -3157,7 +3157,8 @@ def measure_gptq_reserve(args, rt, base, loader, log):
     args.gptq_reserve_seconds = reserve = ranks_max(GPTQ_RESERVE_MARGIN * args.gptq_calibration_batches * took, rt)
     log(f"gptq_reserve:{reserve:.2f}s batch:{took:.3f}s")
     if reserve >= args.max_wallclock_seconds:
-        raise UserError(f"GPTQ_RESERVE_SECONDS: measured {reserve:.1f}s >= MAX_WALLCLOCK_SECONDS")
+        raise UserError(f"GPTQ_RESERVE_SECONDS: measured {reserve:.1f}s >= MAX_WALLCLOCK_SECONDS; raise "
+                        "MAX_WALLCLOCK_SECONDS or lower GPTQ_CALIBRATION_BATCHES")
 
 
 def calibrate(args, rt, base, loader, log) -> dict[str, Tensor] | None:
@@ -3172,7 +3173,8 @@ def calibrate(args, rt, base, loader, log) -> dict[str, Tensor] | None:
     rt.sync()
     took = time.perf_counter() - t0
     log(f"gptq_calibration: batches:{args.gptq_calibration_batches} matrices:{len(hessians)} time:{took:.2f}s "
-        f"reserve:{args.gptq_reserve_seconds:g}s{' OVER RESERVE' if 0 <= args.gptq_reserve_seconds < took else ''}")
+        f"reserve:{f'{args.gptq_reserve_seconds:g}s' if args.gptq_reserve_seconds >= 0 else 'none (no wall-clock cap)'}"
+        f"{' OVER RESERVE' if 0 <= args.gptq_reserve_seconds < took else ''}")
     return hessians
 
 
