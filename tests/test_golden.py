@@ -122,15 +122,20 @@ def test_lr_multiplier_equals_the_records_lr_mul(preset):
     np.testing.assert_allclose(ours, g["lr_mul"], rtol=0, atol=1e-12)
 
 
+def two_muon_steps(opt, ps, i):
+    """The golden inputs' two steps: gradients muon_g{k}[step] for parameter k."""
+    for s in range(2):
+        for k, p in enumerate(ps):
+            p.grad = torch.from_numpy(i[f"muon_g{k}"][s]).clone()
+        opt.step()
+
+
 def test_record0409_muon_two_steps():
     """Nesterov momentum 0.99, MuonEq-R rows, NS5 (5 steps), sqrt(max(1, rows/cols)), decoupled WD 0.095."""
     i, g = golden_inputs(), load("record0409")
     ps = [torch.nn.Parameter(torch.from_numpy(i[f"muon_p{k}"]).clone()) for k in range(2)]
     opt = train_gpt.Muon(ps, lr=0.022, momentum=0.99, steps=5, wd=0.095, row_normalize=True, ns="ns5")
-    for s in range(2):
-        for k, p in enumerate(ps):
-            p.grad = torch.from_numpy(i[f"muon_g{k}"][s]).clone()
-        opt.step()
+    two_muon_steps(opt, ps, i)
     for k, p in enumerate(ps):
         np.testing.assert_allclose(p.detach().numpy(), g[f"muon_after{k}"], rtol=0, atol=2e-6)
 
@@ -296,10 +301,7 @@ def test_seed156_normuon_two_steps():
     ps = [torch.nn.Parameter(torch.from_numpy(i[f"muon_p{k}"]).clone()) for k in range(2)]
     opt = train_gpt.Muon(ps, lr=args.matrix_lr, momentum=args.muon_momentum, steps=5, normuon=args.normuon,
                          beta2=args.normuon_beta2)
-    for s in range(2):
-        for k, p in enumerate(ps):
-            p.grad = torch.from_numpy(i[f"muon_g{k}"][s]).clone()
-        opt.step()
+    two_muon_steps(opt, ps, i)
     for k, p in enumerate(ps):
         np.testing.assert_allclose(p.detach().numpy(), g[f"s156_normuon_after{k}"], rtol=0, atol=2e-6)
 

@@ -147,17 +147,14 @@ def load_1855_weights(up, h, w):
     up.load_state_dict(sd, strict=True)
 
 
-def run_2135():
-    """PR #2135: its model (AsymLogit caps at the golden weights' values, SmearGate without the BOS fix, as its
-    SMEAR_GATE_BOS_FIX=0 run) and lr_mul; AWQ-lite from PR #1945's code on two matrices."""
-    env = dict(tiny_env("frontier2135"), QK_GAIN_INIT=5.0, NUM_LOOPS=2, PARALLEL_START_LAYER=4, SMEAR_GATE_ENABLED=1,
-               SPARSE_ATTN_GATE_ENABLED=1, SPARSE_ATTN_GATE_SCALE=0.5, GATE_WINDOW=12, ASYM_LOGIT_RESCALE=1,
-               SMEAR_GATE_BOS_FIX=0)
-    rec = load(SRC["r2135"], "r2135", env)
+def model_and_schedule(src, preset, env):
+    """A #1855-line record (#1855, #2135) with the golden weights of our `preset`: its logits plain, looped and
+    document-packed (its varlen path; cu_seqlens at each BOS), and its lr_mul at 41 fractions."""
+    rec = load(SRC[src], src, env)
     rec.BOS_ID = 1
     h = rec.Hyperparameters()
     up = rec.GPT(h).eval()
-    load_1855_weights(up, h, tg.golden_weights(tg.tiny_record_args("frontier2135")))
+    load_1855_weights(up, h, tg.golden_weights(tg.tiny_record_args(preset)))
     out = dict(plain=logits(up, tokens, False), looped=logits(up, tokens, True))
     bos = [int(i) for i in np.flatnonzero(packed[0] == 1) if i > 0]
     cu = torch.tensor([0, *bos, packed.shape[1]], dtype=torch.int32)
@@ -165,6 +162,16 @@ def run_2135():
     fr = np.linspace(0, 1, 41)
     lr_mul = nested_fn(rec.train_model, "lr_mul", h=types.SimpleNamespace(warmdown_frac=0.85, min_lr=0.1))
     out.update(lr_frac=fr, lr_mul=np.array([lr_mul(f) for f in fr]))
+    return rec, out
+
+
+def run_2135():
+    """PR #2135: its model (AsymLogit caps at the golden weights' values, SmearGate without the BOS fix, as its
+    SMEAR_GATE_BOS_FIX=0 run) and lr_mul; AWQ-lite from PR #1945's code on two matrices."""
+    env = dict(tiny_env("frontier2135"), QK_GAIN_INIT=5.0, NUM_LOOPS=2, PARALLEL_START_LAYER=4, SMEAR_GATE_ENABLED=1,
+               SPARSE_ATTN_GATE_ENABLED=1, SPARSE_ATTN_GATE_SCALE=0.5, GATE_WINDOW=12, ASYM_LOGIT_RESCALE=1,
+               SMEAR_GATE_BOS_FIX=0)
+    rec, out = model_and_schedule("r2135", "frontier2135", env)
     # AWQ-lite: gptq_mixed_quantize on two GPTQ'd matrices (int6, SDClip k 13 attention / 11.5 MLP), activation RMS
     # sqrt(diag H), 32-column groups, the top 2 groups int8
     r45 = load(SRC["r1945"], "r1945", {})
@@ -188,19 +195,7 @@ def run_2135():
 def run_1855():
     env = dict(tiny_env("sota1855"), QK_GAIN_INIT=5.0, NUM_LOOPS=2, PARALLEL_START_LAYER=4, SMEAR_GATE_ENABLED=1,
                SPARSE_ATTN_GATE_ENABLED=1, SPARSE_ATTN_GATE_SCALE=0.5, GATE_WINDOW=12)
-    rec = load(SRC["r1855"], "r1855", env)
-    rec.BOS_ID = 1
-    h = rec.Hyperparameters()
-    up = rec.GPT(h).eval()
-    load_1855_weights(up, h, tg.golden_weights(tg.tiny_record_args("sota1855")))
-    out = dict(plain=logits(up, tokens, False), looped=logits(up, tokens, True))
-    # documents packed in one row, attention within documents (its varlen path; cu_seqlens at each BOS)
-    bos = [int(i) for i in np.flatnonzero(packed[0] == 1) if i > 0]
-    cu = torch.tensor([0, *bos, packed.shape[1]], dtype=torch.int32)
-    out.update(packed_looped=logits(up, packed, True, cu_seqlens=cu, max_seqlen=32))
-    fr = np.linspace(0, 1, 41)
-    lr_mul = nested_fn(rec.train_model, "lr_mul", h=types.SimpleNamespace(warmdown_frac=0.85, min_lr=0.1))
-    out.update(lr_frac=fr, lr_mul=np.array([lr_mul(f) for f in fr]))
+    rec, out = model_and_schedule("r1855", "sota1855", env)
     # Polar Express (its zeropower_via_newtonschulz5, float32) on a wide and a tall fixed matrix, 5 steps
     for tag in ("wide", "tall"):
         out[f"pe_{tag}"] = rec.zeropower_via_newtonschulz5(T(I[f"pe_{tag}"]), steps=5).numpy()
