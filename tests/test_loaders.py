@@ -96,7 +96,7 @@ def test_calibration_reads_the_records_shuffled_sequences(tmp_path):
         micro_batches(loader, 5)
         assert type(loader.calib) is train_gpt.ShuffledLoader and loader.calib is not loader
         assert [x.tolist() for x, _ in micro_batches(loader.calib, 4)] == first
-    stream = train_gpt.TrainLoader(tiny_args(**env, GPTQ=1), rt, 2)
+    stream = train_gpt.TrainLoader(tiny_args(**env, GPTQ=1, TRAIN_LOADER="stream"), rt, 2)
     assert stream.calib is stream  # the baseline's stream continues past what training read
 
 

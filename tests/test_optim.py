@@ -134,7 +134,7 @@ def routed_names(model, args):
 
 
 def test_every_parameter_is_routed_once_to_the_right_group():
-    args = tiny_args(TIE_EMBEDDINGS=0, SMEAR_GATE=1, BIGRAM_BUCKETS=64, MTP_HEADS=1, NUM_LAYERS=2)
+    args = tiny_args(TIE_EMBEDDINGS=0, SMEAR_GATE=1, SMEAR_GATE_ENABLED=0, BIGRAM_BUCKETS=64, MTP_HEADS=1, NUM_LAYERS=2)
     model = train_gpt.GPT(args)
     groups = train_gpt.route_params(model)
     names = [n for v in groups.values() for n, _ in v]
@@ -148,7 +148,9 @@ def test_every_parameter_is_routed_once_to_the_right_group():
     assert g["matrix"] == matrices | {"bigram.proj.weight", "mtp_heads.0.weight"}
     scalars = {f"blocks.{i}.{s}" for i in range(2) for s in ("attn.q_gain", "attn_scale", "mlp_scale", "resid_mix")}
     # new control tensors (skip gates, lane scalars of the two-lane block 1) land in scalar by module type
-    assert g["scalar"] == scalars | {"skip_weights", "smear.gate", "bigram.scale", "skip_gates", "blocks.1.lane_resid", "blocks.1.lane_mix"}
+    assert g["scalar"] == scalars | {"skip_weights", "smear.gate", "bigram.scale", "skip_gates", "blocks.1.lane_resid",
+                                     "blocks.1.lane_mix", "blocks.0.attn.attn_gate", "blocks.1.attn.attn_gate",
+                                     "softcap_pos", "softcap_neg"}  # the sparse gates; AsymLogit's caps (frozen)
     tied = train_gpt.GPT(tiny_args(TIE_EMBEDDINGS=1))
     assert routed_names(tied, tied.args)["head"] == set() and tied.lm_head is None
 
