@@ -89,7 +89,11 @@ def quantized_state(source, args, env=None, seed=0):
         state, what = synthetic_state(args, seed), f"Student-t(6) x 0.02 weights (seed {seed}), not trained"
     t0 = time.perf_counter()
     q = train_gpt.quantize_state(state, args)  # no Hessians: round to nearest at the SDClip steps
-    what += f", quantized by round to nearest (no GPTQ) in {time.perf_counter() - t0:.1f}s"
+    what += (f", quantized by round to nearest (no GPTQ) in {time.perf_counter() - t0:.1f}s: SDClip k "
+             f"{args.matrix_clip_sigmas:g} (attention {args.attn_clip_sigmas:g}, MLP {args.mlp_clip_sigmas:g}) int"
+             f"{args.matrix_bits}, embedding int{args.embed_bits} at k {args.embed_clip_sigmas:g}"
+             + (f", LQER rank {args.lqer_rank} on the top {args.lqer_top_k} (B groups of {args.lqer_asym_group})"
+                if args.lqer_enabled else ""))
     return q, args, args.num_loops > 0, what
 
 
@@ -367,9 +371,10 @@ def cmd_run(opts):
     args = preset_args(env) if not opts.artifact else None
     qstate, args, looping, what = quantized_state(source, args, env, opts.seed)
     stats, fp = code_stats(qstate), fingerprint(qstate)
+    shape = f"vocab {args.vocab_size}, {args.num_layers} x {args.model_dim}, MLP {args.mlp_mult:g}x"
     data = dict(source=source if not opts.artifact else f"artifact:{os.path.basename(opts.artifact)}",
-                description=what, shape=f"vocab {args.vocab_size}, {args.num_layers} x {args.model_dim}, MLP "
-                                        f"{args.mlp_mult:g}x", preset=args.preset, fingerprint=fp, **stats)
+                description=f"{opts.label}; {what}" if opts.label else what, shape=shape, preset=args.preset,
+                fingerprint=fp, **stats)
     results = json.load(open(opts.json)) if opts.json and os.path.exists(opts.json) else dict(data=data, runs={})
     if results["data"]["fingerprint"] != fp:
         raise SystemExit(f"{opts.json} holds another quantized state ({results['data']['fingerprint'][:12]} vs "
@@ -404,33 +409,47 @@ LABELS = dict(constriction="ours: range coder (`COMPRESSOR=constriction`)",
 def table(results) -> list[str]:
     d, runs = results["data"], results["runs"]
     ours = runs.get("constriction")
-    lines = ["| container | bytes | vs ours | int6 weights that buys | codes part | rest | vs codes' entropy | "
-             "compress s | decompress s | lossless |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| container | bytes | vs ours | int6 weights in that difference | codes part | vs codes' entropy | "
+             "row orders + frame | rest | compress s | decompress s | lossless |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for m in METHODS:
         if m not in runs:
             continue
         r = runs[m]
         label = LABELS[m] if r.get("matrices") != "brotli" else \
             "#2135 per-group, **brotli-11 for the matrices, not lrzip**; rest brotli-11"
+        vs = buys = ""
         if ours and m != "constriction":
             diff = r["bytes"] - ours["bytes"]
             vs, buys = f"{diff:+,}", f"{diff * 8 / d['int6_bits_per_code']:+,.0f}"
-        else:
-            vs = buys = ""
         p = r.get("parts") or {}
-        codes = f"{p['codes']:,}" if p else "one stream"
-        rest = f"{p['rest'] + p.get('frame_and_row_orders', 0):,}" if p else ""
-        ent = f"{100 * (p['codes'] / d['entropy_bytes'] - 1):+.2f}%" if p else ""
-        lines.append(f"| {label} | {r['bytes']:,} | {vs} | {buys} | {codes} | {rest} | {ent} | {r['compress_s']:.1f} | "
-                     f"{r['decompress_s']:.1f} | {'yes' if r['lossless'] else 'NO: ' + ', '.join(r['mismatches'])} |")
+        codes, ent = (f"{p['codes']:,}", f"{100 * (p['codes'] / d['entropy_bytes'] - 1):+.3f}%") if p else \
+            ("one stream", "")
+        orders = f"{p['frame_and_row_orders']:,}" if "frame_and_row_orders" in p else ""
+        rest = f"{p['rest']:,}" if p else ""
+        lines.append(f"| {label} | {r['bytes']:,} | {vs} | {buys} | {codes} | {ent} | {orders} | {rest} | "
+                     f"{r['compress_s']:.1f} | {r['decompress_s']:.1f} | "
+                     f"{'yes' if r['lossless'] else 'NO: ' + ', '.join(r['mismatches'])} |")
     return lines
+
+
+def split_line(results) -> list[str]:
+    """Where the per-group frame's difference from ours comes from, part by part."""
+    ours, pg = results["runs"].get("constriction"), results["runs"].get("pergroup")
+    if not (ours and pg and ours.get("parts") and pg.get("parts")):
+        return []
+    a, b = ours["parts"], pg["parts"]
+    return ["", f"Per-group minus ours, {pg['bytes'] - ours['bytes']:+,} bytes: codes part "
+                f"{b['codes'] - a['codes']:+,}, row orders + frame {b['frame_and_row_orders']:+,}, rest "
+                f"{b['rest'] - a['rest']:+,}."]
 
 
 def cmd_report(opts):
     out = ["# Bytes: our range coder against #2135's per-group compressor (issue 17)", "",
            "Written by `python bench/compress_compare.py report` from the JSON files named under each table; every "
            "number comes from `bench/compress_compare.py run` (its docstring says what each container does). "
-           "CPU only; times are from a busy shared machine, read them as ratios.", ""]
+           "CPU only; times are wall seconds on a busy shared machine (lrzip runs at its default nice 19), read "
+           "them as ratios.", ""]
     for path in opts.json:
         results = json.load(open(path))
         d, runs = results["data"], results["runs"]
@@ -439,7 +458,7 @@ def cmd_report(opts):
                 f"- **Data**: {d['description']}. Preset values: `PRESET={d['preset']}`.",
                 f"- **Codes**: {d['tensors']} quantized matrices, {d['codes']:,} codes; their empirical entropy (one "
                 f"histogram per tensor) {d['entropy_bytes']:,.0f} bytes; the int6 codes average "
-                f"{d['int6_bits_per_code']:.3f} bits (\"int6 weights that buys\" = bytes x 8 / that).",
+                f"{d['int6_bits_per_code']:.3f} bits.",
                 *([f"- **Our container written again** from that state: "
                    f"{'the same bytes as the file' if d['repacked_identical'] else 'NOT the same bytes as the file'}."]
                   if "repacked_identical" in d else []),
@@ -447,10 +466,15 @@ def cmd_report(opts):
                 f"- **Results file**: `{os.path.relpath(path, ROOT)}`. **Commands** (date):"]
         for cmd, date in dict.fromkeys((r["command"], r["date"]) for r in runs.values()):
             out.append(f"  - `{cmd}` ({date})")
-        out += ["", *table(results), "",
-                "\"vs ours\": bytes more (+) or fewer (-) than the range coder; \"codes part\": the matrices' codes "
-                "alone (our coded words; lrzip's stream), \"rest\": everything else in the file (for the per-group "
-                "frame this includes its row orders, stored raw as #2135 stores them).", ""]
+        out += ["", *table(results), *split_line(results), "",
+                "\"vs ours\": bytes more (+) or fewer (-) than our range-coded artifact; \"int6 weights in that "
+                "difference\": the same at the int6 codes' average entropy (+: ours holds that many more int6 "
+                "weights in the same bytes). \"codes part\": the matrices' codes alone (our coded words; the "
+                "per-group frame's lrzip stream), against their entropy with one histogram per tensor. \"row orders "
+                "+ frame\": the per-group frame's row orders (2 bytes a row, stored raw, as #2135 stores them) and "
+                "its names and shapes. \"rest\": scales, LQER factors, the tensors kept in fp16/fp32 and the "
+                "header (ours: lzma of our JSON header and raw arrays; per-group: torch.save, byte shuffle, "
+                "brotli-11).", ""]
     text = "\n".join(out)
     if opts.md:
         with open(opts.md, "w") as f:
@@ -467,6 +491,7 @@ def main(argv=None):
     r.add_argument("--checkpoint", help="a float state dict of the preset's model (torch.save)")
     r.add_argument("--env", nargs="*", default=[], help="KEY=VALUE over PRESET=frontier2135 (e.g. a smaller shape)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--label", help="what the data is, for the report (e.g. how the artifact was trained)")
     r.add_argument("--json", help="results file to merge into")
     r.add_argument("--no-lrzip", action="store_true", help="brotli-11 for the per-group matrices even with lrzip")
     s = sub.add_parser("report")
