@@ -1599,7 +1599,8 @@ class Muon(torch.optim.Optimizer):
     flat [world, chunk] buffer (bf16 on CUDA). reduce() reduce-scatters the gradients in that buffer, so each rank
     receives the mean over ranks of its own matrices' gradients only (half the bytes of an all-reduce); step() runs
     momentum and Newton-Schulz, batched per shape, on those alone (so only the owner holds a momentum buffer) and
-    all-gathers the updates in the same buffer."""
+    all-gathers the updates in a buffer of the same layout. One rank: reduce() does nothing, step() uses the gradients
+    as they are."""
 
     def __init__(self, params, lr, momentum, steps, wd=0.0, normuon=False, beta2=0.95, rank=0, world=1,
                  orthogonalize=newton_schulz, row_normalize=False, ns="ns5"):
@@ -1835,8 +1836,11 @@ def train_step(model, batches, optimizers, args, rt, ctx: Ctx) -> Tensor:
 
 
 def reduce_grads(optimizers, rt) -> tuple[list[Tensor], list[Tensor]]:
-    """Gradients averaged over ranks after the last micro-batch's backward (no DDP, so nothing runs during it), in
-    bf16 on CUDA (half the bytes): Adam's all-reduced in one flat buffer, Muon's reduce-scattered (Muon.reduce).
+    """Gradients averaged over ranks, in bf16 on CUDA (half the bytes; DDP's bf16_compress_hook before): Adam's
+    (embeddings, head, scalars) all-reduced in one flat buffer, Muon's reduce-scattered (Muon.reduce), so each rank
+    receives only its own matrices' (half the bytes of the all-reduce DDP ran). No DDP, and no overlap with the
+    backward: the model is compiled as one graph, whose backward hands every gradient over at its end (DDP around it
+    had dynamo split the graph at its buckets to overlap; the records' reduce-scatter runs after the backward too).
     Returns Adam's gradients and the tensors that hold this rank's share of Muon's."""
     adam, muon = optimizers
     grads = [p.grad for g in adam.param_groups for p in g["params"] if p.grad is not None]
@@ -1850,7 +1854,8 @@ def reduce_grads(optimizers, rt) -> tuple[list[Tensor], list[Tensor]]:
 
 def clip_grads(optimizers, grads, shares, max_norm, rt):
     """torch's clip_grad_norm_ (the same operations: on one rank the same numbers) with the norm of every averaged
-    gradient: Adam's, which each rank holds, and Muon's, spread over the ranks, whose squared norms are summed."""
+    gradient: Adam's, which each rank holds, and Muon's, spread over the ranks, whose squared norms are summed. Every
+    gradient is scaled, the unreduced ones of matrices this rank does not own too (unused)."""
     if rt.distributed:
         sq = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(shares))) ** 2
         dist.all_reduce(sq)

@@ -171,6 +171,32 @@ def comm_run(rank, world, store, out_dir):
         dist.destroy_process_group()
 
 
+def test_one_rank_step_is_clip_grad_norm_then_the_optimizers():
+    """On one rank train_step is what it was with DDP: backward, torch's clip_grad_norm_ over every parameter (Adam's
+    groups, then Muon's), AdamW, Muon; bit for bit."""
+    args, rt = tiny_args(**COMM), cpu_runtime()
+    x = torch.randint(args.vocab_size, (MICRO, 1, args.train_seq_len), generator=gen(5))
+    batches = list(zip(x, x.roll(1, -1)))
+    runs = []
+    for plain in (False, True):
+        torch.manual_seed(0)
+        base, model = train_gpt.build_model(args, rt)
+        opts = train_gpt.build_optimizers(base, args, rt)
+        for _ in range(2):
+            if plain:
+                for xb, yb in batches:
+                    (model(xb, yb, ctx=train_gpt.PLAIN, split=args.train_seq_len) / MICRO).backward()
+                ps = [p for o in opts for g in o.param_groups for p in g["params"]]
+                assert torch.nn.utils.clip_grad_norm_(ps, args.grad_clip_norm) > 10 * args.grad_clip_norm
+                for o in opts:
+                    o.step()
+                    o.zero_grad(set_to_none=True)
+            else:
+                train_gpt.train_step(model, batches, opts, args, rt, train_gpt.PLAIN)
+        runs.append(base.state_dict())
+    assert all(torch.equal(v, runs[1][k]) for k, v in runs[0].items())
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_ranks_with_reduce_scattered_gradients_match_one_rank(tmp_path, world):
     """W ranks (gradient accumulation on each) end with 1 rank's weights; each receives the averaged, clipped
