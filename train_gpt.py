@@ -445,8 +445,7 @@ ENV_FAMILIES = ("NUM_", "MODEL_", "MLP_", "TRAIN_", "VAL_", "EVAL_", "MUON_", "N
 
 
 # Upstream switches that are a value of one of our variables here
-UPSTREAM_SWITCHES = dict(PHASED_TTT_ENABLED="upstream's switch for phased LoRA TTT: here TTT_MODE=lora turns it on, "
-                                            "TTT_MODE=sgd (the default) off")
+UPSTREAM_SWITCHES = dict(PHASED_TTT_ENABLED="upstream's switch for phased LoRA TTT: here TTT_MODE=lora turns it on")
 
 
 def reject_unknown_env(env, known):
@@ -872,14 +871,13 @@ def check_caseops_split(args, val_docs: int):
     cut validation at 10,000 documents while evaluation scored 50,000: the other 40,000 were trained on)."""
     path = os.path.join(args.data_path, CASEOPS_MANIFEST)
     if not os.path.isfile(path):
-        raise UserError(f"CASEOPS_ENABLED=1 but {path} is missing, so the split of training and validation documents "
-                        "cannot be checked; make the data with data/caseops.py or data/download.py --variant caseops")
+        raise UserError(f"CASEOPS_ENABLED=1 but {path} is missing (it proves the train/validation split); make the "
+                        "data with data/caseops.py or data/download.py --variant caseops")
     with open(path) as f:
         m = json.load(f)
     if not m.get("complete") or m["train_first_doc"] < max(m["val_docs"], val_docs) or m["val_docs"] != val_docs:
-        raise UserError(f"{path}: the train shards may hold validation documents (validation documents scored: "
-                        f"{val_docs}, in the manifest: {m['val_docs']}, first training document: {m['train_first_doc']}, "
-                        f"complete: {m.get('complete')}); prepare the data again with data/caseops.py")
+        raise UserError(f"{path}: the train shards may hold validation documents (scored: {val_docs}, manifest: "
+                        f"{m}); prepare the data again with data/caseops.py")
 
 
 def load_byte_sidecar(args, val: Tensor) -> Tensor:
@@ -892,12 +890,11 @@ def load_byte_sidecar(args, val: Tensor) -> Tensor:
     side = np.concatenate([load_shard(f, 1 << 16) for f in files])
     n = sum(shard_tokens(f) for f in shard_files(args.data_path, "val"))
     if len(side) != n:
-        raise UserError(f"the byte sidecar in {args.data_path} has {len(side)} entries for {n} validation tokens; the "
-                        "two come from different preparations, make them again")
+        raise UserError(f"the byte sidecar in {args.data_path} has {len(side)} entries for {n} validation tokens; "
+                        "make both again")
     side = torch.from_numpy(side[:val.numel()].astype(np.int64))
     if side[val == BOS_ID].any():
-        raise UserError(f"the byte sidecar in {args.data_path} counts bytes at a BOS; it does not belong to these "
-                        "validation tokens, make them again")
+        raise UserError(f"the byte sidecar in {args.data_path} counts bytes at a BOS; make it and the tokens again")
     return side
 
 
@@ -916,8 +913,8 @@ def load_tokenizer(args):
     if has_ops != args.caseops_enabled:
         raise UserError(f"CASEOPS_ENABLED=1 but tokenizer {args.tokenizer_path} has no CaseOps operator pieces; use the "
                         "tokenizer the CaseOps data was made with" if args.caseops_enabled else
-                        f"tokenizer {args.tokenizer_path} has CaseOps operator pieces: set CASEOPS_ENABLED=1, so bytes come "
-                        "from the sidecar (its byte tables would count 3 bytes for each operator)")
+                        f"tokenizer {args.tokenizer_path} has CaseOps operator pieces: set CASEOPS_ENABLED=1 (bytes from "
+                        "the sidecar)")
     if sp.vocab_size() != args.vocab_size:
         fix = (f"the artifact was trained with VOCAB_SIZE={args.vocab_size}: set TOKENIZER_PATH to its tokenizer"
                if args.eval_artifact else f"set VOCAB_SIZE={sp.vocab_size()} or use the matching tokenizer")
@@ -1993,9 +1990,8 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
     if stop and step < args.iterations:
         log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
         if step < args.iterations / 2:
-            log(f"WARNING: the training wall clock ({args.max_wallclock_seconds:g}s: MAX_WALLCLOCK_SECONDS, less "
-                f"GPTQ_RESERVE_SECONDS with GPTQ=1) stopped this run at step {step}, before half of "
-                f"ITERATIONS={args.iterations}: the schedule and the score reflect a cut run")
+            log(f"WARNING: MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds:g} stopped this run at step {step}, before "
+                f"half of ITERATIONS={args.iterations}: its schedule and score are a cut run's")
     base.final_ctx = Ctx(looping=ctx.looping)  # evaluation runs the order training ended in
     if args.num_loops and not ctx.looping:
         log(f"WARNING: looping never turned on (ENABLE_LOOPING_AT={args.enable_looping_at:g} was not reached); "
@@ -2349,8 +2345,7 @@ def ttt_projection(args, rt, val, elapsed_s, done, total, spent_s, log, unit="ch
         fix = ("raise TTT_CHUNK_TOKENS, lower TTT_EPOCHS" if args.ttt_mode == "sgd" else
                "lower PHASED_TTT_PREFIX_DOCS or GLOBAL_TTT_EPOCHS, raise TTT_CHUNK_SIZE")
         log(f"WARNING: TTT_ENABLED=1 is projected to take {projected:.0f}s; with the {spent_s:.0f}s of plain evals "
-            f"that passes EVAL_BUDGET_SECONDS={args.eval_budget_seconds:g}: this eval would not fit the challenge's "
-            f"limit ({fix} or set TTT_ENABLED=0)")
+            f"that passes EVAL_BUDGET_SECONDS={args.eval_budget_seconds:g} ({fix} or set TTT_ENABLED=0)")
     return dict(projected_ttt_s=projected, projected_eval_s=spent_s + projected, projected_full_val_s=full,
                 over_budget=over)
 
@@ -3145,8 +3140,7 @@ def fit_artifact(state, args, hessians, code_bytes, log, looping=None) -> tuple[
         return blob
     tried = []
     if not moves:
-        log("size_fit: nothing to fit: no quantized matrix takes its SDClip k from MATRIX_CLIP_SIGMAS (all kept in "
-            "fp16 or fixed), so the artifact is written as it is")
+        log("size_fit: nothing to fit (no quantized matrix takes its k from MATRIX_CLIP_SIGMAS)")
         return result(pack(add_lqer(fixed, state, args), args, looping), None)
     lo, hi = FIT_SIGMAS
     best = trial(hi)
