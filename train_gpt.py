@@ -77,6 +77,10 @@ class Hyperparameters:
     lr_warmup_steps: int = 0
     train_batch_tokens: int = 524288
     train_seq_len: int = 1024
+    # progressive context (PR #2014): "LEN@FRAC,...", LEN while progress <= FRAC (past the last FRAC, the last LEN);
+    # the longest LEN must be TRAIN_SEQ_LEN; "" = TRAIN_SEQ_LEN throughout
+    train_seq_schedule: str = ""
+    seq_change_warmup_steps: int = 0  # after each length change the LR scale ramps (1..N)/N over N steps (PR #2014)
     max_wallclock_seconds: float = 600.0
     grad_accum_steps: int = 0  # 0 = 8 // WORLD_SIZE, so the global batch is the same on 1 or 8 ranks
     compile: int = -1  # -1 = on for CUDA, off for CPU
@@ -207,9 +211,19 @@ class Hyperparameters:
     ttt_chunk_size: int = 48  # targets scored per step within a document
     ttt_batch_size: int = 64  # documents adapted side by side, each with its own adapters
     ttt_eval_seq_len: int = 0  # longest context of a scored target; 0 = EVAL_SEQ_LEN (or TRAIN_SEQ_LEN)
-    ttt_k_lora: bool = True  # adapters on Q and V always, on K, the attention output and the MLP output by these
+    ttt_q_lora: bool = True  # adapters on Q, K, V, the attention output and the MLP output by these (Q, V: PR #1953)
+    ttt_k_lora: bool = True
+    ttt_v_lora: bool = True
     ttt_o_lora: bool = True
     ttt_mlp_lora: bool = True
+    ttt_local_lr_mult: float = 1.0  # multiplies TTT_LORA_LR, the adapters' AdamW LR (PR #1953)
+    # short documents' score-first chunks (PR #2014): a document of n targets (n + 1 tokens with the closing BOS, as
+    # upstream counts) is scored in chunks of the first LEN:CHUNK step of TTT_SHORT_SCORE_FIRST_STEPS with n + 1 <=
+    # LEN; without steps, TTT_SHORT_CHUNK_SIZE (0 = TTT_CHUNK_SIZE) when n + 1 <= TTT_SHORT_DOC_LEN; else TTT_CHUNK_SIZE
+    ttt_short_score_first_enabled: bool = False
+    ttt_short_doc_len: int = 512
+    ttt_short_chunk_size: int = 0
+    ttt_short_score_first_steps: str = ""
     phased_ttt_prefix_docs: int = 2000  # the first documents of the stream, scored in phases; 0 = no global SGD
     phased_ttt_num_phases: int = 3
     global_ttt_lr: float = 0.001  # SGD of the whole model after each phase, on every document scored so far
@@ -306,8 +320,21 @@ class Hyperparameters:
              "must divide MODEL_DIM and MLP_MULT*MODEL_DIM")
         need(self.fused_kernels < 1 or triton, "FUSED_KERNELS", "needs triton")
         need(self.attn_backend != "fa" or FLASH, "ATTN_BACKEND", "needs FlashAttention 3 or 4")
-        need(self.ttt_mode != "lora" or self.ttt_chunk_size <= self.ttt_window(), "TTT_CHUNK_SIZE",
-             f"must be <= the TTT context ({self.ttt_window()}); lower it or raise TTT_EVAL_SEQ_LEN")
+        st, steps = seq_stages(self), short_steps(self) if self.ttt_short_score_first_enabled else [(1, 1)]
+        fr, ls, n = [f for f, _ in st], [k for _, k in st], self.iterations
+        need(st and min(ls) > 0 and all(0 <= a < b <= 1 for a, b in zip([0] + fr, fr)), "TRAIN_SEQ_SCHEDULE",
+             "must be LEN@FRAC,... with LEN >= 1 and FRAC rising in (0, 1], as 1024@0.1,2048@0.7,3072@1")
+        need(max(ls) == self.train_seq_len, "TRAIN_SEQ_SCHEDULE", f"its longest length must be TRAIN_SEQ_LEN="
+             f"{self.train_seq_len} (the length of GPTQ calibration and the eval default): set TRAIN_SEQ_LEN to it")
+        # a stage gets the steps s with s / ITERATIONS in (previous FRAC, FRAC]: the last is floor(FRAC * ITERATIONS)
+        last = [min(math.floor(f * n + 1e-9), n - 1) for f in fr]
+        need(all(a < b for a, b in zip(last, last[1:])), "TRAIN_SEQ_SCHEDULE",
+             f"a stage gets no step of ITERATIONS={n}: raise ITERATIONS or widen the stage")
+        need(steps and min(map(min, steps)) > 0, "TTT_SHORT_SCORE_FIRST_STEPS", "must be LEN:CHUNK,... with "
+             "positive integers, as 256:8,2000:24")
+        need(self.ttt_mode != "lora" or max(self.ttt_chunk_size, *(c for _, c in steps)) <= self.ttt_window(),
+             "TTT_CHUNK_SIZE", f"must be <= the TTT context ({self.ttt_window()}), as must the short chunks; lower "
+             "them or raise TTT_EVAL_SEQ_LEN")
 
     def ttt_window(self) -> int:
         return self.ttt_eval_seq_len or self.eval_seq_len or self.train_seq_len
@@ -346,7 +373,8 @@ FIELD_RANGES = dict(
     ttt_batch_size=POS, ttt_eval_seq_len=NONNEG, phased_ttt_prefix_docs=NONNEG, phased_ttt_num_phases=POS,
     global_ttt_lr=NONNEG, global_ttt_momentum=UNIT_OPEN, global_ttt_epochs=POS, global_ttt_chunk_tokens=POS,
     global_ttt_batch_seqs=POS, global_ttt_grad_clip=NONNEG, token_order="[1, 32]", token_threshold="(0, 1]",
-    token_boost=NONNEG)
+    token_boost=NONNEG, seq_change_warmup_steps=NONNEG, ttt_local_lr_mult=NONNEG, ttt_short_doc_len=POS,
+    ttt_short_chunk_size=NONNEG)
 COMPRESS_LEVELS = dict(zstd=(1, 22), zlib=(0, 9), constriction=(0, 22))  # constriction: level unused
 FIELD_CHOICES = dict(compressor=tuple(COMPRESS_LEVELS), mlp_act=("relu2", "leaky_relu2"),
                      attn_backend=("auto", "fa", "cudnn", "sdpa"), parallel_final_lane=("mean", "attn", "mlp"),
@@ -354,7 +382,7 @@ FIELD_CHOICES = dict(compressor=tuple(COMPRESS_LEVELS), mlp_act=("relu2", "leaky
                      train_loader=("stream", "shuffled", "packed"))  # PRESET: see from_env
 FREE_TEXT_FIELDS = ("preset", "data_path", "tokenizer_path", "run_id", "log_dir", "submission_json", "data_label",
                     "author", "github_id", "name", "fp16_keep_patterns", "int8_keep_float_fp32_name_patterns",
-                    "eval_artifact")
+                    "eval_artifact", "train_seq_schedule", "ttt_short_score_first_steps")  # these two: validate()
 RUN_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
 
 
@@ -440,7 +468,8 @@ PRESETS = {
 ENV_FAMILIES = ("NUM_", "MODEL_", "MLP_", "TRAIN_", "VAL_", "EVAL_", "MUON_", "NORMUON_", "ADAM_", "QAT_", "SWA_",
                 "EMA_", "BIGRAM_", "SMEAR_", "MTP_", "QUANT_", "WARMDOWN_", "WARMUP_", "LR_", "TIED_", "EMBED_",
                 "MATRIX_", "SCALAR_", "ROPE_", "QK_", "LOGIT_", "VOCAB_", "GRAD_", "ORTHO_", "COMPRESS_", "INT8_",
-                "GPTQ_", "ATTN_", "TARGET_", "LQER_", "AWQ_", "ASYM_", "TTT_", "PHASED_TTT_", "GLOBAL_TTT_", "NGRAM_", "TOKEN_")
+                "GPTQ_", "ATTN_", "TARGET_", "LQER_", "AWQ_", "ASYM_", "TTT_", "PHASED_TTT_", "GLOBAL_TTT_", "NGRAM_", "TOKEN_",
+                "SEQ_")
 
 
 # Upstream switches that are a value of one of our variables here
@@ -723,6 +752,10 @@ class TrainLoader:
         if args.train_batch_tokens % (micro * unit):
             raise UserError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be a multiple of "
                             f"WORLD_SIZE*accum{'*TRAIN_SEQ_LEN' * (unit > 1)} = {micro * unit}")
+        bad = [k for _, k in seq_stages(args) if unit > 1 and args.train_batch_tokens // micro % k]
+        if bad:  # a micro-batch keeps its tokens at every length: rows = tokens / length (a packed row: any length)
+            raise UserError(f"TRAIN_SEQ_SCHEDULE={args.train_seq_schedule!r}: length {bad[0]} must divide "
+                            f"TRAIN_BATCH_TOKENS/(WORLD_SIZE*accum) = {args.train_batch_tokens // micro}; change it")
         self.files, self.vocab_size = shard_files(args.data_path, "train"), args.vocab_size
         if sum(shard_tokens(f) for f in self.files) == 0:  # every header checked now, not at minute 8
             raise UserError(f"the train shards under {args.data_path} hold no tokens; regenerate them")
@@ -1712,6 +1745,28 @@ def progress(args, step, elapsed_ms) -> float:
     return min(p, 1.0)
 
 
+def pairs(text: str, sep: str, kind) -> list[tuple]:
+    """"A<sep>B,..." as [(int A, kind B)]; [] when malformed (validate() says so in one line)."""
+    try:
+        return [(int(a), kind(b)) for a, b in (s.split(sep) for s in text.split(","))]
+    except ValueError:
+        return []
+
+
+def seq_stages(args) -> list[tuple[float, int]]:
+    """TRAIN_SEQ_SCHEDULE as [(FRAC, LEN)]."""
+    return [(f, k) for k, f in pairs(args.train_seq_schedule, "@", float)] if args.train_seq_schedule else \
+        [(1.0, args.train_seq_len)]
+
+
+def seq_len_at(args, p) -> int:
+    """The training length at progress p: the first stage with p <= FRAC, past the last FRAC the last LEN. progress()
+    is upstream's wallclock mode (with a cap) and its step mode (without one), so TRAIN_SEQ_SCHEDULE_MODE is not
+    needed; it differs only in taking the larger of the two (README "Progressive context")."""
+    st = seq_stages(args)
+    return next((k for f, k in st if p <= f), st[-1][1])
+
+
 def warmdown_scale(args, step, elapsed_ms) -> float:
     """1 until the warmdown, then linear to 0: over the last WARMDOWN_FRAC of progress, or else over the last
     WARMDOWN_ITERS steps, projected onto the wall clock with the mean step time when there is a cap (upstream)."""
@@ -1739,10 +1794,16 @@ def ctx_for(args, p) -> Ctx:
     return Ctx(qat=args.qat and p >= args.qat_start_frac, looping=args.num_loops > 0 and p >= args.enable_looping_at)
 
 
+def reachable(args) -> list[tuple[Ctx, int]]:
+    """Every (context, training length) a run can meet, in order of progress: both change only at known progress
+    points (a context switch holds from its point, a length up to its FRAC), so the state at and just past each point
+    covers them all."""
+    points = sorted({0.0, args.qat_start_frac, args.enable_looping_at, *(f for f, _ in seq_stages(args))})
+    return list(dict.fromkeys((ctx_for(args, q), seq_len_at(args, q)) for p in points for q in (p, min(p + 1e-9, 1))))
+
+
 def reachable_ctxs(args) -> list[Ctx]:
-    """Every context a run can meet, in order of progress: the switches only turn on, at known progress points."""
-    points = sorted((0.0, args.qat_start_frac, args.enable_looping_at))
-    return list(dict.fromkeys(ctx_for(args, p) for p in points))
+    return list(dict.fromkeys(c for c, _ in reachable(args)))
 
 
 def set_schedule(optimizers, args, step, scale):
@@ -1795,14 +1856,19 @@ def set_kernels(args, rt) -> str:
     return f"attention:{name} fused_kernels:{int(kernels_on(args, cuda))}"
 
 
-def train_step(model, batches, optimizers, args, rt, ctx: Ctx) -> Tensor:
-    """One optimizer step over this rank's micro-batches; returns the mean loss (a tensor, no host sync)."""
-    total = torch.zeros((), device=rt.device)
+def train_step(model, batches, optimizers, args, rt, ctx: Ctx, L: int = 0) -> Tensor:
+    """One optimizer step over this rank's micro-batches at training length L (0 = TRAIN_SEQ_LEN); returns the mean
+    loss (a tensor, no host sync). The loaders read TRAIN_SEQ_LEN rows; at a shorter L the stream and shuffled
+    micro-batches are cut into rows of L (keeping every target: y stays x's successor), and a packed row stays one
+    row whose documents are cut every L tokens (the split), as PR #2014's packing loader cuts them."""
+    total, L = torch.zeros((), device=rt.device), L or args.train_seq_len
     for i, (x, y) in enumerate(batches):
         if isinstance(model, DDP):
             model.require_backward_grad_sync = i == len(batches) - 1
+        if args.train_loader != "packed":
+            x, y = x.reshape(-1, L), y.reshape(-1, L)
         with rt.autocast():
-            loss = model(x, y, ctx=ctx, split=args.train_seq_len)
+            loss = model(x, y, ctx=ctx, split=L)
         (loss / len(batches)).backward()
         total += loss.detach()
     if args.grad_clip_norm > 0:
@@ -1816,18 +1882,19 @@ def train_step(model, batches, optimizers, args, rt, ctx: Ctx) -> Tensor:
 
 
 def prime_compile(model, base, optimizers, loader, args, rt, log):
-    """Run WARMUP_STEPS steps cycling through every reachable context, so each graph is compiled before the clock
-    starts, then put weights, optimizer state and data order back exactly as they were."""
+    """Run WARMUP_STEPS steps cycling through every reachable context and training length (each its own graph), so
+    each graph is compiled before the clock starts, then put weights, optimizer state and data order back exactly
+    as they were."""
     if args.warmup_steps <= 0:
         return
     weights = copy.deepcopy(base.state_dict())
     states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    variants = reachable_ctxs(args)
+    variants = reachable(args)
     if args.warmup_steps < len(variants):
         log(f"warning: WARMUP_STEPS={args.warmup_steps} primes {args.warmup_steps} of {len(variants)} contexts; "
             "the others compile mid-run, on the clock")
     for i in range(args.warmup_steps):
-        train_step(model, loader.next_batch(), optimizers, args, rt, variants[i % len(variants)])
+        train_step(model, loader.next_batch(), optimizers, args, rt, *variants[i % len(variants)])
         log(f"warmup_step:{i + 1}/{args.warmup_steps}")
     base.load_state_dict(weights)
     for opt, state in zip(optimizers, states):
@@ -1892,7 +1959,7 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
     averager = build_averager(args, base)
     max_ms = 1000 * args.max_wallclock_seconds
     step, train_ms, swa_count, losses, stop, elapsed = 0, 0.0, 0, [], False, 0.0
-    qat_step, ctx, events = None, PLAIN, []
+    qat_step, ctx, events, L, changed = None, PLAIN, [], 0, -math.inf
     rt.stage = "train"
 
     def event(name, at, elapsed, extra=""):  # a switch turning on (tools/plot_runs.py marks it)
@@ -1921,8 +1988,14 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
         qat_step = step if ctx.qat and qat_step is None else qat_step
         if warmdown < 1.0 and not any(e["name"] == "warmdown" for e in events):
             event("warmdown", step, elapsed)
+        L, prev = seq_len_at(args, p), L
+        if L != prev and args.train_seq_schedule:  # the first stage too: its line names the schedule
+            event(f"train_seq_len_{L}", step, elapsed, f"progress:{p:.3f} schedule:{args.train_seq_schedule} ")
+            changed = step if step else changed  # SEQ_CHANGE_WARMUP_STEPS re-warms after a change, not at step 0
+        if args.seq_change_warmup_steps:
+            scale *= min(1, (step - changed + 1) / args.seq_change_warmup_steps)
         set_schedule(optimizers, args, step, scale)
-        loss = train_step(model, loader.next_batch(), optimizers, args, rt, ctx)
+        loss = train_step(model, loader.next_batch(), optimizers, args, rt, ctx, L)
         step = rt.step = step + 1
         if averager is not None and (args.ema_decay > 0 or (swa_window(args, p, warmdown) and step % args.swa_every == 0)):
             averager.update(base)
@@ -2333,8 +2406,8 @@ class LoRA(nn.Module):
 
 
 class DocAdapters(nn.Module):
-    """The adapters of one batch of documents: Q and V of every block, K, the attention output and the MLP output by
-    TTT_K_LORA / TTT_O_LORA / TTT_MLP_LORA, and the head. Hooked in as output + delta(input); the attention-output
+    """The adapters of one batch of documents: Q, V, K, the attention output and the MLP output of every block by
+    TTT_Q_LORA / TTT_V_LORA / TTT_K_LORA / TTT_O_LORA / TTT_MLP_LORA, and the head. Hooked in as output + delta(input); the attention-output
     and MLP adapters read the sublayer's normed input, beside it. Looped blocks share their adapters across passes."""
 
     def __init__(self, base, args):
@@ -2343,8 +2416,9 @@ class DocAdapters(nn.Module):
         widths = {}
         for i, block in enumerate(base.blocks):
             a = f"blocks.{i}.attn"
-            widths[f"{a}.c_q"], widths[f"{a}.c_v"] = block.attn.c_q.weight.size(0), block.attn.c_v.weight.size(0)
-            widths.update({f"{a}.c_k": block.attn.c_k.weight.size(0)} if args.ttt_k_lora else {})
+            for k in "qvk":
+                if getattr(args, f"ttt_{k}_lora"):
+                    widths[f"{a}.c_{k}"] = getattr(block.attn, f"c_{k}").weight.size(0)
             widths.update({a: dim} if args.ttt_o_lora else {})
             widths.update({f"blocks.{i}.mlp": dim} if args.ttt_mlp_lora else {})
         self.names = [*widths, "head"]
@@ -2400,19 +2474,35 @@ def lora_batch(base, adapters, rows: Tensor, spans: Tensor, val_d, luts_d, args,
     """Scores and adapts documents `rows` (longest first; spans: [first, end) target positions) chunk by chunk. A
     chunk's window is the TTT_EVAL_SEQ_LEN positions of its document ending at the chunk's end (fewer near the start);
     shorter windows are padded on the right, which causal attention never lets a scored target see."""
-    opt = torch.optim.AdamW(adapters.parameters(), lr=args.ttt_lora_lr, betas=(args.ttt_beta1, args.ttt_beta2),
-                            eps=1e-10, weight_decay=args.ttt_weight_decay)
+    opt = torch.optim.AdamW(adapters.parameters(), lr=args.ttt_lora_lr * args.ttt_local_lr_mult,
+                            betas=(args.ttt_beta1, args.ttt_beta2), eps=1e-10, weight_decay=args.ttt_weight_decay)
     first, end = spans[rows].unbind(1)  # index math on the host, one transfer per chunk
-    C, L, rows_d = args.ttt_chunk_size, args.ttt_window(), rows.to(rt.device)
+    C, L, rows_d = chunk_sizes(args, end - first), args.ttt_window(), rows.to(rt.device)
     with adapters.attached(base) as head:
-        for c in range(-(-int((end - first).max()) // C)):
-            m = int((end - first > c * C).sum())  # documents with a chunk c: the first m
-            lo = first[:m] + c * C
-            hi = torch.minimum(lo + C, end[:m])
+        for c in range(-int(((first - end) // C).min())):
+            m = int((end - first > c * C).sum())  # documents with a chunk c: the first m (sorted by chunk count)
+            lo = first[:m] + c * C[:m]
+            hi = torch.minimum(lo + C[:m], end[:m])
             start = torch.maximum(first[:m], hi - L)
             idx = start[:, None] + torch.arange(int((hi - start).max()))
             lo, hi, idx, train = (t.to(rt.device) for t in (lo, hi, idx, hi < end[:m]))
             lora_step(base, head, opt, val_d, luts_d, idx, lo, hi, train, rows_d[:m], rt, sums, hints)
+
+
+def short_steps(args) -> list[tuple[int, int]]:
+    """The (LEN, CHUNK) steps of short documents' score-first chunks, LEN rising."""
+    return sorted(pairs(args.ttt_short_score_first_steps, ":", int)) if args.ttt_short_score_first_steps else \
+        [(args.ttt_short_doc_len, args.ttt_short_chunk_size or args.ttt_chunk_size)]
+
+
+def chunk_sizes(args, n: Tensor) -> Tensor:
+    """Each document's score-first chunk from its own target count n (PR #2014's schedule; there the longest
+    document of a batch picks the chunk of the whole batch, here each document its own, so a score depends on the
+    document alone). n < LEN is upstream's n + 1 tokens <= LEN."""
+    C = torch.full_like(n, args.ttt_chunk_size)
+    for k, c in reversed(short_steps(args) if args.ttt_short_score_first_enabled else []):
+        C = torch.where(n < k, c, C)
+    return C
 
 
 def phase_groups(n_docs: int, args) -> list[tuple[int, int]]:
@@ -2461,7 +2551,9 @@ def evaluate_ttt_lora(base, val: Tensor, luts, args, rt, log, docs: Tensor | Non
     done, mine, batches, projection = 0, 0, 0, None  # work done (scaled to all ranks), this rank's batches, all
     for g, (d0, d1) in enumerate(groups):
         ids = torch.arange(d0, d1)
-        split = ids[torch.argsort(spans[ids, 1] - spans[ids, 0], descending=True, stable=True)].split(args.ttt_batch_size)
+        n = spans[ids, 1] - spans[ids, 0]  # longest first, by chunk count then length: chunks end in row order
+        split = ids[torch.argsort(-(-n // chunk_sizes(args, n)) * len(val) + n, descending=True, stable=True)].split(
+            args.ttt_batch_size)
         batches += len(split)
         for rows in split[rt.rank::rt.world_size]:
             lora_batch(base, adapters, rows, spans, val_d, luts_d, args, rt, sums, hints)
