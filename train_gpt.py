@@ -74,7 +74,6 @@ class Hyperparameters:
     warmdown_iters: int = 1200
     warmdown_frac: float = 0.0  # >0: warm down over this fraction of the run (wall clock or iterations), not iters
     warmup_steps: int = 20  # compile-priming steps; their effect on weights, optimizers and data is undone
-    lr_warmup_steps: int = 0
     train_batch_tokens: int = 524288
     train_seq_len: int = 1024
     # progressive context (PR #2014): "LEN@FRAC,...", LEN while progress <= FRAC (past the last FRAC, the last LEN);
@@ -119,7 +118,6 @@ class Hyperparameters:
     enable_looping_at: float = 0.35  # progress at which the looped order takes over
     parallel_start_layer: int = 1000  # two residual lanes (PR #1855) from this layer on; >= NUM_LAYERS = off
     parallel_residual_start: int = 1000  # GPT-J blocks (record 2026-04-09) from this layer until the lanes start
-    parallel_final_lane: str = "mean"
     sparse_attn_gate_enabled: bool = False
     sparse_attn_gate_scale: float = 0.5
     gate_window: int = 12  # leading input dims read by the sparse attention gate and the SOTA SmearGate
@@ -155,7 +153,6 @@ class Hyperparameters:
     qat_start_frac: float = 0.0
     swa: bool = False
     swa_every: int = 50
-    swa_frac: float = 0.0  # >0: collect during the last SWA_FRAC of progress
     swa_start_frac: float = 0.0  # >0: collect while the LR scale is below this (#162); neither: during the warmdown
     ema_decay: float = 0.0
     ema_warmup: bool = True  # ramp the EMA decay in (Averager); 0 = the records' constant decay from init
@@ -320,20 +317,17 @@ class Hyperparameters:
              "must divide MODEL_DIM and MLP_MULT*MODEL_DIM")
         need(self.fused_kernels < 1 or triton, "FUSED_KERNELS", "needs triton")
         need(self.attn_backend != "fa" or FLASH, "ATTN_BACKEND", "needs FlashAttention 3 or 4")
-        st, steps = seq_stages(self), short_steps(self) if self.ttt_short_score_first_enabled else [(1, 1)]
-        fr, ls, n = [f for f, _ in st], [k for _, k in st], self.iterations
-        need(st and min(ls) > 0 and all(0 <= a < b <= 1 for a, b in zip([0] + fr, fr)), "TRAIN_SEQ_SCHEDULE",
-             "must be LEN@FRAC,... with LEN >= 1 and FRAC rising in (0, 1], as 1024@0.1,2048@0.7,3072@1")
-        need(max(ls) == self.train_seq_len, "TRAIN_SEQ_SCHEDULE", f"its longest length must be TRAIN_SEQ_LEN="
-             f"{self.train_seq_len} (the length of GPTQ calibration and the eval default): set TRAIN_SEQ_LEN to it")
-        # a stage gets the steps s with s / ITERATIONS in (previous FRAC, FRAC]: the last is floor(FRAC * ITERATIONS)
-        last = [min(math.floor(f * n + 1e-9), n - 1) for f in fr]
-        need(all(a < b for a, b in zip(last, last[1:])), "TRAIN_SEQ_SCHEDULE",
-             f"a stage gets no step of ITERATIONS={n}: raise ITERATIONS or widen the stage")
-        need(steps and min(map(min, steps)) > 0, "TTT_SHORT_SCORE_FIRST_STEPS", "must be LEN:CHUNK,... with "
-             "positive integers, as 256:8,2000:24")
+        st, n = seq_stages(self), self.iterations
+        steps = short_steps(self) if self.ttt_short_score_first_enabled else [(1, 1)]
+        # stage i gets the steps s with s / ITERATIONS in (FRAC_{i-1}, FRAC_i], the last floor(FRAC_i * ITERATIONS):
+        # those rising strictly = FRAC rising and a step for every stage
+        need(st and all(0 < f <= 1 and k > 0 for f, k in st) and max(k for _, k in st) == self.train_seq_len and
+             (last := [min(int(f * n + 1e-9), n - 1) for f, _ in st]) == sorted(set(last)), "TRAIN_SEQ_SCHEDULE",
+             f"use LEN@FRAC,... with LEN > 0, the longest = TRAIN_SEQ_LEN, FRAC rising in (0, 1], a step of "
+             f"ITERATIONS={n} for each")
+        need(steps and min(map(min, steps)) > 0, "TTT_SHORT_SCORE_FIRST_STEPS", "use LEN:CHUNK,... with LEN, CHUNK > 0")
         need(self.ttt_mode != "lora" or max(self.ttt_chunk_size, *(c for _, c in steps)) <= self.ttt_window(),
-             "TTT_CHUNK_SIZE", f"must be <= the TTT context ({self.ttt_window()}), as must the short chunks; lower "
+             "TTT_CHUNK_SIZE", f"must be <= the TTT context ({self.ttt_window()}), as the TTT_SHORT_* chunks; lower "
              "them or raise TTT_EVAL_SEQ_LEN")
 
     def ttt_window(self) -> int:
@@ -346,38 +340,28 @@ def in_interval(v, spec: str) -> bool:
     return (v >= lo if spec[0] == "[" else v > lo) and (v <= hi if spec[-1] == "]" else v < hi)
 
 
-# Every non-bool field has a range, a list of choices, or is free text (tests/test_config.py checks it).
+# Every non-bool field has a range, a list of choices, or is free text (tests/test_outputs.py checks it): a number
+# [0, inf) unless FIELD_RANGES says otherwise.
 POS, NONNEG, UNIT, UNIT_OPEN = "[1, inf)", "[0, inf)", "[0, 1]", "[0, 1)"
-FIELD_RANGES = dict(
-    seed=f"[0, {2**32 - 1}]", val_batch_size=POS, val_loss_every=NONNEG, train_log_every=NONNEG,
-    val_max_tokens=NONNEG, eval_seq_len=NONNEG, eval_stride=NONNEG, eval_batch_seqs=POS, iterations=POS,
-    warmdown_iters=NONNEG, warmdown_frac=UNIT, warmup_steps=NONNEG, lr_warmup_steps=NONNEG, train_batch_tokens=POS,
-    train_seq_len=POS, max_wallclock_seconds=NONNEG, grad_accum_steps=NONNEG, compile="[-1, 1]", fused_kernels="[-1, 1]",
-    vocab_size="[2, 65536]", num_layers=POS, model_dim=POS, num_heads=POS, num_kv_heads=POS, mlp_mult="(0, inf)",
-    rope_base="(0, inf)", logit_softcap="(0, inf)", qk_gain_init="(-inf, inf)", tied_embed_init_std=NONNEG,
-    bigram_buckets=NONNEG, bigram_dim=POS, mtp_heads=NONNEG, mtp_weight=NONNEG, embed_lr=NONNEG, head_lr=NONNEG,
-    tied_embed_lr=NONNEG, matrix_lr=NONNEG, scalar_lr=NONNEG, muon_momentum=UNIT_OPEN, muon_backend_steps=POS,
-    muon_momentum_warmup_start=UNIT_OPEN, muon_momentum_warmup_steps=NONNEG, muon_wd=NONNEG, normuon_beta2=UNIT_OPEN,
-    beta1=UNIT_OPEN, beta2=UNIT_OPEN, adam_eps="(0, inf)", adam_wd=NONNEG, grad_clip_norm=NONNEG, qat_start_frac=UNIT,
-    swa_every=POS, swa_frac=UNIT, swa_start_frac=UNIT, ema_decay=UNIT_OPEN, quant_attn_bits="[2, 8]",
-    quant_mlp_bits="[2, 8]", quant_other_bits="[2, 8]", quant_group_size=NONNEG, compress_level="[0, 22]",
-    xsa_last_n=NONNEG, rope_dims=NONNEG, mlp_leaky_slope=UNIT, num_loops=NONNEG, loop_start=NONNEG, loop_end=NONNEG,
-    enable_looping_at=UNIT, parallel_start_layer=NONNEG, parallel_residual_start=NONNEG, sparse_attn_gate_scale="(0, inf)", gate_window=POS,
-    min_lr=UNIT, embed_wd="[-1, inf)", matrix_clip_sigmas=NONNEG, attn_clip_sigmas=NONNEG, mlp_clip_sigmas=NONNEG,
-    embed_clip_sigmas="(0, inf)", matrix_bits="[0, 8]", embed_bits="[0, 8]", gptq_calibration_batches=POS,
-    gptq_reserve_seconds="[-1, inf)", target_bytes=NONNEG, lqer_rank=POS, lqer_top_k=POS,
-    lqer_asym_group=POS, awq_lite_bits="[2, 8]", awq_lite_group_top_k=POS, awq_lite_group_size=POS,
-    ttt_lr=NONNEG, ttt_epochs=POS, ttt_momentum=UNIT_OPEN, ttt_chunk_tokens=POS, ttt_grad_clip=NONNEG,
-    ttt_batch_seqs=POS, eval_budget_seconds="(0, inf)", ttt_lora_rank=POS, ttt_lora_alpha=NONNEG,
-    ttt_lora_lr=NONNEG, ttt_beta1=UNIT_OPEN, ttt_beta2=UNIT_OPEN, ttt_weight_decay=NONNEG, ttt_chunk_size=POS,
-    ttt_batch_size=POS, ttt_eval_seq_len=NONNEG, phased_ttt_prefix_docs=NONNEG, phased_ttt_num_phases=POS,
-    global_ttt_lr=NONNEG, global_ttt_momentum=UNIT_OPEN, global_ttt_epochs=POS, global_ttt_chunk_tokens=POS,
-    global_ttt_batch_seqs=POS, global_ttt_grad_clip=NONNEG, token_order="[1, 32]", token_threshold="(0, 1]",
-    token_boost=NONNEG, seq_change_warmup_steps=NONNEG, ttt_local_lr_mult=NONNEG, ttt_short_doc_len=POS,
-    ttt_short_chunk_size=NONNEG)
+FIELD_RANGES = {f.name: NONNEG for f in dataclasses.fields(Hyperparameters) if f.type in ("int", "float")} | dict(
+    seed=f"[0, {2**32 - 1}]", val_batch_size=POS, eval_batch_seqs=POS, iterations=POS, warmdown_frac=UNIT,
+    train_batch_tokens=POS, train_seq_len=POS, compile="[-1, 1]", fused_kernels="[-1, 1]", vocab_size="[2, 65536]",
+    num_layers=POS, model_dim=POS, num_heads=POS, num_kv_heads=POS, mlp_mult="(0, inf)", rope_base="(0, inf)",
+    logit_softcap="(0, inf)", qk_gain_init="(-inf, inf)", bigram_dim=POS, muon_momentum=UNIT_OPEN,
+    muon_backend_steps=POS, muon_momentum_warmup_start=UNIT_OPEN, normuon_beta2=UNIT_OPEN, beta1=UNIT_OPEN,
+    beta2=UNIT_OPEN, adam_eps="(0, inf)", qat_start_frac=UNIT, swa_every=POS, swa_start_frac=UNIT, ema_decay=UNIT_OPEN,
+    quant_attn_bits="[2, 8]", quant_mlp_bits="[2, 8]", quant_other_bits="[2, 8]", compress_level="[0, 22]",
+    mlp_leaky_slope=UNIT, enable_looping_at=UNIT, sparse_attn_gate_scale="(0, inf)", gate_window=POS, min_lr=UNIT,
+    embed_wd="[-1, inf)", embed_clip_sigmas="(0, inf)", matrix_bits="[0, 8]", embed_bits="[0, 8]",
+    gptq_calibration_batches=POS, gptq_reserve_seconds="[-1, inf)", lqer_rank=POS, lqer_top_k=POS, lqer_asym_group=POS,
+    awq_lite_bits="[2, 8]", awq_lite_group_top_k=POS, awq_lite_group_size=POS, ttt_epochs=POS, ttt_momentum=UNIT_OPEN,
+    ttt_chunk_tokens=POS, ttt_batch_seqs=POS, eval_budget_seconds="(0, inf)", ttt_lora_rank=POS, ttt_beta1=UNIT_OPEN,
+    ttt_beta2=UNIT_OPEN, ttt_chunk_size=POS, ttt_batch_size=POS, phased_ttt_num_phases=POS,
+    global_ttt_momentum=UNIT_OPEN, global_ttt_epochs=POS, global_ttt_chunk_tokens=POS, global_ttt_batch_seqs=POS,
+    token_order="[1, 32]", token_threshold="(0, 1]", ttt_short_doc_len=POS)
 COMPRESS_LEVELS = dict(zstd=(1, 22), zlib=(0, 9), constriction=(0, 22))  # constriction: level unused
 FIELD_CHOICES = dict(compressor=tuple(COMPRESS_LEVELS), mlp_act=("relu2", "leaky_relu2"),
-                     attn_backend=("auto", "fa", "cudnn", "sdpa"), parallel_final_lane=("mean", "attn", "mlp"),
+                     attn_backend=("auto", "fa", "cudnn", "sdpa"),
                      muon_ns=("ns5", "polar"), ttt_mode=("sgd", "lora"),
                      train_loader=("stream", "shuffled", "packed"))  # PRESET: see from_env
 FREE_TEXT_FIELDS = ("preset", "data_path", "tokenizer_path", "run_id", "log_dir", "submission_json", "data_label",
@@ -748,14 +732,12 @@ class TrainLoader:
 
     def __init__(self, args, rt, accum, calib=True):
         micro = rt.world_size * accum
-        unit = 1 if isinstance(self, PackedLoader) else args.train_seq_len
+        # rows of every TRAIN_SEQ_SCHEDULE length (rows = micro-batch tokens / length); a packed row takes any length
+        unit = 1 if isinstance(self, PackedLoader) else math.lcm(*(k for _, k in seq_stages(args)))
         if args.train_batch_tokens % (micro * unit):
             raise UserError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be a multiple of "
-                            f"WORLD_SIZE*accum{'*TRAIN_SEQ_LEN' * (unit > 1)} = {micro * unit}")
-        bad = [k for _, k in seq_stages(args) if unit > 1 and args.train_batch_tokens // micro % k]
-        if bad:  # a micro-batch keeps its tokens at every length: rows = tokens / length (a packed row: any length)
-            raise UserError(f"TRAIN_SEQ_SCHEDULE={args.train_seq_schedule!r}: length {bad[0]} must divide "
-                            f"TRAIN_BATCH_TOKENS/(WORLD_SIZE*accum) = {args.train_batch_tokens // micro}; change it")
+                            f"WORLD_SIZE*accum{'*TRAIN_SEQ_LEN' * (unit > 1)} = {micro * unit}"
+                            f"{' (lcm of TRAIN_SEQ_SCHEDULE)' * (unit > args.train_seq_len)}")
         self.files, self.vocab_size = shard_files(args.data_path, "train"), args.vocab_size
         if sum(shard_tokens(f) for f in self.files) == 0:  # every header checked now, not at minute 8
             raise UserError(f"the train shards under {args.data_path} hold no tokens; regenerate them")
@@ -1322,11 +1304,9 @@ class MLP(nn.Module):
         return self.proj(h.square(), ctx)
 
 
-def merge_lanes(lanes: tuple, how: str) -> Tensor:
-    """One hidden state from the residual lanes: the only one, or PARALLEL_FINAL_LANE (mean, attn = 0, mlp = 1)."""
-    if len(lanes) == 1:
-        return lanes[0]
-    return (lanes[0] + lanes[1]) * 0.5 if how == "mean" else lanes[how == "mlp"]
+def merge_lanes(lanes: tuple) -> Tensor:
+    """One hidden state from the residual lanes: the only one, or their mean (every record's final lane)."""
+    return lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) * 0.5
 
 
 class Block(nn.Module):
@@ -1338,7 +1318,7 @@ class Block(nn.Module):
 
     def __init__(self, args, layer):
         super().__init__()
-        dim, self.layer, self.final_lane = args.model_dim, layer, args.parallel_final_lane
+        dim, self.layer = args.model_dim, layer
         self.ln = 1 / math.sqrt(layer + 1) if args.ln_scale else 1.0
         self.attn, self.mlp = Attention(args, layer), MLP(args)
         self.attn_scale = nn.Parameter(torch.ones(dim))
@@ -1356,7 +1336,7 @@ class Block(nn.Module):
     def forward(self, lanes: tuple, x0, ctx, mask=None) -> tuple:
         mix = self.resid_mix.to(x0.dtype)
         if not self.parallel:
-            x = mix[0] * merge_lanes(lanes, self.final_lane) + mix[1] * x0
+            x = mix[0] * merge_lanes(lanes) + mix[1] * x0
             a = self.attn_scale.to(x.dtype) * self.attn(self.norm(x), ctx, mask)
             return (x + a + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x if self.gptj else x + a), ctx),)
         lane0, lane1 = lanes if len(lanes) == 2 else lanes * 2
@@ -1520,17 +1500,17 @@ class GPT(nn.Module):
         x0 = self.embed(idx, ctx)
         mask = document_mask(idx, split=split) if self.args.doc_mask else None
         encoder, decoder = self.orders[1 if ctx.looping else 0]  # not a bool index: dynamo (torch 2.11) rejects it
-        lanes, skips, how = (x0,), [], self.args.parallel_final_lane
+        lanes, skips = (x0,), []
         for i in encoder:
             lanes = self.blocks[i](lanes, x0, ctx, mask)
-            skips.append(merge_lanes(lanes, how))
+            skips.append(merge_lanes(lanes))
         for j, i in enumerate(decoder):
             if self.blocks[i].parallel and len(lanes) == 1:
                 lanes = lanes * 2  # both lanes start as the one stream
             if skips:  # into lane 0 only (PR #1855)
                 lanes = (self.skip(j, lanes[0], skips.pop()), *lanes[1:])
             lanes = self.blocks[i](lanes, x0, ctx, mask)
-        x = merge_lanes(lanes, how)
+        x = merge_lanes(lanes)
         return F.rms_norm(x, (x.size(-1),))
 
     def head(self, h: Tensor, ctx: Ctx = PLAIN) -> Tensor:
@@ -1783,10 +1763,9 @@ def warmdown_scale(args, step, elapsed_ms) -> float:
 
 
 def lr_scale(args, step, elapsed_ms) -> float:
-    """Linear warmup over LR_WARMUP_STEPS, then the warmdown schedule floored at MIN_LR: max(warmdown, MIN_LR), as
-    records 2026-04-09 and PR #1855 run it (the warmdown is not remapped onto [MIN_LR, 1])."""
-    warm = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0
-    return warm * max(warmdown_scale(args, step, elapsed_ms), args.min_lr)
+    """The warmdown schedule floored at MIN_LR: max(warmdown, MIN_LR), as records 2026-04-09 and PR #1855 run it (the
+    warmdown is not remapped onto [MIN_LR, 1])."""
+    return max(warmdown_scale(args, step, elapsed_ms), args.min_lr)
 
 
 def ctx_for(args, p) -> Ctx:
@@ -1799,7 +1778,7 @@ def reachable(args) -> list[tuple[Ctx, int]]:
     points (a context switch holds from its point, a length up to its FRAC), so the state at and just past each point
     covers them all."""
     points = sorted({0.0, args.qat_start_frac, args.enable_looping_at, *(f for f, _ in seq_stages(args))})
-    return list(dict.fromkeys((ctx_for(args, q), seq_len_at(args, q)) for p in points for q in (p, min(p + 1e-9, 1))))
+    return list(dict.fromkeys((ctx_for(args, q), seq_len_at(args, q)) for p in points for q in (p, p + 1e-9)))
 
 
 def reachable_ctxs(args) -> list[Ctx]:
@@ -1926,11 +1905,9 @@ def build_averager(args, base):
 
 
 def swa_window(args, p, warmdown) -> bool:
-    """SWA collects while the warmdown scale is below SWA_START_FRAC (#162's rule), or over the last SWA_FRAC of
-    progress, or else during the whole warmdown (warmdown = warmdown_scale, which ignores the LR warmup)."""
-    if args.swa_start_frac > 0:
-        return warmdown < args.swa_start_frac
-    return p >= 1 - args.swa_frac if args.swa_frac > 0 else warmdown < 1.0
+    """SWA collects while the warmdown scale is below SWA_START_FRAC (#162's rule), else during the whole warmdown
+    (warmdown = warmdown_scale)."""
+    return warmdown < (args.swa_start_frac or 1.0)
 
 
 @torch.no_grad()
@@ -1991,9 +1968,8 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
         L, prev = seq_len_at(args, p), L
         if L != prev and args.train_seq_schedule:  # the first stage too: its line names the schedule
             event(f"train_seq_len_{L}", step, elapsed, f"progress:{p:.3f} schedule:{args.train_seq_schedule} ")
-            changed = step if step else changed  # SEQ_CHANGE_WARMUP_STEPS re-warms after a change, not at step 0
-        if args.seq_change_warmup_steps:
-            scale *= min(1, (step - changed + 1) / args.seq_change_warmup_steps)
+            changed = step or changed  # SEQ_CHANGE_WARMUP_STEPS re-warms after a change, not at step 0
+        scale *= min(1, (step - changed + 1) / max(args.seq_change_warmup_steps, 1))  # 1 when N = 0
         set_schedule(optimizers, args, step, scale)
         loss = train_step(model, loader.next_batch(), optimizers, args, rt, ctx, L)
         step = rt.step = step + 1
@@ -2849,13 +2825,14 @@ def dequantize_state(qstate) -> dict[str, Tensor]:
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
                 "rope_base", "logit_softcap", "smear_gate", "bigram_buckets", "bigram_dim", "xsa_last_n", "rope_dims",
                 "ln_scale", "mlp_act", "mlp_leaky_slope", "skip_gates_enabled", "num_loops", "loop_start", "loop_end",
-                "parallel_start_layer", "parallel_residual_start", "parallel_final_lane", "sparse_attn_gate_enabled",
+                "parallel_start_layer", "parallel_residual_start", "sparse_attn_gate_enabled",
                 "sparse_attn_gate_scale", "gate_window", "smear_gate_enabled", "smear_pre_norm", "doc_mask",
                 "asym_logit_rescale", "smear_gate_bos_fix")
 EVAL_FIELDS = ("train_seq_len", "eval_seq_len", "eval_stride", "val_max_tokens", "seed", "caseops_enabled",
                "ngram_tilt_enabled", "token_order", "token_threshold", "token_boost") + tuple(
     f.name for f in dataclasses.fields(Hyperparameters) if f.name.startswith(("ttt_", "phased_ttt_", "global_ttt_")))
-ARTIFACT_VERSION = 3  # 2: range-coded codes (COMPRESSOR=constriction); 3: tokenizer hash, seed, eval order
+ARTIFACT_VERSION = 4  # 2: range-coded codes (COMPRESSOR=constriction); 3: tokenizer hash, seed, eval order; 4: the
+# stored fields of progressive context and #1953/#2014 TTT (and no PARALLEL_FINAL_LANE): a v3 config would not load
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CODED_MAGIC = b"PGrc"  # then sha256 of the rest, side-data length, lzma side data, range-coded uint32 words
 

@@ -31,7 +31,7 @@ def test_baseline_preset_is_the_upstream_baseline():
         (0.95, 5, 0.85, 500)
     assert (a.beta1, a.beta2, a.adam_eps) == (0.9, 0.95, 1e-8)
     assert a.eval_stride == 0  # no sliding window
-    assert a.warmdown_frac == 0 and a.lr_warmup_steps == 0 and not (a.qat or a.swa or a.ema_decay or a.normuon)
+    assert a.warmdown_frac == 0 and not (a.qat or a.swa or a.ema_decay or a.normuon)
     assert not (a.smear_gate or a.bigram_buckets or a.ortho_init or a.mtp_heads)
     assert a.muon_wd == a.adam_wd == a.grad_clip_norm == 0
     assert (a.quant_attn_bits, a.quant_mlp_bits, a.quant_other_bits, a.quant_clip_search, a.fp16_keep_patterns) == \
@@ -68,7 +68,7 @@ def test_default_preset_is_frontier_v1():
     assert (a.train_seq_len, a.train_batch_tokens, a.tie_embeddings, a.logit_softcap) == (2048, 786432, True, 30.0)
     assert (a.rope_dims, a.ln_scale, a.qk_gain_init, a.xsa_last_n, a.skip_gates_enabled) == (16, True, 5.25, 11, True)
     assert (a.num_loops, a.loop_start, a.loop_end, a.enable_looping_at, a.parallel_start_layer) == (2, 3, 5, 0.35, 7)
-    assert a.parallel_final_lane == "mean" and not (a.sparse_attn_gate_enabled or a.smear_gate_enabled or a.doc_mask)
+    assert not (a.sparse_attn_gate_enabled or a.smear_gate_enabled or a.doc_mask)
     assert not a.smear_gate and a.bigram_buckets == 0 and a.ortho_init
     assert a.muon_row_normalize and a.muon_ns == "ns5" and a.min_lr == 0.1
     assert (a.matrix_lr, a.muon_momentum, a.muon_momentum_warmup_start, a.muon_momentum_warmup_steps, a.muon_wd) == \

@@ -48,10 +48,10 @@ def test_without_a_cap_each_step_gets_the_stage_of_step_over_iterations():
 
 @pytest.mark.parametrize("schedule,words", [
     ("1024", "LEN@FRAC"), ("16@", "LEN@FRAC"), ("a@0.5,32@1", "LEN@FRAC"), ("16@0.5,,32@1", "LEN@FRAC"),
-    ("16@0.5@1", "LEN@FRAC"), ("0@0.5,32@1", "LEN >= 1"), ("-8@0.5,32@1", "LEN >= 1"),  # non-positive lengths
+    ("16@0.5@1", "LEN@FRAC"), ("0@0.5,32@1", "LEN > 0"), ("-8@0.5,32@1", "LEN > 0"),  # non-positive lengths
     ("16@0,32@1", "(0, 1]"), ("16@0.5,32@1.5", "(0, 1]"), ("16@-0.5,32@1", "(0, 1]"), ("16@nan,32@1", "(0, 1]"),
     ("16@0.5,32@0.5", "rising"), ("16@0.7,32@0.3", "rising"),  # fractions must rise
-    ("8@0.5,16@1", "longest length must be TRAIN_SEQ_LEN=32"), ("16@0.5,64@1", "set TRAIN_SEQ_LEN to it")])
+    ("8@0.5,16@1", "the longest = TRAIN_SEQ_LEN"), ("16@0.5,64@1", "the longest = TRAIN_SEQ_LEN")])
 def test_bad_schedules_are_one_line_errors(schedule, words):
     with pytest.raises(train_gpt.UserError, match="^TRAIN_SEQ_SCHEDULE=") as e:
         tiny_args(TRAIN_SEQ_SCHEDULE=schedule)
@@ -64,7 +64,7 @@ def test_a_schedule_longer_than_the_run_is_refused():
     # 8@0.1: steps 0-1; 16@0.15: floor(1.5) = 1, no step after 1; 32@1: steps 2-9
     with pytest.raises(train_gpt.UserError, match="^TRAIN_SEQ_SCHEDULE=") as e:
         tiny_args(TRAIN_SEQ_SCHEDULE="8@0.1,16@0.15,32@1", ITERATIONS=10)
-    one_line(e, "a stage gets no step of ITERATIONS=10", "raise ITERATIONS")
+    one_line(e, "a step of ITERATIONS=10 for each")
     tiny_args(TRAIN_SEQ_SCHEDULE="8@0.1,16@0.2,32@1", ITERATIONS=10)  # step 2 is 16's
     with pytest.raises(train_gpt.UserError, match="ITERATIONS=3"):  # 8: step 0 (0/3); 16@0.3: floor(0.9) = 0
         tiny_args(TRAIN_SEQ_SCHEDULE="8@0.1,16@0.3,32@1", ITERATIONS=3)
@@ -78,10 +78,11 @@ def test_a_schedule_longer_than_the_run_is_refused():
 def test_lengths_must_divide_the_micro_batch(tmp_path):
     write_shard(tmp_path / "fineweb_train_000000.bin", np.r_[train_gpt.BOS_ID, np.arange(2, 1000)])
     env = dict(DATA_PATH=str(tmp_path), TRAIN_SEQ_SCHEDULE="24@0.5,32@1")
-    # TRAIN_BATCH_TOKENS=1024 over 1 rank x 8 accum: 128 tokens per micro-batch; 24 does not divide 128
-    with pytest.raises(train_gpt.UserError, match="^TRAIN_SEQ_SCHEDULE='24@0.5,32@1'") as e:
+    # TRAIN_BATCH_TOKENS=1024 over 1 rank x 8 accum: 128 tokens per micro-batch; 24 does not divide 128, i.e. 1024
+    # is no multiple of 8 x lcm(24, 32) = 768
+    with pytest.raises(train_gpt.UserError, match="^TRAIN_BATCH_TOKENS=1024") as e:
         train_gpt.TrainLoader(tiny_args(**env), cpu_runtime(), 8)
-    one_line(e, "length 24 must divide TRAIN_BATCH_TOKENS/(WORLD_SIZE*accum) = 128")
+    one_line(e, "must be a multiple of WORLD_SIZE*accum*TRAIN_SEQ_LEN = 768 (lcm of TRAIN_SEQ_SCHEDULE)")
     train_gpt.TrainLoader(tiny_args(**dict(env, TRAIN_SEQ_SCHEDULE="16@0.5,32@1")), cpu_runtime(), 8)
     # a packed row is one row of 128 tokens whatever the length: its documents are cut every 24 tokens
     train_gpt.PackedLoader(tiny_args(**env, TRAIN_LOADER="packed", DOC_MASK=1, GPTQ=0), cpu_runtime(), 8)
@@ -238,9 +239,9 @@ def test_chunk_sizes_by_hand():
 @pytest.mark.parametrize("env,words", [
     (dict(TTT_SHORT_SCORE_FIRST_STEPS="256-8"), ["TTT_SHORT_SCORE_FIRST_STEPS='256-8'", "LEN:CHUNK"]),
     (dict(TTT_SHORT_SCORE_FIRST_STEPS="256:8,"), ["LEN:CHUNK"]),
-    (dict(TTT_SHORT_SCORE_FIRST_STEPS="0:8"), ["positive integers"]),
-    (dict(TTT_SHORT_SCORE_FIRST_STEPS="256:0"), ["positive integers"]),
-    (dict(TTT_SHORT_SCORE_FIRST_STEPS="256:17"), ["TTT_CHUNK_SIZE=5", "TTT context (16)", "short chunks"]),
+    (dict(TTT_SHORT_SCORE_FIRST_STEPS="0:8"), ["LEN, CHUNK > 0"]),
+    (dict(TTT_SHORT_SCORE_FIRST_STEPS="256:0"), ["LEN, CHUNK > 0"]),
+    (dict(TTT_SHORT_SCORE_FIRST_STEPS="256:17"), ["TTT_CHUNK_SIZE=5", "TTT context (16)", "TTT_SHORT_* chunks"]),
     (dict(TTT_SHORT_CHUNK_SIZE=17), ["TTT context (16)"]), (dict(TTT_SHORT_DOC_LEN=0), ["TTT_SHORT_DOC_LEN=0"])])
 def test_bad_short_chunk_settings_are_one_line_errors(env, words):
     with pytest.raises(train_gpt.UserError) as e:
