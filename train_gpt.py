@@ -343,7 +343,7 @@ def in_interval(v, spec: str) -> bool:
 # Every non-bool field has a range, a list of choices, or is free text (tests/test_outputs.py checks it): a number
 # [0, inf) unless FIELD_RANGES says otherwise.
 POS, NONNEG, UNIT, UNIT_OPEN = "[1, inf)", "[0, inf)", "[0, 1]", "[0, 1)"
-FIELD_RANGES = {f.name: NONNEG for f in dataclasses.fields(Hyperparameters) if f.type in ("int", "float")} | dict(
+FIELD_RANGES = {f.name: NONNEG for f in dataclasses.fields(Hyperparameters) if type(f.default) in (int, float)} | dict(
     seed=f"[0, {2**32 - 1}]", val_batch_size=POS, eval_batch_seqs=POS, iterations=POS, warmdown_frac=UNIT,
     train_batch_tokens=POS, train_seq_len=POS, compile="[-1, 1]", fused_kernels="[-1, 1]", vocab_size="[2, 65536]",
     num_layers=POS, model_dim=POS, num_heads=POS, num_kv_heads=POS, mlp_mult="(0, inf)", rope_base="(0, inf)",

@@ -34,6 +34,20 @@ def test_the_packed_train_gpt_counts_at_most_32000_bytes():
     assert len(ps.pack_source((ROOT / "train_gpt.py").read_bytes())) <= 32_000
 
 
+@pytest.mark.parametrize("key,value,words", [("VAL_LOSS_EVERY", "-1", "VAL_LOSS_EVERY=-1: must be in [0, inf)"),
+                                             ("ITERATIONS", "0", "ITERATIONS=0: must be in [1, inf)"),
+                                             ("TRAIN_SEQ_SCHEDULE", "8@0.5", "TRAIN_SEQ_SCHEDULE='8@0.5': use LEN@FRAC")])
+def test_the_packed_file_checks_values_as_the_source_does(tmp_path, key, value, words):
+    """The ranges come from the fields' default types (not their annotations, which the minifier renames), so the
+    packed program refuses what the source refuses, with the same line."""
+    packed = tmp_path / "train_gpt.py"
+    packed.write_bytes(ps.pack_source((ROOT / "train_gpt.py").read_bytes()))
+    for path in (packed, ROOT / "train_gpt.py"):
+        proc = subprocess.run([sys.executable, str(path)], env=dict(os.environ, **{key: value}), capture_output=True,
+                              text=True, timeout=120, cwd=tmp_path)
+        assert proc.returncode != 0 and words in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
 def test_minifying_keeps_every_name_read_at_run_time():
     """Local and module-level names are shortened; what a run reads by name keeps it: the Hyperparameters fields,
     attributes and keywords, and the argument annotations of Triton kernels. Module-level names are safe to rename
