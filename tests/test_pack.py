@@ -22,7 +22,7 @@ def test_packed_source_round_trips_and_is_much_smaller():
     packed = ps.pack_source(source)
     assert ps.unpack_source(packed) == ps.program_of(source)
     assert len(packed) < 0.45 * len(source)
-    assert hashlib.sha256(source).hexdigest() in packed.decode("latin-1").split("\n")[0]
+    assert hashlib.sha256(source).hexdigest()[:16] in packed.decode("latin-1").split("\n")[0]
     assert ps.pack_source(source) == packed  # deterministic
     with pytest.raises(ps.PackError):
         ps.unpack_source(b"print('hello')\n")

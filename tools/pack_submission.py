@@ -17,9 +17,9 @@ every character but NUL, CR, quote and backslash, so nothing is escaped), decode
 bytes of the file that actually ran. README.md has the measured sizes: brotli takes ~3% off bz2, the
 smallest stdlib decoder, at the cost of the `brotli` package at run time (the SOTA's stub needs it too).
 
-The readable source stays canonical: the packed file is a build output. Its first line holds the source's SHA-256,
-packing is deterministic (same source and Python version, same bytes), --unpack prints the program it runs, and
---check compares that program's AST with the stripped source's. Packed by Python 3.11, the program also parses on
+The readable source stays canonical: the packed file is a build output. Its first line holds the source's SHA-256
+(16 hex digits; the folder's README.md all 64), packing is deterministic (same source and Python version, same
+bytes), --unpack prints the program it runs, and --check compares that program's AST with the stripped source's. Packed by Python 3.11, the program also parses on
 3.10, 3.12 and 3.13 (measured); packed by 3.12+, it may need 3.12+ (f-strings), which packing warns about.
 
 Why a tool and not `train_gpt.py --pack`: the counted file should hold only what a run needs, and
@@ -40,7 +40,8 @@ import sys
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TOOLS)
 PROG = "pack_submission.py"
-HEADER = "# coding:latin-1 | packed train_gpt.py (tools/pack_submission.py), source sha256 "
+HEADER = "# coding:latin-1 | packed by tools/pack_submission.py, source sha256 "  # then its first 16 hex digits (the
+# folder's README.md has all 64)
 # The program is put in linecache under its code's file name, so what reads a function's source at run time finds it:
 # Triton's @triton.jit does ("@jit functions should be defined in a Python file" without it).
 BODY = ("import brotli,linecache as c\nn=0\nfor b in {blob}.encode('latin1'):n=n*252+b-(b>0)-(b>13)-(b>39)-(b>92)\n"
@@ -151,7 +152,7 @@ def pack_source(source: bytes) -> bytes:
     """The self-extracting wrapper of `source` (bytes of a Python file)."""
     blob = brotli.compress(program_of(source), quality=11)
     body = BODY.format(blob=base252_literal(blob), size=len(blob))
-    return (HEADER + hashlib.sha256(source).hexdigest() + "\n" + body).encode("latin-1")
+    return (HEADER + hashlib.sha256(source).hexdigest()[:16] + "\n" + body).encode("latin-1")
 
 
 def unpack_source(packed: bytes) -> bytes:
@@ -176,7 +177,7 @@ def check_packed(packed_path, source_path) -> str:
     if ast.dump(ast.parse(program)) != ast.dump(ast.parse(program_of(source))):
         raise PackError(f"does not run {source_path} stripped (the programs differ; --unpack shows the packed one); "
                         "pack again")
-    named, sha = packed.split(b"\n", 1)[0].decode("latin-1")[len(HEADER):], hashlib.sha256(source).hexdigest()
+    named, sha = packed.split(b"\n", 1)[0].decode("latin-1")[len(HEADER):], hashlib.sha256(source).hexdigest()[:16]
     note = "" if named == sha else f" (packed from {named[:16]}, not {sha[:16]}: only docstrings or comments differ)"
     return f"{packed_path} runs {source_path} stripped{note}"
 
