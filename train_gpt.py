@@ -1563,7 +1563,8 @@ def tilted(z: Tensor, y: Tensor, hint: Tensor | None, b: float) -> Tensor:
 def train_flops_per_token(args, model) -> float:
     """Forward+backward matmul FLOPs per training token: 6 per matmul weight (the head included, lookups excluded)
     plus attention scores and values, 12 * dim * seq_len per block application (PaLM's MFU convention). Blocks
-    count once per application of the order the run ends in (the looped one under NUM_LOOPS)."""
+    count once per application of the order the run ends in (the looped one under NUM_LOOPS), at the length it ends
+    in (TRAIN_SEQ_LEN, the longest of a TRAIN_SEQ_SCHEDULE)."""
     order = [i for part in model.orders[model.final_ctx.looping] for i in part]
     weights = {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, CastedLinear)}
     per_block = [sum(v for n, v in weights.items() if n.startswith(f"blocks.{i}.")) for i in range(args.num_layers)]
