@@ -2384,8 +2384,9 @@ class LoRA(nn.Module):
 
 class DocAdapters(nn.Module):
     """The adapters of one batch of documents: Q, V, K, the attention output and the MLP output of every block by
-    TTT_Q_LORA / TTT_V_LORA / TTT_K_LORA / TTT_O_LORA / TTT_MLP_LORA, and the head. Hooked in as output + delta(input); the attention-output
-    and MLP adapters read the sublayer's normed input, beside it. Looped blocks share their adapters across passes."""
+    TTT_Q_LORA / TTT_V_LORA / TTT_K_LORA / TTT_O_LORA / TTT_MLP_LORA, and the head. Hooked in as output +
+    delta(input); the attention-output and MLP adapters read the sublayer's normed input, beside it. Looped blocks
+    share their adapters across passes."""
 
     def __init__(self, base, args):
         super().__init__()
