@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 def first_module(*names):
@@ -430,16 +429,18 @@ SOTA1855 = dict(  # records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_B
 FRONTIER2135 = dict(  # PR #2135, records/.../2026-05-01_SP8192_PR2130Base_Calib32 (1.05651), its README command
     SOTA1855, asym_logit_rescale=True, smear_gate_bos_fix=False, gated_attn_quant_gate=False, matrix_lr=0.028,
     lqer_asym_group=32, ttt_lora_lr=8e-5, ttt_weight_decay=2.0, ttt_k_lora=False, phased_ttt_num_phases=1,
-    gptq_calibration_batches=32, gptq_reserve_seconds=8.0, ngram_tilt_enabled=True)
+    gptq_calibration_batches=32, gptq_reserve_seconds=8.0, ngram_tilt_enabled=True, eval_seq_len=2560,
+    ttt_eval_seq_len=2560)
 PRESETS = {
     # upstream NaiveBaseline: 9x512, MLP 2x, int8 + zlib export, no sliding window
     "baseline": dict(eval_stride=0, quant_attn_bits=8, quant_mlp_bits=8, quant_clip_search=False,
                      quant_int8_upstream=True, fp16_keep_patterns="", compressor="zlib", compress_level=9,
                      int8_keep_float_fp32_name_patterns="attn_scale,mlp_scale,resid_mix,q_gain,skip_weight"),
     "seed162": SEED162,
-    # frontier v1 (record 2026-04-09, 1.0810; frontier.md section 2) with the SOTA optimizer values (section 4) and
-    # the frontier export (section 5)
-    "default": dict(FRONTIER_V1, **FRONTIER_EXPORT, val_loss_every=0),
+    # the strongest record (#2135, 1.05651) with our export (range-coded codes, size fitted to the cap), the GPTQ
+    # reserve measured before the clock, and the EMA warm-up ramp, so a short run is not held at its initial weights
+    "default": dict(FRONTIER2135, target_bytes=FRONTIER_EXPORT["target_bytes"], gptq_reserve_seconds=-1.0,
+                    ema_warmup=True),
     "seed156": SEED156,
     "seed88": SEED88,
     "seed488": SEED488,
@@ -1608,14 +1609,30 @@ class Muon(torch.optim.Optimizer):
     p <- p (1 - lr*wd) and optional NorMuon (Li et al. 2025): each row of the orthogonalised update is divided by the
     root of its running mean square, then the update is rescaled to its pre-normalisation Frobenius norm (so
     MATRIX_LR keeps its meaning). MuonEq-R (row_normalize): each row of the Nesterov update is divided by its L2 norm
-    before Newton-Schulz. Rank r orthogonalises every world-th matrix of each shape, batched; one all-gather of a
-    flat buffer (bf16 on CUDA) then shares all updates."""
+    before Newton-Schulz. One parameter group.
+
+    Work and communication (issue 18): rank r owns every world-th matrix of each shape, whose places are row r of a
+    flat [world, chunk] buffer (bf16 on CUDA). reduce() reduce-scatters the gradients in that buffer, so each rank
+    receives the mean over ranks of its own matrices' gradients only (half the bytes of an all-reduce); step() runs
+    momentum and Newton-Schulz, batched per shape, on those alone (so only the owner holds a momentum buffer) and
+    all-gathers the updates in a buffer of the same layout. One rank: reduce() does nothing, step() uses the gradients
+    as they are."""
 
     def __init__(self, params, lr, momentum, steps, wd=0.0, normuon=False, beta2=0.95, rank=0, world=1,
                  orthogonalize=newton_schulz, row_normalize=False, ns="ns5"):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, wd=wd))
         self.steps, self.normuon, self.beta2, self.row_normalize, self.ns = steps, normuon, beta2, row_normalize, ns
         self.rank, self.world, self.orthogonalize = rank, world, orthogonalize
+        self.shapes, self.at, used = {}, {}, [0] * world  # matrices by shape; at[p] = (owner, offset in its row)
+        for p in self.param_groups[0]["params"]:
+            r = len(self.shapes.setdefault(p.shape, [])) % world
+            self.shapes[p.shape].append(p)
+            self.at[p], used[r] = (r, used[r]), used[r] + p.numel()
+        self.chunk = max(used)
+
+    def _flat(self):
+        p = self.param_groups[0]["params"][0]
+        return torch.zeros(self.world, self.chunk, device=p.device, dtype=torch.bfloat16 if p.is_cuda else torch.float32)
 
     def _state(self, p, key, shape) -> Tensor:
         state = self.state[p]
@@ -1636,39 +1653,46 @@ class Muon(torch.optim.Optimizer):
         return un * (u.norm() / (un.norm() + 1e-12))
 
     @torch.no_grad()
+    def reduce(self) -> list[Tensor]:
+        """Replace each owned matrix's gradient by its mean over ranks (the others' gradients stay this rank's own,
+        unused until zero_grad). Returns tensors that hold this rank's reduced gradients, for the clipping norm."""
+        ps = [p for p in self.param_groups[0]["params"] if p.grad is not None]  # the same on every rank
+        if self.world == 1:
+            return [p.grad for p in ps]
+        flat = self._flat()
+        for p in ps:
+            r, o = self.at[p]
+            flat[r, o:o + p.numel()] = p.grad.flatten() / self.world  # pre-divided, as DDP
+        mine = torch.empty_like(flat[0])
+        dist.reduce_scatter_tensor(mine, flat.view(-1))
+        for p in ps:
+            r, o = self.at[p]
+            if r == self.rank:
+                p.grad.copy_(mine[o:o + p.numel()].view_as(p))
+        return [mine.float()]
+
+    @torch.no_grad()
     def step(self):
-        for group in self.param_groups:
-            params = group["params"]
-            by_shape: dict[tuple, list[int]] = {}
-            for i, p in enumerate(params):
-                by_shape.setdefault(tuple(p.shape), []).append(i)
-            # rank r orthogonalises every world-th matrix of each shape and writes it into row r of a flat buffer
-            # [world, chunk]; one all-gather (not an all-reduce of mostly zeros: half the bytes) shares them all
-            owner = {i: k % self.world for idxs in by_shape.values() for k, i in enumerate(idxs)}
-            at, used = {}, [0] * self.world
-            for i, p in enumerate(params):
-                at[i], used[owner[i]] = (owner[i], used[owner[i]]), used[owner[i]] + p.numel()
-            flat = torch.zeros(self.world, max(used), device=params[0].device,
-                               dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
-            for shape, idxs in by_shape.items():
-                mine = [i for i in idxs if owner[i] == self.rank and params[i].grad is not None]
-                if not mine:
-                    continue
-                G = torch.stack([self._update(params[i], params[i].grad, group["momentum"]) for i in mine])
-                if self.row_normalize:
-                    G = G / G.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-                U = self.orthogonalize(G, self.steps, self.ns)
-                for u, i in zip(U, mine):
-                    if self.normuon:
-                        u = self._normalize_rows(params[i], u)
-                    u = u.float() * max(1.0, shape[0] / shape[1]) ** 0.5
-                    flat[self.rank, at[i][1]:at[i][1] + u.numel()] = u.flatten()
-            if self.world > 1:
-                dist.all_gather_into_tensor(flat.view(-1), flat[self.rank].clone())
-            for i, p in enumerate(params):
-                if p.grad is None:
-                    continue
-                r, o = at[i]
+        group, flat = self.param_groups[0], self._flat()
+        for shape, ps in self.shapes.items():
+            mine = [p for p in ps[self.rank::self.world] if p.grad is not None]
+            if not mine:
+                continue
+            G = torch.stack([self._update(p, p.grad, group["momentum"]) for p in mine])
+            if self.row_normalize:
+                G = G / G.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+            U = self.orthogonalize(G, self.steps, self.ns)
+            for u, p in zip(U, mine):
+                if self.normuon:
+                    u = self._normalize_rows(p, u)
+                u = u.float() * max(1.0, shape[0] / shape[1]) ** 0.5
+                o = self.at[p][1]
+                flat[self.rank, o:o + u.numel()] = u.flatten()
+        if self.world > 1:
+            dist.all_gather_into_tensor(flat.view(-1), flat[self.rank].clone())
+        for p in group["params"]:
+            if p.grad is not None:
+                r, o = self.at[p]
                 p.mul_(1 - group["lr"] * group["wd"])
                 p.add_(flat[r, o:o + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
 
@@ -1842,23 +1866,51 @@ def train_step(model, batches, optimizers, args, rt, ctx: Ctx, L: int = 0) -> Te
     micro-batches are cut into rows of L (keeping every target: y stays x's successor), and a packed row stays one
     row whose documents are cut every L tokens (the split), as PR #2014's packing loader cuts them."""
     total, L = torch.zeros((), device=rt.device), L or args.train_seq_len
-    for i, (x, y) in enumerate(batches):
-        if isinstance(model, DDP):
-            model.require_backward_grad_sync = i == len(batches) - 1
+    for x, y in batches:
         if args.train_loader != "packed":
             x, y = x.reshape(-1, L), y.reshape(-1, L)
         with rt.autocast():
             loss = model(x, y, ctx=ctx, split=L)
         (loss / len(batches)).backward()
         total += loss.detach()
+    grads, shares = reduce_grads(optimizers, rt)
     if args.grad_clip_norm > 0:
-        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm)
+        clip_grads(optimizers, grads, shares, args.grad_clip_norm, rt)
     for opt in optimizers:
         opt.step()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     return total / len(batches)
+
+
+def reduce_grads(optimizers, rt) -> tuple[list[Tensor], list[Tensor]]:
+    """Gradients averaged over ranks, in bf16 on CUDA (half the bytes; DDP's bf16_compress_hook before): Adam's
+    (embeddings, head, scalars) all-reduced in one flat buffer, Muon's reduce-scattered (Muon.reduce), so each rank
+    receives only its own matrices' (half the bytes of the all-reduce DDP ran). No DDP, and no overlap with the
+    backward: the model is compiled as one graph, whose backward hands every gradient over at its end (DDP around it
+    had dynamo split the graph at its buckets to overlap; the records' reduce-scatter runs after the backward too).
+    Returns Adam's gradients and the tensors that hold this rank's share of Muon's."""
+    adam, muon = optimizers
+    grads = [p.grad for g in adam.param_groups for p in g["params"] if p.grad is not None]
+    if rt.distributed:
+        flat = torch.cat([g.flatten() / rt.world_size for g in grads]).to(rt.act_dtype)  # pre-divided, as DDP
+        dist.all_reduce(flat)
+        for g, t in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(t.view_as(g))
+    return grads, muon.reduce()
+
+
+def clip_grads(optimizers, grads, shares, max_norm, rt):
+    """torch's clip_grad_norm_ (the same operations: on one rank the same numbers) with the norm of every averaged
+    gradient: Adam's, which each rank holds, and Muon's, spread over the ranks, whose squared norms are summed. Every
+    gradient is scaled, the unreduced ones of matrices this rank does not own too (unused)."""
+    if rt.distributed:
+        sq = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(shares))) ** 2
+        dist.all_reduce(sq)
+        shares = [sq.sqrt()]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads + shares)))
+    ps = [p.grad for opt in optimizers for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    torch._foreach_mul_(ps, (max_norm / (norm + 1e-6)).clamp(max=1.0))
 
 
 def prime_compile(model, base, optimizers, loader, args, rt, log):
@@ -3286,21 +3338,17 @@ def train_and_export(args, rt, loader, val, truncated, luts, log) -> dict:
     log(f"train_loader:dataset:{args.data_path} train_shards:{len(loader.files)} "
         f"val_tokens:{val.numel() - 1}{' (VAL_MAX_TOKENS: truncated)' if truncated else ''}")
     base, compiled = build_model(args, rt)
-    model = DDP(compiled, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.distributed else compiled
-    if rt.distributed and rt.device.type == "cuda":  # gradients all-reduced in bf16: half the bytes
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
-        model.register_comm_hook(None, bf16_compress_hook)
     optimizers = build_optimizers(base, args, rt)
     n_params = sum(p.numel() for k, p in base.state_dict().items() if not k.startswith("mtp_heads."))
     log(f"model_params:{n_params} world_size:{rt.world_size} grad_accum_steps:{loader.accum} "
         f"groups:{ {k: len(v) for k, v in route_params(base).items()} }")
-    prime_compile(model, base, optimizers, loader, args, rt, log)
+    prime_compile(compiled, base, optimizers, loader, args, rt, log)
     prime_eval(compiled, base, val, args, rt)
     measure_gptq_reserve(args, rt, base, loader, log)
 
     reserve = args.gptq_reserve_seconds if args.gptq and args.max_wallclock_seconds > 0 else 0.0
     train_args = dataclasses.replace(args, max_wallclock_seconds=args.max_wallclock_seconds - reserve)
-    result = train(train_args, rt, model, base, optimizers, loader,
+    result = train(train_args, rt, compiled, base, optimizers, loader,
                    lambda ctx: evaluate(compiled, val, luts, args, rt, 0, ctx), log)
     hessians = calibrate(args, rt, base, loader, log)
     pre = evaluate(compiled, val, luts, args, rt, stride=0)

@@ -35,7 +35,9 @@ SOTA = {"ms_per_step_8xH100": {"#1855 (mean)": 121.7, "#2135 before looping": 95
 SMOKE_ENV = dict(VOCAB_SIZE="1088", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8",
                  TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024", LOOP_START="0", LOOP_END="0", PARALLEL_START_LAYER="1",
                  EVAL_STRIDE="16", EVAL_BATCH_SEQS="4", TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="4",
-                 GPTQ_CALIBRATION_BATCHES="2", COMPILE="0")
+                 GPTQ_CALIBRATION_BATCHES="2", COMPILE="0", EVAL_SEQ_LEN="80", TTT_EVAL_SEQ_LEN="80",
+                 TTT_BATCH_SIZE="2", TTT_CHUNK_SIZE="16", TTT_LORA_RANK="4", PHASED_TTT_PREFIX_DOCS="4")
+DOC_TOKENS = 957  # the mean validation document (47,851,520 CaseOps targets / 50,000 documents); --cpu-smoke: 40
 
 
 class Check:
@@ -309,7 +311,7 @@ def rank0_of(world):
 
 def eval_stage(smoke):
     args = default_args(smoke)
-    world, L, stride = tg.RECORD_RANKS, args.train_seq_len, args.eval_stride
+    world, L, stride = tg.RECORD_RANKS, args.eval_seq_len or args.train_seq_len, args.eval_stride
     out = dict(world=world, stride=stride, full_val_targets=tg.FULL_VAL_TOKENS)
     with rank0_of(world) as rt:
         out["kernels"] = tg.set_kernels(args, rt)
@@ -321,12 +323,17 @@ def eval_stage(smoke):
         g = torch.Generator().manual_seed(0)
         val = torch.randint(args.vocab_size, (n + 1,), generator=g)
         ttt_val = torch.randint(args.vocab_size, ((tg.TTT_PROJECT_CHUNKS + 1) * args.ttt_chunk_tokens + 1,), generator=g)
+        if args.ttt_mode == "lora":  # documents of the mean length, enough for rank 0's projection batches
+            docs = world * (tg.TTT_PROJECT_CHUNKS + 1) * args.ttt_batch_size
+            ttt_val = torch.randint(1, args.vocab_size, (docs * (40 if smoke else DOC_TOKENS) + 1,), generator=g)
+            ttt_val[:-1:40 if smoke else DOC_TOKENS] = tg.BOS_ID
         t = time.time()
         if model is not base:  # the sliding and TTT graphs, as train_gpt.py's prime_eval compiles them
             _, L, seqs = tg.eval_plan(val, args, rt, stride)
             tg.prime_scoring(model, args, rt, stride, seqs, L)
-            _, L, seqs = tg.ttt_plan(ttt_val, args, rt, stride)
-            tg.ttt_warmup(base, model, args, rt, stride, seqs, L)
+            if args.ttt_mode == "sgd":
+                _, L2, seqs = tg.ttt_plan(ttt_val, args, rt, stride)
+                tg.ttt_warmup(base, model, args, rt, stride, seqs, L2)
         sync()
         out["prime_s"] = round(time.time() - t, 1)
         r = tg.evaluate(model, val, luts, args, rt, stride)
@@ -335,8 +342,11 @@ def eval_stage(smoke):
         out["sliding"] = dict(rank0_windows=-(-n_windows // world), eval_s=round(r["eval_time_s"], 3),
                               projected_full_val_8gpu_s=round(r["eval_time_s"] * windows / n_windows, 1))
         lines = []
-        r = tg.evaluate_ttt(base, model, ttt_val, luts, args, rt, stride, lines.append)
-        out["ttt"] = dict(chunks=r["chunks"], chunk_s=round(r["chunk_time_s"], 3),
+        if args.ttt_mode == "lora":  # eager, batched over documents (train_gpt.py compiles nothing for it)
+            r = tg.evaluate_ttt_lora(base, ttt_val, luts, args, rt, lines.append)
+        else:
+            r = tg.evaluate_ttt(base, model, ttt_val, luts, args, rt, stride, lines.append)
+        out["ttt"] = dict(mode=args.ttt_mode, chunks=r["chunks"], chunk_s=round(r["chunk_time_s"], 3),
                           projected_full_val_8gpu_s=round(r["projected_full_val_s"], 1), log=lines)
     return out
 

@@ -4,6 +4,7 @@ wall clock, and writes one table (stdout, CSV, Markdown) of speed, MFU, memory, 
 
 GPU:     python bench/run_bench.py [--configs baseline,seed162,default] [--seconds 150] [--budget 570]
 CPU/CI:  python bench/run_bench.py --dry-run --out /tmp/bench
+Every config runs with CASEOPS_ENABLED=0: the proxy shards made here are plain text (bench/pieces_cpu.py uses CaseOps data).
 Staging: python bench/run_bench.py --stage-proxy   (copies a slice of ../shared/proxy into bench_data/proxy)
 """
 import argparse, csv, glob, hashlib, json, os, platform, re, shutil, signal, statistics, subprocess, sys, tempfile
@@ -18,7 +19,7 @@ DRY_ENV = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", 
                EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024", ITERATIONS="4", WARMUP_STEPS="1",
                VAL_BATCH_SIZE="4096", VAL_MAX_TOKENS="4096", EVAL_STRIDE="32", EVAL_BATCH_SEQS="8",
                BIGRAM_BUCKETS="64", BIGRAM_DIM="16", MAX_WALLCLOCK_SECONDS="30", LOOP_START="0", LOOP_END="0",
-               GPTQ_RESERVE_SECONDS="0", TTT_CHUNK_TOKENS="1024")  # the default stack's TTT over 4 chunks
+               GPTQ_RESERVE_SECONDS="0", TTT_CHUNK_TOKENS="1024", TTT_EVAL_SEQ_LEN="64")
 # (header, dotted key into the row: the run's summary plus status fields, format)
 COLUMNS = [
     ("config", "config", "{}"), ("status", "status", "{}"), ("steps", "steps", "{}"),
@@ -146,6 +147,7 @@ def config_env(preset, data_dir, run_id, log_dir, seconds, overrides, vocab=1024
     env.update(DATA_PATH=data_dir, TOKENIZER_PATH=os.path.join(data_dir, tokenizer_name(vocab)), RUN_ID=run_id,
                VOCAB_SIZE=str(vocab),
                MAX_WALLCLOCK_SECONDS=str(seconds), LOG_DIR=log_dir, VAL_LOSS_EVERY="0",
+               CASEOPS_ENABLED="0",  # the proxy shards here are plain text: bytes from the tokenizer's pieces
                SUBMISSION_JSON=os.path.join(log_dir, f"{run_id}_submission.json"),
                DATA_LABEL=f"proxy corpus ({os.path.basename(os.path.normpath(data_dir))}), not FineWeb")
     env.update(overrides)

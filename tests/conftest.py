@@ -28,7 +28,9 @@ TOKENIZER = PROXY / "tokenizers" / "fineweb_1024_bpe.model"
 TINY = dict(NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=32,
             TRAIN_BATCH_TOKENS=1024, BIGRAM_BUCKETS=64, BIGRAM_DIM=16, EVAL_BATCH_SEQS=8, WARMUP_STEPS=0,
             MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0, COMPRESS_LEVEL=3, VOCAB_SIZE=1024, LOOP_START=0, LOOP_END=0,
-            PARALLEL_START_LAYER=1, ROPE_DIMS=8, TTT_ENABLED=0)  # TTT: on in the default stack, set by its tests
+            PARALLEL_START_LAYER=1, ROPE_DIMS=8, TTT_ENABLED=0,  # TTT: on in the default stack, set by its tests
+            CASEOPS_ENABLED=0, EVAL_SEQ_LEN=0, TTT_EVAL_SEQ_LEN=0,  # generated data has no byte sidecar; 2560 > tiny
+            TTT_MODE="sgd")  # the LoRA form is the default stack's; its tests set TTT_MODE=lora
 
 
 # The previous default export (row max with clip search, fp16 embedding, zstd), for tests of that path.
@@ -75,11 +77,13 @@ def tokenizer_path():
     return str(TOKENIZER)
 
 
-def write_markov_data(folder, tokenizer_path) -> dict:
-    """A DATA_PATH with a generated train shard and val shard (vocab 1024 ids, BOS every 200 tokens)."""
+def write_markov_data(folder, tokenizer_path, train_shards=1) -> dict:
+    """A DATA_PATH with generated train shards (60,000 tokens in all) and a val shard (vocab 1024 ids, BOS every 200
+    tokens). Several train shards: for runs on several ranks of the loaders that give each rank its own shards."""
     tokens = markov_tokens(63000, seed=1)  # one source: train and val share its transition table
     tokens[::200] = train_gpt.BOS_ID
-    write_shard(folder / "fineweb_train_000000.bin", tokens[:60000])
+    for i, part in enumerate(np.array_split(tokens[:60000], train_shards)):
+        write_shard(folder / f"fineweb_train_{i:06d}.bin", part)
     write_shard(folder / "fineweb_val_000000.bin", tokens[60000:])
     return dict(DATA_PATH=str(folder), TOKENIZER_PATH=tokenizer_path, LOG_DIR=str(folder / "logs"),
                 SUBMISSION_JSON=str(folder / "submission.json"))

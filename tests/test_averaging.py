@@ -16,7 +16,7 @@ def averaged_run(decay, swa, updates=3):
     """A model whose MLP matrices are exported as int6 (512x256 > 65536 elements); weights changed by hand between
     averager updates. Returns the model, args, averager and the hand-computed average."""
     args = tiny_args(MODEL_DIM=256, MLP_MULT=2, NUM_LAYERS=2, NUM_HEADS=4, NUM_KV_HEADS=2, VOCAB_SIZE=64, MTP_HEADS=0,
-                     EMA_DECAY=decay, SWA=int(swa))
+                     EMA_DECAY=decay, SWA=int(swa), LQER_ENABLED=0)  # LQER's top-k may pick other matrices
     model = train_gpt.GPT(args)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -74,7 +74,7 @@ def test_applied_average_is_what_gets_serialised(decay, swa):
         # a value within float rounding of a rounding boundary may land one step away
         step = artifact[n]["scale"].float().max() if "scale" in artifact[n] else 1e-3 * theirs[n].abs().max()
         assert ((ours[n] - theirs[n]).abs() <= step * 1.001 + 1e-7).all(), n
-        assert (ours[n] == theirs[n]).float().mean() > 0.999, n
+        assert (ours[n] != theirs[n]).sum() <= max(1, ours[n].numel() // 1000), n
 
 
 def test_ema_warmup_matches_plain_ema_on_a_long_run():

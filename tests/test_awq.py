@@ -49,7 +49,7 @@ def test_asym_caps_start_at_the_cap_are_frozen_in_training_and_used_by_evaluatio
     assert float(fresh.softcap_pos) == float(fresh.softcap_neg) == 30.0
     model = asym_model()
     assert not model.softcap_pos.requires_grad and not model.softcap_neg.requires_grad
-    one = train_gpt.GPT(tiny_args(BIGRAM_BUCKETS=0))
+    one = train_gpt.GPT(tiny_args(BIGRAM_BUCKETS=0, ASYM_LOGIT_RESCALE=0))
     one.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("softcap_")})
     x = torch.randint(0, 1024, (2, 32), generator=torch.Generator().manual_seed(1))
     y = x.roll(-1, 1)
@@ -98,7 +98,7 @@ def test_only_the_global_ttt_phase_trains_the_caps(prefix, moves):
 
 def awq_args(**kw):
     return tiny_args(**{**dict(MODEL_DIM=64, NUM_LAYERS=1, MLP_MULT=2, BIGRAM_BUCKETS=0, AWQ_LITE_ENABLED=1,
-                               AWQ_LITE_GROUP_SIZE=16), **kw})
+                               AWQ_LITE_GROUP_SIZE=16, LQER_ENABLED=0), **kw})
 
 
 def test_awq_groups_by_hand():
@@ -220,6 +220,6 @@ def test_frontier2135_is_sota1855_with_its_levers():
                         matrix_lr=(0.026, 0.028), lqer_asym_group=(64, 32), ttt_lora_lr=(1e-4, 8e-5),
                         ttt_weight_decay=(0.5, 2.0), ttt_k_lora=(True, False), phased_ttt_num_phases=(3, 1),
                         gptq_calibration_batches=(16, 32), gptq_reserve_seconds=(0.5, 8.0),
-                        ngram_tilt_enabled=(False, True))
+                        ngram_tilt_enabled=(False, True), eval_seq_len=(2048, 2560), ttt_eval_seq_len=(2048, 2560))
     assert not a.awq_lite_enabled  # #2135's code has no AWQ-lite
     assert a.ttt_lora_alpha == b.ttt_lora_alpha == 144  # both records' code default (TTT_LORA_ALPHA, not logged)

@@ -156,7 +156,7 @@ def step_rows(loader):
 @pytest.mark.parametrize("world", [2, 4, 8])
 def test_global_batch_is_the_same_for_any_world_size(tmp_path, world):
     data = positions_data(tmp_path, 3000, sizes=[1000, 700, 1300])  # steps cross shard boundaries
-    args = tiny_args(**data, TRAIN_SEQ_LEN=8, TRAIN_BATCH_TOKENS=128)
+    args = tiny_args(**data, TRAIN_LOADER="stream", TRAIN_SEQ_LEN=8, TRAIN_BATCH_TOKENS=128)
     single = train_gpt.TrainLoader(args, train_gpt.Runtime(0, 1, CPU), accum=8)
     ranks = [train_gpt.TrainLoader(args, train_gpt.Runtime(r, world, CPU), accum=8 // world) for r in range(world)]
     for _ in range(5):
@@ -174,7 +174,7 @@ def test_global_batch_is_the_same_for_any_world_size(tmp_path, world):
 def test_steps_read_consecutive_disjoint_spans_and_targets_are_shifted(tmp_path):
     # 8 micro-batches of 16 tokens: each reads 17 consecutive tokens (16 inputs + 1 target), 136 per step
     data = positions_data(tmp_path, 1000, sizes=[300, 300, 400])
-    args = tiny_args(**data, TRAIN_SEQ_LEN=8, TRAIN_BATCH_TOKENS=128)
+    args = tiny_args(**data, TRAIN_LOADER="stream", TRAIN_SEQ_LEN=8, TRAIN_BATCH_TOKENS=128)
     loader = train_gpt.TrainLoader(args, train_gpt.Runtime(0, 1, CPU), accum=8)
     for step in range(7):  # 7 * 136 = 952 tokens, all within one pass over the data
         for m, (x, y) in enumerate(loader.next_batch()):
@@ -190,7 +190,7 @@ def test_steps_read_consecutive_disjoint_spans_and_targets_are_shifted(tmp_path)
 
 def test_rank_r_gets_micro_batches_r_r_plus_world_and_so_on(tmp_path):
     data = positions_data(tmp_path, 1000)
-    args = tiny_args(**data, TRAIN_SEQ_LEN=8, TRAIN_BATCH_TOKENS=128)
+    args = tiny_args(**data, TRAIN_LOADER="stream", TRAIN_SEQ_LEN=8, TRAIN_BATCH_TOKENS=128)
     for r in range(2):
         batches = train_gpt.TrainLoader(args, train_gpt.Runtime(r, 2, CPU), accum=4).next_batch()
         assert [int(x[0, 0]) for x, _ in batches] == [(2 * m + r) * 17 for m in range(4)]
@@ -199,7 +199,7 @@ def test_rank_r_gets_micro_batches_r_r_plus_world_and_so_on(tmp_path):
 @pytest.mark.parametrize("world,accum,tokens", [(1, 8, 100), (1, 8, 64 * 3), (2, 4, 8 * 8 * 3), (1, 3, 128)])
 def test_indivisible_batch_is_rejected(tmp_path, world, accum, tokens):
     data = positions_data(tmp_path, 1000)
-    args = tiny_args(**data, TRAIN_SEQ_LEN=16, TRAIN_BATCH_TOKENS=tokens)
+    args = tiny_args(**data, TRAIN_LOADER="stream", TRAIN_SEQ_LEN=16, TRAIN_BATCH_TOKENS=tokens)
     with pytest.raises(train_gpt.UserError, match=f"TRAIN_BATCH_TOKENS={tokens} must be a multiple of "
                                                   f"WORLD_SIZE\\*accum\\*TRAIN_SEQ_LEN = {world * accum * 16}"):
         train_gpt.TrainLoader(args, train_gpt.Runtime(0, world, CPU), accum=accum)

@@ -268,9 +268,11 @@ def test_a_tokenizer_of_the_wrong_size_is_refused(tmp_path, hub, capsys, monkeyp
 
 
 def test_the_variants_land_where_train_gpt_looks_by_default():
-    """The default DATA_PATH / TOKENIZER_PATH (baseline fields; the default stack's preset) are the download's."""
+    """The default DATA_PATH / TOKENIZER_PATH (baseline fields; the default stack's and record0409's presets) are the
+    download's."""
     base, stack = train_gpt.Hyperparameters(), train_gpt.Hyperparameters.from_env({})
-    for variant, args in (("sp1024", base), ("sp8192", stack)):
+    sp8192 = train_gpt.Hyperparameters.from_env({"PRESET": "record0409"})
+    for variant, args in (("sp1024", base), ("sp8192", sp8192), ("caseops", stack)):
         v = download.VARIANTS[variant]
         assert args.data_path == f"./data/datasets/{v.dataset}"
         assert args.tokenizer_path == f"./data/tokenizers/{v.tokenizer}"

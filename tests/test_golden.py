@@ -233,12 +233,12 @@ LOGGED = {
 }
 
 
-# #2135's log (train_seed42.log) differs from #1855's in these (EVAL_SEQ_LEN, TTT_EVAL_SEQ_LEN 2560: not yet here)
+# #2135's log (train_seed42.log) differs from #1855's in these
 LOGGED["frontier2135"] = dict(LOGGED["sota1855"], asym_logit_rescale=True, gated_attn_quant_gate=False,
                               matrix_lr=0.028, lqer_asym_group=32, gptq_calibration_batches=32, ttt_lora_lr=8e-5,
                               ttt_weight_decay=2.0, ttt_k_lora=False, phased_ttt_num_phases=1, ngram_tilt_enabled=True,
-                              token_order=16, token_threshold=0.8, token_boost=2.625,
-                              gptq_reserve_seconds=8.0)  # logged 0.5: ours keeps calibration inside the 600 s
+                              token_order=16, token_threshold=0.8, token_boost=2.625, eval_seq_len=2560,
+                              ttt_eval_seq_len=2560, gptq_reserve_seconds=8.0)  # logged 0.5: ours keeps calibration inside the 600 s
 
 
 @pytest.mark.parametrize("preset", LOGGED)

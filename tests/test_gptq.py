@@ -126,7 +126,8 @@ def test_export_logs_the_matrices_that_needed_more_damping(tmp_path):
 
 def hessian_args(**kw):
     return tiny_args(MODEL_DIM=320, NUM_HEADS=4, NUM_KV_HEADS=2, NUM_LAYERS=1, BIGRAM_BUCKETS=0, GPTQ=1,
-                     MATRIX_CLIP_SIGMAS=12.85, MATRIX_BITS=6, EMBED_BITS=8, FP16_KEEP_PATTERNS="", **kw)
+                     MATRIX_CLIP_SIGMAS=12.85, MATRIX_BITS=6, EMBED_BITS=8, EMBED_CLIP_SIGMAS=20, FP16_KEEP_PATTERNS="",
+                     **kw)
 
 
 def batches(n_micro, seed=0):

@@ -96,7 +96,7 @@ def test_calibration_reads_the_records_shuffled_sequences(tmp_path):
         micro_batches(loader, 5)
         assert type(loader.calib) is train_gpt.ShuffledLoader and loader.calib is not loader
         assert [x.tolist() for x, _ in micro_batches(loader.calib, 4)] == first
-    stream = train_gpt.TrainLoader(tiny_args(**env, GPTQ=1), rt, 2)
+    stream = train_gpt.TrainLoader(tiny_args(**env, GPTQ=1, TRAIN_LOADER="stream"), rt, 2)
     assert stream.calib is stream  # the baseline's stream continues past what training read
 
 
@@ -163,10 +163,9 @@ def test_training_passes_the_split_and_evaluation_does_not(monkeypatch):
     real = train_gpt.document_mask
     monkeypatch.setattr(train_gpt, "document_mask", lambda idx, flex=None, split=0: seen.append(split) or real(idx, flex, split))
     args = tiny_args(DOC_MASK=1, TRAIN_SEQ_LEN=16, NUM_LOOPS=0)
-    model = train_gpt.GPT(args)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    model, rt = train_gpt.GPT(args), train_gpt.Runtime(0, 1, CPU)
     x = packed_row()
-    train_gpt.train_step(model, [(x, x)], [opt], args, train_gpt.Runtime(0, 1, CPU), train_gpt.PLAIN)
+    train_gpt.train_step(model, [(x, x)], train_gpt.build_optimizers(model, args, rt), args, rt, train_gpt.PLAIN)
     model(x, x, per_token=True)
     assert seen == [16, 0]
 

@@ -1,7 +1,10 @@
-"""Optimizers and schedule: Newton-Schulz, Muon/NorMuon against a hand computation, the batched path, parameter
-routing, AdamW/Muon settings and decoupled decay, LR warmup/warmdown (iterations and wall clock), momentum warmup."""
+"""Optimizers and schedule: Newton-Schulz, Muon/NorMuon against a hand computation, the batched path, 2 and 4 gloo
+ranks (reduce-scattered gradients) against 1 rank, parameter routing, AdamW/Muon settings and decoupled decay, LR
+warmup/warmdown (iterations and wall clock), momentum warmup."""
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from conftest import cpu_runtime, tiny_args
 import train_gpt
@@ -127,6 +130,102 @@ def test_batched_shapes_equal_stepping_each_alone(normuon):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Communication: Muon's gradients reduce-scattered to their owners, Adam's all-reduced; W gloo ranks == 1 rank
+
+# 3 layers: shapes with 1, 3 and 6 matrices, so 2 and 4 ranks own unequal shares (some none of a shape); every
+# Muon option on; a clipping norm far below the gradients' (~1), so every step clips
+COMM = dict(NUM_LAYERS=3, GRAD_CLIP_NORM=1e-3, NORMUON=1, MUON_WD=0.1, MUON_ROW_NORMALIZE=1, MUON_NS="polar",
+            ADAM_WD=0.05, TIE_EMBEDDINGS=0, MATRIX_LR=0.05)
+MICRO, STEPS = 8, 3  # micro-batches per global batch: 8 accumulated on 1 rank, 4 on each of 2, 2 on each of 4
+
+
+def comm_run(rank, world, store, out_dir):
+    """STEPS train_steps on a global batch of MICRO micro-batches, rank r taking every world-th from r (as the
+    loaders). Saves the weights, Muon's momentum buffers and, at each step, the gradients the optimizers were given
+    (averaged and clipped): Adam's, and Muon's where this rank owns the matrix."""
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    args, rt = tiny_args(**COMM), train_gpt.Runtime(rank, world, torch.device("cpu"))
+    torch.manual_seed(0)
+    base, model = train_gpt.build_model(args, rt)
+    (adam, muon), names = train_gpt.build_optimizers(base, args, rt), {p: n for n, p in base.named_parameters()}
+    seen, adam_step = [], adam.step
+
+    def step():  # Adam steps first: every gradient is reduced and clipped by then
+        seen.append({names[p]: p.grad.clone() for p in base.parameters()
+                     if p.grad is not None and (p not in muon.at or muon.at[p][0] == rank)})
+        adam_step()
+    adam.step = step
+    g = gen(5)
+    for _ in range(STEPS):
+        x = torch.randint(args.vocab_size, (MICRO, 1, args.train_seq_len), generator=g)
+        x[..., ::9] = train_gpt.BOS_ID
+        y = torch.randint(args.vocab_size, x.shape, generator=g)
+        train_gpt.train_step(model, list(zip(x, y))[rank::world], [adam, muon], args, rt, train_gpt.PLAIN)
+    torch.save(dict(weights=base.state_dict(), grads=seen,
+                    momentum={names[p]: s["momentum_buffer"] for p, s in muon.state.items()}),
+               f"{out_dir}/rank{rank}_of{world}.pt")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_one_rank_step_is_clip_grad_norm_then_the_optimizers():
+    """On one rank train_step is what it was with DDP: backward, torch's clip_grad_norm_ over every parameter (Adam's
+    groups, then Muon's), AdamW, Muon; bit for bit."""
+    args, rt = tiny_args(**COMM), cpu_runtime()
+    x = torch.randint(args.vocab_size, (MICRO, 1, args.train_seq_len), generator=gen(5))
+    batches = list(zip(x, x.roll(1, -1)))
+    runs = []
+    for plain in (False, True):
+        torch.manual_seed(0)
+        base, model = train_gpt.build_model(args, rt)
+        opts = train_gpt.build_optimizers(base, args, rt)
+        for _ in range(2):
+            if plain:
+                for xb, yb in batches:
+                    (model(xb, yb, ctx=train_gpt.PLAIN, split=args.train_seq_len) / MICRO).backward()
+                ps = [p for o in opts for g in o.param_groups for p in g["params"]]
+                assert torch.nn.utils.clip_grad_norm_(ps, args.grad_clip_norm) > 10 * args.grad_clip_norm
+                for o in opts:
+                    o.step()
+                    o.zero_grad(set_to_none=True)
+            else:
+                train_gpt.train_step(model, batches, opts, args, rt, train_gpt.PLAIN)
+        runs.append(base.state_dict())
+    assert all(torch.equal(v, runs[1][k]) for k, v in runs[0].items())
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_with_reduce_scattered_gradients_match_one_rank(tmp_path, world):
+    """W ranks (gradient accumulation on each) end with 1 rank's weights; each receives the averaged, clipped
+    gradients of its own matrices, the momentum buffers are split between the owners, and the clipping norm is
+    the global one: the clipped gradients gathered from all ranks have norm GRAD_CLIP_NORM."""
+    comm_run(0, 1, None, tmp_path)
+    mp.start_processes(comm_run, args=(world, str(tmp_path / "store"), tmp_path), nprocs=world, start_method="spawn")
+    one, *ranks = (torch.load(tmp_path / f"rank{r}_of{w}.pt") for r, w in [(0, 1)] + [(r, world) for r in range(world)])
+    for many in ranks:
+        for k, v in one["weights"].items():
+            torch.testing.assert_close(many["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    owned = [set(many["momentum"]) for many in ranks]
+    assert set().union(*owned) == set(one["momentum"]) and sum(map(len, owned)) == len(one["momentum"])
+    assert all(owned) and len(set(map(len, owned))) > 1  # every rank owns some matrices, not all as many
+    for many in ranks:
+        for k, v in many["momentum"].items():
+            torch.testing.assert_close(v, one["momentum"][k], rtol=1e-4, atol=1e-6, msg=k)
+    for s, want in enumerate(one["grads"]):
+        got = {}
+        for many in ranks:
+            got.update(many["grads"][s])
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-8, msg=k)
+        norm = torch.linalg.vector_norm(torch.stack([t.norm() for t in got.values()]))
+        assert float(norm) == pytest.approx(COMM["GRAD_CLIP_NORM"], rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Routing and optimizer settings
 
 def routed_names(model, args):
@@ -134,7 +233,7 @@ def routed_names(model, args):
 
 
 def test_every_parameter_is_routed_once_to_the_right_group():
-    args = tiny_args(TIE_EMBEDDINGS=0, SMEAR_GATE=1, BIGRAM_BUCKETS=64, MTP_HEADS=1, NUM_LAYERS=2)
+    args = tiny_args(TIE_EMBEDDINGS=0, SMEAR_GATE=1, SMEAR_GATE_ENABLED=0, BIGRAM_BUCKETS=64, MTP_HEADS=1, NUM_LAYERS=2)
     model = train_gpt.GPT(args)
     groups = train_gpt.route_params(model)
     names = [n for v in groups.values() for n, _ in v]
@@ -148,7 +247,9 @@ def test_every_parameter_is_routed_once_to_the_right_group():
     assert g["matrix"] == matrices | {"bigram.proj.weight", "mtp_heads.0.weight"}
     scalars = {f"blocks.{i}.{s}" for i in range(2) for s in ("attn.q_gain", "attn_scale", "mlp_scale", "resid_mix")}
     # new control tensors (skip gates, lane scalars of the two-lane block 1) land in scalar by module type
-    assert g["scalar"] == scalars | {"skip_weights", "smear.gate", "bigram.scale", "skip_gates", "blocks.1.lane_resid", "blocks.1.lane_mix"}
+    assert g["scalar"] == scalars | {"skip_weights", "smear.gate", "bigram.scale", "skip_gates", "blocks.1.lane_resid",
+                                     "blocks.1.lane_mix", "blocks.0.attn.attn_gate", "blocks.1.attn.attn_gate",
+                                     "softcap_pos", "softcap_neg"}  # the sparse gates; AsymLogit's caps (frozen)
     tied = train_gpt.GPT(tiny_args(TIE_EMBEDDINGS=1))
     assert routed_names(tied, tied.args)["head"] == set() and tied.lm_head is None
 

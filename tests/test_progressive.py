@@ -122,7 +122,7 @@ def test_priming_compiles_every_context_and_length(tmp_path):
     (looped, 16), (looped, 32), in that order; priming runs each once (128-token micro-batches: 16x8, 8x16, 4x32)
     and puts the weights back."""
     args = tiny_args(**counting_data(tmp_path), TRAIN_SEQ_SCHEDULE=SCHEDULE, NUM_LOOPS=1, ENABLE_LOOPING_AT=0.35,
-                     WARMUP_STEPS=4)
+                     WARMUP_STEPS=4, TRAIN_LOADER="stream")
     plain, looped = Ctx(looping=False), Ctx(looping=True)
     assert train_gpt.reachable(args) == [(plain, 8), (plain, 16), (looped, 16), (looped, 32)]
     assert train_gpt.reachable_ctxs(args) == [plain, looped]
@@ -177,15 +177,15 @@ def test_training_follows_the_schedule_with_every_loader(tmp_path, loader, monke
 
 
 def test_train_step_cuts_stream_rows_and_keeps_packed_rows():
-    args = tiny_args(DOC_MASK=1, NUM_LOOPS=0)
+    args = tiny_args(DOC_MASK=1, NUM_LOOPS=0, TRAIN_LOADER="stream")
     base = train_gpt.GPT(args)
     spy = Spy(base)
-    opt = torch.optim.SGD(base.parameters(), lr=0.0)
+    opt = train_gpt.build_optimizers(base, args, cpu_runtime())
     x = torch.arange(2, 130).view(4, 32)  # a stream micro-batch: 4 rows of TRAIN_SEQ_LEN
-    train_gpt.train_step(spy, [(x, x + 1)], [opt], args, cpu_runtime(), train_gpt.PLAIN, 8)
-    train_gpt.train_step(spy, [(x, x + 1)], [opt], args, cpu_runtime(), train_gpt.PLAIN)  # 0 = TRAIN_SEQ_LEN
+    train_gpt.train_step(spy, [(x, x + 1)], opt, args, cpu_runtime(), train_gpt.PLAIN, 8)
+    train_gpt.train_step(spy, [(x, x + 1)], opt, args, cpu_runtime(), train_gpt.PLAIN)  # 0 = TRAIN_SEQ_LEN
     packed = dataclasses.replace(args, train_loader="packed")
-    train_gpt.train_step(spy, [(x.view(1, 128), x.view(1, 128) + 1)], [opt], packed, cpu_runtime(), train_gpt.PLAIN, 8)
+    train_gpt.train_step(spy, [(x.view(1, 128), x.view(1, 128) + 1)], opt, packed, cpu_runtime(), train_gpt.PLAIN, 8)
     assert [(s, split) for s, split, _ in spy.seen] == [((16, 8), 8), ((4, 32), 32), ((1, 128), 8)]
 
 
@@ -193,7 +193,7 @@ def test_train_step_cuts_stream_rows_and_keeps_packed_rows():
 
 def test_q_and_v_adapters_can_be_turned_off():
     model = noisy_model(lora_args())
-    names = lambda **kw: train_gpt.DocAdapters(model, lora_args(**kw)).names[:5]
+    names = lambda **kw: train_gpt.DocAdapters(model, lora_args(**{"TTT_K_LORA": 1, **kw})).names[:5]
     assert names() == ["blocks.0.attn.c_q", "blocks.0.attn.c_v", "blocks.0.attn.c_k", "blocks.0.attn", "blocks.0.mlp"]
     # PR #1953 / #2014: no Q, no V; K, the attention output, the MLP and the head keep theirs
     assert names(TTT_Q_LORA=0, TTT_V_LORA=0) == ["blocks.0.attn.c_k", "blocks.0.attn", "blocks.0.mlp",

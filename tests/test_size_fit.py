@@ -18,7 +18,7 @@ class Lines(list):
 def setup(**kw):
     args = tiny_args(COMPRESSOR="constriction", MODEL_DIM=320, NUM_HEADS=4, NUM_KV_HEADS=2, NUM_LAYERS=1,
                      MATRIX_CLIP_SIGMAS=12.85, MATRIX_BITS=6, EMBED_BITS=8, FP16_KEEP_PATTERNS="",
-                     TARGET_BYTES=10**7, **kw)
+                     TARGET_BYTES=10**7, LQER_ENABLED=0, EMBED_CLIP_SIGMAS=20, **kw)
     torch.manual_seed(0)
     model = train_gpt.GPT(args)
     with torch.no_grad():

@@ -185,7 +185,7 @@ def test_two_ranks_match_one_rank(tmp_path, one_rank):
     check_paths(two, one_rank[1])
     for key, v in one_rank[0].items():
         assert torch.equal(v[:, 1:], two[key][:, 1:])
-        torch.testing.assert_close(two[key][:, 0], v[:, 0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(two[key][:, 0], v[:, 0], rtol=2e-5, atol=1e-5)  # all-reduce order: rounding
 
 
 # ---- time projection, settings
@@ -197,7 +197,7 @@ def test_projection_counts_the_precompute_once():
 
 
 def test_settings():
-    assert not tiny_args().ngram_tilt_enabled
+    assert not train_gpt.Hyperparameters().ngram_tilt_enabled and tiny_args().ngram_tilt_enabled  # on in the default
     a = train_gpt.Hyperparameters.from_env({"PRESET": "frontier2135"})
     assert (a.ngram_tilt_enabled, a.token_order, a.token_threshold, a.token_boost) == (True, 16, 0.8, 2.625)
     for bad in (dict(TOKEN_ORDER="0"), dict(TOKEN_ORDER="33"), dict(TOKEN_THRESHOLD="0"), dict(TOKEN_THRESHOLD="1.5"),

@@ -253,12 +253,13 @@ def repeat_runs(tmp_path_factory):
     write_shard(tmp / "fineweb_val_000000.bin", val)
     runs = {}
     lora = dict(TTT_MODE="lora", TTT_CHUNK_SIZE=16, TTT_LORA_RANK=8, TTT_LORA_LR=1e-3, PHASED_TTT_PREFIX_DOCS=3,
-                PHASED_TTT_NUM_PHASES=3, GLOBAL_TTT_LR=0.005, GLOBAL_TTT_EPOCHS=3)  # a phase after each of docs 0-2
+                PHASED_TTT_NUM_PHASES=3, GLOBAL_TTT_LR=0.005, GLOBAL_TTT_EPOCHS=3,  # a phase after each of docs 0-2
+                TTT_LORA_ALPHA=0, TTT_WEIGHT_DECAY=0.5, TTT_K_LORA=1)  # scale 1: the LR above is for it
     for run_id, ttt, extra in (("ttt0", 0, {}), ("ttt1", 1, {}), ("ttt1_tight", 1, dict(EVAL_BUDGET_SECONDS="1e-6")),
                                ("lora", 1, lora)):
         env = tiny_env(DATA_PATH=tmp, TOKENIZER_PATH=TOKENIZER, LOG_DIR=tmp / "logs", ITERATIONS=30, EVAL_STRIDE=16,
                        TTT_ENABLED=ttt, SAVE_DOC_SCORES=1, TTT_CHUNK_TOKENS=256, RUN_ID=run_id, TRAIN_LOG_EVERY=0,
-                       **extra)
+                       NGRAM_TILT_ENABLED=0, **extra)  # the tilt alone would learn the repeats
         summary = train_gpt.run(train_gpt.Hyperparameters.from_env(env), cpu_runtime())
         log = (tmp / "logs" / f"{run_id}.txt").read_text()
         sub = json.loads((tmp / "logs" / f"{run_id}.submission.json").read_text())

@@ -20,7 +20,7 @@ SEQ = 16
 def lora_args(**kw):
     base = dict(TRAIN_SEQ_LEN=SEQ, EVAL_BATCH_SEQS=3, TTT_MODE="lora", TTT_CHUNK_SIZE=5, TTT_BATCH_SIZE=3,
                 TTT_LORA_RANK=4, TTT_LORA_LR=0.01, PHASED_TTT_PREFIX_DOCS=4, PHASED_TTT_NUM_PHASES=2,
-                GLOBAL_TTT_LR=0.02, GLOBAL_TTT_CHUNK_TOKENS=64, GLOBAL_TTT_BATCH_SEQS=4)
+                GLOBAL_TTT_LR=0.02, GLOBAL_TTT_CHUNK_TOKENS=64, GLOBAL_TTT_BATCH_SEQS=4, TTT_LORA_ALPHA=0)
     return tiny_args(**dict(base, **kw))
 
 
@@ -194,7 +194,7 @@ def test_two_ranks_prefix_invariance_and_match_one_rank(tmp_path):
     one = all_scores(cpu_runtime())
     for key in one:
         assert torch.equal(one[key][:, 1:], two[key][:, 1:])
-        torch.testing.assert_close(two[key][:, 0], one[key][:, 0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(two[key][:, 0], one[key][:, 0], rtol=2e-5, atol=1e-5)  # all-reduce order: rounding
 
 
 # ---- adapters and configuration
@@ -253,7 +253,8 @@ def test_config_checks():
     with pytest.raises(train_gpt.UserError, match=r"unknown environment variable PHASED_TTT_ENABLED \(upstream's switch "
                        r"for phased LoRA TTT: here TTT_MODE=lora turns it on"):
         train_gpt.Hyperparameters.from_env({"PHASED_TTT_ENABLED": "1"})
-    assert train_gpt.Hyperparameters.from_env({}).ttt_mode == "sgd"  # the default stack keeps the measured SGD form
+    assert train_gpt.Hyperparameters.from_env({}).ttt_mode == "lora"  # the default stack's (#2135's)
+    assert train_gpt.Hyperparameters.from_env({"PRESET": "record0409"}).ttt_mode == "sgd"
 
 
 def test_over_budget_projection_is_loud_and_marked():
