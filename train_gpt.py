@@ -324,7 +324,7 @@ class Hyperparameters:
              (last := [min(int(f * n + 1e-9), n - 1) for f, _ in st]) == sorted(set(last)), "TRAIN_SEQ_SCHEDULE",
              f"use LEN@FRAC,... with LEN > 0, the longest = TRAIN_SEQ_LEN, FRAC rising in (0, 1], a step of "
              f"ITERATIONS={n} for each")
-        need(steps and min(map(min, steps)) > 0, "TTT_SHORT_SCORE_FIRST_STEPS", "use LEN:CHUNK,... with LEN, CHUNK > 0")
+        need(steps and min(map(min, steps)) > 0, "TTT_SHORT_SCORE_FIRST_STEPS", "use LEN:CHUNK,... with LEN > 0, CHUNK > 0")
         need(self.ttt_mode != "lora" or max(self.ttt_chunk_size, *(c for _, c in steps)) <= self.ttt_window(),
              "TTT_CHUNK_SIZE", f"must be <= the TTT context ({self.ttt_window()}), as the TTT_SHORT_* chunks; lower "
              "them or raise TTT_EVAL_SEQ_LEN")

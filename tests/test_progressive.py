@@ -239,8 +239,8 @@ def test_chunk_sizes_by_hand():
 @pytest.mark.parametrize("env,words", [
     (dict(TTT_SHORT_SCORE_FIRST_STEPS="256-8"), ["TTT_SHORT_SCORE_FIRST_STEPS='256-8'", "LEN:CHUNK"]),
     (dict(TTT_SHORT_SCORE_FIRST_STEPS="256:8,"), ["LEN:CHUNK"]),
-    (dict(TTT_SHORT_SCORE_FIRST_STEPS="0:8"), ["LEN, CHUNK > 0"]),
-    (dict(TTT_SHORT_SCORE_FIRST_STEPS="256:0"), ["LEN, CHUNK > 0"]),
+    (dict(TTT_SHORT_SCORE_FIRST_STEPS="0:8"), ["LEN > 0, CHUNK > 0"]),
+    (dict(TTT_SHORT_SCORE_FIRST_STEPS="256:0"), ["LEN > 0, CHUNK > 0"]),
     (dict(TTT_SHORT_SCORE_FIRST_STEPS="256:17"), ["TTT_CHUNK_SIZE=5", "TTT context (16)", "TTT_SHORT_* chunks"]),
     (dict(TTT_SHORT_CHUNK_SIZE=17), ["TTT context (16)"]), (dict(TTT_SHORT_DOC_LEN=0), ["TTT_SHORT_DOC_LEN=0"])])
 def test_bad_short_chunk_settings_are_one_line_errors(env, words):
