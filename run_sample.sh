@@ -18,4 +18,6 @@ export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-50}" TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY
 # the default stack's recurrence and two-lane blocks, scaled to 4 layers: order 0 1 2 1 | 2 1 2 3, block 3 two-lane
 export LOOP_START="${LOOP_START:-1}" LOOP_END="${LOOP_END:-2}" PARALLEL_START_LAYER="${PARALLEL_START_LAYER:-3}"
 export QAT="${QAT:-1}" QAT_START_FRAC="${QAT_START_FRAC:-0.8}"
+# the sample is plain text with its own tokenizer (no CaseOps); eval and TTT context 1.25x training's, as 2560 / 2048
+export CASEOPS_ENABLED="${CASEOPS_ENABLED:-0}" EVAL_SEQ_LEN="${EVAL_SEQ_LEN:-160}" TTT_EVAL_SEQ_LEN="${TTT_EVAL_SEQ_LEN:-160}"
 exec python train_gpt.py

@@ -20,11 +20,11 @@ RUNS = os.path.join(ROOT, "bench_data", "pieces_runs")
 
 # The default stack scaled from 11 x 512 to 6 x 128: loops on layers 2-3 (3-5 of 11), two lanes from layer 4 (8 of
 # 11), RoPE on 8 of 32 head dims (16 of 64), XSA everywhere; trained at 256 tokens, evaluated at 320 (2560 / 2048).
-# The TTT prefix (2,500 of 50,000 documents in #2135) becomes 1 of the ~10 documents scored here.
+# The TTT prefix (2,500 of 50,000 documents in #2135) becomes 1 of the ~5 documents scored here.
 SHAPE = dict(NUM_LAYERS=6, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, VOCAB_SIZE=1024, TRAIN_SEQ_LEN=256,
              TRAIN_BATCH_TOKENS=2048, GRAD_ACCUM_STEPS=1, MAX_WALLCLOCK_SECONDS=0, WARMUP_STEPS=0,
              VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=0, LOOP_START=2, LOOP_END=3, PARALLEL_START_LAYER=4, ROPE_DIMS=8,
-             XSA_LAST_N=6, EVAL_SEQ_LEN=320, TTT_EVAL_SEQ_LEN=320, EVAL_BATCH_SEQS=32, VAL_MAX_TOKENS=16384,
+             XSA_LAST_N=6, EVAL_SEQ_LEN=320, TTT_EVAL_SEQ_LEN=320, EVAL_BATCH_SEQS=32, VAL_MAX_TOKENS=8192,
              PHASED_TTT_PREFIX_DOCS=1, TTT_BATCH_SIZE=16, GPTQ_CALIBRATION_BATCHES=32, TARGET_BYTES=0)
 # label -> (overrides on top of PRESET=default and SHAPE, what it changes)
 CONFIGS = {
@@ -38,7 +38,6 @@ CONFIGS = {
     "-calib32": (dict(GPTQ_CALIBRATION_BATCHES=16), "16 GPTQ calibration batches (#1855) instead of 32 (#2135)"),
     "-ttt_2135": (dict(TTT_LORA_LR=1e-4, TTT_WEIGHT_DECAY=0.5, TTT_K_LORA=1, PHASED_TTT_NUM_PHASES=3),
                   "#1855's TTT (LR 1e-4, WD 0.5, K adapter, 3 phases) instead of #2135's"),
-    "-smear_bos": (dict(SMEAR_GATE_BOS_FIX=1), "SmearGate BOS fix on (#1855; #2135 runs it off)"),
 }
 OPTIONAL = {  # pieces whose variables this train_gpt.py may not have yet: run only where it has them
     "+progressive": (dict(TRAIN_SEQ_SCHEDULE="128@0.1,256@0.7,384@1.0", EVAL_SEQ_LEN=384, TTT_EVAL_SEQ_LEN=384,
@@ -72,7 +71,7 @@ def run_one(label, overrides, seed, steps) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--seeds", default="1337,1338")
     ap.add_argument("--only", default="")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "pieces_cpu.md"))

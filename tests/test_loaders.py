@@ -163,7 +163,8 @@ def test_training_passes_the_split_and_evaluation_does_not(monkeypatch):
     real = train_gpt.document_mask
     monkeypatch.setattr(train_gpt, "document_mask", lambda idx, flex=None, split=0: seen.append(split) or real(idx, flex, split))
     args = tiny_args(DOC_MASK=1, TRAIN_SEQ_LEN=16, NUM_LOOPS=0)
-    model, rt = train_gpt.GPT(args), train_gpt.Runtime(0, 1, CPU)
+    model = train_gpt.GPT(args)
+    rt = train_gpt.Runtime(0, 1, CPU)
     x = packed_row()
     train_gpt.train_step(model, [(x, x)], train_gpt.build_optimizers(model, args, rt), args, rt, train_gpt.PLAIN)
     model(x, x, per_token=True)
