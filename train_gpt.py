@@ -2040,8 +2040,9 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
     if stop and step < args.iterations:
         log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
         if step < args.iterations / 2:
-            log(f"WARNING: MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds:g} stopped this run at step {step}, before "
-                f"half of ITERATIONS={args.iterations}: its schedule and score are a cut run's")
+            log(f"WARNING: the training wall clock ({args.max_wallclock_seconds:g}s: MAX_WALLCLOCK_SECONDS, less "
+                f"GPTQ_RESERVE_SECONDS with GPTQ=1) stopped this run at step {step}, before half of "
+                f"ITERATIONS={args.iterations}: its schedule and score are a cut run's")
     base.final_ctx = Ctx(looping=ctx.looping)  # evaluation runs the order training ended in
     if args.num_loops and not ctx.looping:
         log(f"WARNING: looping never turned on (ENABLE_LOOPING_AT={args.enable_looping_at:g} was not reached); "
