@@ -73,9 +73,12 @@ class Hyperparameters:
     warmdown_iters: int = 1200
     warmdown_frac: float = 0.0  # >0: warm down over this fraction of the run (wall clock or iterations), not iters
     warmup_steps: int = 20  # compile-priming steps; their effect on weights, optimizers and data is undone
-    lr_warmup_steps: int = 0
     train_batch_tokens: int = 524288
     train_seq_len: int = 1024
+    # progressive context (PR #2014): "LEN@FRAC,...", LEN while progress <= FRAC (past the last FRAC, the last LEN);
+    # the longest LEN must be TRAIN_SEQ_LEN; "" = TRAIN_SEQ_LEN throughout
+    train_seq_schedule: str = ""
+    seq_change_warmup_steps: int = 0  # after each length change the LR scale ramps (1..N)/N over N steps (PR #2014)
     max_wallclock_seconds: float = 600.0
     grad_accum_steps: int = 0  # 0 = 8 // WORLD_SIZE, so the global batch is the same on 1 or 8 ranks
     compile: int = -1  # -1 = on for CUDA, off for CPU
@@ -114,7 +117,6 @@ class Hyperparameters:
     enable_looping_at: float = 0.35  # progress at which the looped order takes over
     parallel_start_layer: int = 1000  # two residual lanes (PR #1855) from this layer on; >= NUM_LAYERS = off
     parallel_residual_start: int = 1000  # GPT-J blocks (record 2026-04-09) from this layer until the lanes start
-    parallel_final_lane: str = "mean"
     sparse_attn_gate_enabled: bool = False
     sparse_attn_gate_scale: float = 0.5
     gate_window: int = 12  # leading input dims read by the sparse attention gate and the SOTA SmearGate
@@ -150,7 +152,6 @@ class Hyperparameters:
     qat_start_frac: float = 0.0
     swa: bool = False
     swa_every: int = 50
-    swa_frac: float = 0.0  # >0: collect during the last SWA_FRAC of progress
     swa_start_frac: float = 0.0  # >0: collect while the LR scale is below this (#162); neither: during the warmdown
     ema_decay: float = 0.0
     ema_warmup: bool = True  # ramp the EMA decay in (Averager); 0 = the records' constant decay from init
@@ -206,9 +207,19 @@ class Hyperparameters:
     ttt_chunk_size: int = 48  # targets scored per step within a document
     ttt_batch_size: int = 64  # documents adapted side by side, each with its own adapters
     ttt_eval_seq_len: int = 0  # longest context of a scored target; 0 = EVAL_SEQ_LEN (or TRAIN_SEQ_LEN)
-    ttt_k_lora: bool = True  # adapters on Q and V always, on K, the attention output and the MLP output by these
+    ttt_q_lora: bool = True  # adapters on Q, K, V, the attention output and the MLP output by these (Q, V: PR #1953)
+    ttt_k_lora: bool = True
+    ttt_v_lora: bool = True
     ttt_o_lora: bool = True
     ttt_mlp_lora: bool = True
+    ttt_local_lr_mult: float = 1.0  # multiplies TTT_LORA_LR, the adapters' AdamW LR (PR #1953)
+    # short documents' score-first chunks (PR #2014): a document of n targets (n + 1 tokens with the closing BOS, as
+    # upstream counts) is scored in chunks of the first LEN:CHUNK step of TTT_SHORT_SCORE_FIRST_STEPS with n + 1 <=
+    # LEN; without steps, TTT_SHORT_CHUNK_SIZE (0 = TTT_CHUNK_SIZE) when n + 1 <= TTT_SHORT_DOC_LEN; else TTT_CHUNK_SIZE
+    ttt_short_score_first_enabled: bool = False
+    ttt_short_doc_len: int = 512
+    ttt_short_chunk_size: int = 0
+    ttt_short_score_first_steps: str = ""
     phased_ttt_prefix_docs: int = 2000  # the first documents of the stream, scored in phases; 0 = no global SGD
     phased_ttt_num_phases: int = 3
     global_ttt_lr: float = 0.001  # SGD of the whole model after each phase, on every document scored so far
@@ -305,8 +316,18 @@ class Hyperparameters:
              "must divide MODEL_DIM and MLP_MULT*MODEL_DIM")
         need(self.fused_kernels < 1 or triton, "FUSED_KERNELS", "needs triton")
         need(self.attn_backend != "fa" or FLASH, "ATTN_BACKEND", "needs FlashAttention 3 or 4")
-        need(self.ttt_mode != "lora" or self.ttt_chunk_size <= self.ttt_window(), "TTT_CHUNK_SIZE",
-             f"must be <= the TTT context ({self.ttt_window()}); lower it or raise TTT_EVAL_SEQ_LEN")
+        st, n = seq_stages(self), self.iterations
+        steps = short_steps(self) if self.ttt_short_score_first_enabled else [(1, 1)]
+        # stage i gets the steps s with s / ITERATIONS in (FRAC_{i-1}, FRAC_i], the last floor(FRAC_i * ITERATIONS):
+        # those rising strictly = FRAC rising and a step for every stage
+        need(st and all(0 < f <= 1 and k > 0 for f, k in st) and max(k for _, k in st) == self.train_seq_len and
+             (last := [min(int(f * n + 1e-9), n - 1) for f, _ in st]) == sorted(set(last)), "TRAIN_SEQ_SCHEDULE",
+             f"use LEN@FRAC,... with LEN > 0, the longest = TRAIN_SEQ_LEN, FRAC rising in (0, 1], a step of "
+             f"ITERATIONS={n} for each")
+        need(steps and min(map(min, steps)) > 0, "TTT_SHORT_SCORE_FIRST_STEPS", "use LEN:CHUNK,... with LEN > 0, CHUNK > 0")
+        need(self.ttt_mode != "lora" or max(self.ttt_chunk_size, *(c for _, c in steps)) <= self.ttt_window(),
+             "TTT_CHUNK_SIZE", f"must be <= the TTT context ({self.ttt_window()}), as the TTT_SHORT_* chunks; lower "
+             "them or raise TTT_EVAL_SEQ_LEN")
 
     def ttt_window(self) -> int:
         return self.ttt_eval_seq_len or self.eval_seq_len or self.train_seq_len
@@ -318,42 +339,33 @@ def in_interval(v, spec: str) -> bool:
     return (v >= lo if spec[0] == "[" else v > lo) and (v <= hi if spec[-1] == "]" else v < hi)
 
 
-# Every non-bool field has a range, a list of choices, or is free text (tests/test_config.py checks it).
+# Every non-bool field has a range, a list of choices, or is free text (tests/test_outputs.py checks it): a number
+# [0, inf) unless FIELD_RANGES says otherwise.
 POS, NONNEG, UNIT, UNIT_OPEN = "[1, inf)", "[0, inf)", "[0, 1]", "[0, 1)"
-FIELD_RANGES = dict(
-    seed=f"[0, {2**32 - 1}]", val_batch_size=POS, val_loss_every=NONNEG, train_log_every=NONNEG,
-    val_max_tokens=NONNEG, eval_seq_len=NONNEG, eval_stride=NONNEG, eval_batch_seqs=POS, iterations=POS,
-    warmdown_iters=NONNEG, warmdown_frac=UNIT, warmup_steps=NONNEG, lr_warmup_steps=NONNEG, train_batch_tokens=POS,
-    train_seq_len=POS, max_wallclock_seconds=NONNEG, grad_accum_steps=NONNEG, compile="[-1, 1]", fused_kernels="[-1, 1]",
-    vocab_size="[2, 65536]", num_layers=POS, model_dim=POS, num_heads=POS, num_kv_heads=POS, mlp_mult="(0, inf)",
-    rope_base="(0, inf)", logit_softcap="(0, inf)", qk_gain_init="(-inf, inf)", tied_embed_init_std=NONNEG,
-    bigram_buckets=NONNEG, bigram_dim=POS, mtp_heads=NONNEG, mtp_weight=NONNEG, embed_lr=NONNEG, head_lr=NONNEG,
-    tied_embed_lr=NONNEG, matrix_lr=NONNEG, scalar_lr=NONNEG, muon_momentum=UNIT_OPEN, muon_backend_steps=POS,
-    muon_momentum_warmup_start=UNIT_OPEN, muon_momentum_warmup_steps=NONNEG, muon_wd=NONNEG, normuon_beta2=UNIT_OPEN,
-    beta1=UNIT_OPEN, beta2=UNIT_OPEN, adam_eps="(0, inf)", adam_wd=NONNEG, grad_clip_norm=NONNEG, qat_start_frac=UNIT,
-    swa_every=POS, swa_frac=UNIT, swa_start_frac=UNIT, ema_decay=UNIT_OPEN, quant_attn_bits="[2, 8]",
-    quant_mlp_bits="[2, 8]", quant_other_bits="[2, 8]", quant_group_size=NONNEG, compress_level="[0, 22]",
-    xsa_last_n=NONNEG, rope_dims=NONNEG, mlp_leaky_slope=UNIT, num_loops=NONNEG, loop_start=NONNEG, loop_end=NONNEG,
-    enable_looping_at=UNIT, parallel_start_layer=NONNEG, parallel_residual_start=NONNEG, sparse_attn_gate_scale="(0, inf)", gate_window=POS,
-    min_lr=UNIT, embed_wd="[-1, inf)", matrix_clip_sigmas=NONNEG, attn_clip_sigmas=NONNEG, mlp_clip_sigmas=NONNEG,
-    embed_clip_sigmas="(0, inf)", matrix_bits="[0, 8]", embed_bits="[0, 8]", gptq_calibration_batches=POS,
-    gptq_reserve_seconds="[-1, inf)", target_bytes=NONNEG, lqer_rank=POS, lqer_top_k=POS,
-    lqer_asym_group=POS, awq_lite_bits="[2, 8]", awq_lite_group_top_k=POS, awq_lite_group_size=POS,
-    ttt_lr=NONNEG, ttt_epochs=POS, ttt_momentum=UNIT_OPEN, ttt_chunk_tokens=POS, ttt_grad_clip=NONNEG,
-    ttt_batch_seqs=POS, eval_budget_seconds="(0, inf)", ttt_lora_rank=POS, ttt_lora_alpha=NONNEG,
-    ttt_lora_lr=NONNEG, ttt_beta1=UNIT_OPEN, ttt_beta2=UNIT_OPEN, ttt_weight_decay=NONNEG, ttt_chunk_size=POS,
-    ttt_batch_size=POS, ttt_eval_seq_len=NONNEG, phased_ttt_prefix_docs=NONNEG, phased_ttt_num_phases=POS,
-    global_ttt_lr=NONNEG, global_ttt_momentum=UNIT_OPEN, global_ttt_epochs=POS, global_ttt_chunk_tokens=POS,
-    global_ttt_batch_seqs=POS, global_ttt_grad_clip=NONNEG, token_order="[1, 32]", token_threshold="(0, 1]",
-    token_boost=NONNEG)
+FIELD_RANGES = {f.name: NONNEG for f in dataclasses.fields(Hyperparameters) if type(f.default) in (int, float)} | dict(
+    seed=f"[0, {2**32 - 1}]", val_batch_size=POS, eval_batch_seqs=POS, iterations=POS, warmdown_frac=UNIT,
+    train_batch_tokens=POS, train_seq_len=POS, compile="[-1, 1]", fused_kernels="[-1, 1]", vocab_size="[2, 65536]",
+    num_layers=POS, model_dim=POS, num_heads=POS, num_kv_heads=POS, mlp_mult="(0, inf)", rope_base="(0, inf)",
+    logit_softcap="(0, inf)", qk_gain_init="(-inf, inf)", bigram_dim=POS, muon_momentum=UNIT_OPEN,
+    muon_backend_steps=POS, muon_momentum_warmup_start=UNIT_OPEN, normuon_beta2=UNIT_OPEN, beta1=UNIT_OPEN,
+    beta2=UNIT_OPEN, adam_eps="(0, inf)", qat_start_frac=UNIT, swa_every=POS, swa_start_frac=UNIT, ema_decay=UNIT_OPEN,
+    quant_attn_bits="[2, 8]", quant_mlp_bits="[2, 8]", quant_other_bits="[2, 8]", compress_level="[0, 22]",
+    mlp_leaky_slope=UNIT, enable_looping_at=UNIT, sparse_attn_gate_scale="(0, inf)", gate_window=POS, min_lr=UNIT,
+    embed_wd="[-1, inf)", embed_clip_sigmas="(0, inf)", matrix_bits="[0, 8]", embed_bits="[0, 8]",
+    gptq_calibration_batches=POS, gptq_reserve_seconds="[-1, inf)", lqer_rank=POS, lqer_top_k=POS, lqer_asym_group=POS,
+    awq_lite_bits="[2, 8]", awq_lite_group_top_k=POS, awq_lite_group_size=POS, ttt_epochs=POS, ttt_momentum=UNIT_OPEN,
+    ttt_chunk_tokens=POS, ttt_batch_seqs=POS, eval_budget_seconds="(0, inf)", ttt_lora_rank=POS, ttt_beta1=UNIT_OPEN,
+    ttt_beta2=UNIT_OPEN, ttt_chunk_size=POS, ttt_batch_size=POS, phased_ttt_num_phases=POS,
+    global_ttt_momentum=UNIT_OPEN, global_ttt_epochs=POS, global_ttt_chunk_tokens=POS, global_ttt_batch_seqs=POS,
+    token_order="[1, 32]", token_threshold="(0, 1]", ttt_short_doc_len=POS)
 COMPRESS_LEVELS = dict(zstd=(1, 22), zlib=(0, 9), constriction=(0, 22))  # constriction: level unused
 FIELD_CHOICES = dict(compressor=tuple(COMPRESS_LEVELS), mlp_act=("relu2", "leaky_relu2"),
-                     attn_backend=("auto", "fa", "cudnn", "sdpa"), parallel_final_lane=("mean", "attn", "mlp"),
+                     attn_backend=("auto", "fa", "cudnn", "sdpa"),
                      muon_ns=("ns5", "polar"), ttt_mode=("sgd", "lora"),
                      train_loader=("stream", "shuffled", "packed"))  # PRESET: see from_env
 FREE_TEXT_FIELDS = ("preset", "data_path", "tokenizer_path", "run_id", "log_dir", "submission_json", "data_label",
                     "author", "github_id", "name", "fp16_keep_patterns", "int8_keep_float_fp32_name_patterns",
-                    "eval_artifact")
+                    "eval_artifact", "train_seq_schedule", "ttt_short_score_first_steps")  # these two: validate()
 RUN_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
 
 
@@ -441,12 +453,12 @@ PRESETS = {
 ENV_FAMILIES = ("NUM_", "MODEL_", "MLP_", "TRAIN_", "VAL_", "EVAL_", "MUON_", "NORMUON_", "ADAM_", "QAT_", "SWA_",
                 "EMA_", "BIGRAM_", "SMEAR_", "MTP_", "QUANT_", "WARMDOWN_", "WARMUP_", "LR_", "TIED_", "EMBED_",
                 "MATRIX_", "SCALAR_", "ROPE_", "QK_", "LOGIT_", "VOCAB_", "GRAD_", "ORTHO_", "COMPRESS_", "INT8_",
-                "GPTQ_", "ATTN_", "TARGET_", "LQER_", "AWQ_", "ASYM_", "TTT_", "PHASED_TTT_", "GLOBAL_TTT_", "NGRAM_", "TOKEN_")
+                "GPTQ_", "ATTN_", "TARGET_", "LQER_", "AWQ_", "ASYM_", "TTT_", "PHASED_TTT_", "GLOBAL_TTT_", "NGRAM_", "TOKEN_",
+                "SEQ_")
 
 
 # Upstream switches that are a value of one of our variables here
-UPSTREAM_SWITCHES = dict(PHASED_TTT_ENABLED="upstream's switch for phased LoRA TTT: here TTT_MODE=lora turns it on, "
-                                            "TTT_MODE=sgd (the default) off")
+UPSTREAM_SWITCHES = dict(PHASED_TTT_ENABLED="upstream's switch for phased LoRA TTT: here TTT_MODE=lora turns it on")
 
 
 def reject_unknown_env(env, known):
@@ -720,10 +732,12 @@ class TrainLoader:
 
     def __init__(self, args, rt, accum, calib=True):
         micro = rt.world_size * accum
-        unit = 1 if isinstance(self, PackedLoader) else args.train_seq_len
+        # rows of every TRAIN_SEQ_SCHEDULE length (rows = micro-batch tokens / length); a packed row takes any length
+        unit = 1 if isinstance(self, PackedLoader) else math.lcm(*(k for _, k in seq_stages(args)))
         if args.train_batch_tokens % (micro * unit):
             raise UserError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be a multiple of "
-                            f"WORLD_SIZE*accum{'*TRAIN_SEQ_LEN' * (unit > 1)} = {micro * unit}")
+                            f"WORLD_SIZE*accum{'*TRAIN_SEQ_LEN' * (unit > 1)} = {micro * unit}"
+                            f"{' (lcm of TRAIN_SEQ_SCHEDULE)' * (unit > args.train_seq_len)}")
         self.files, self.vocab_size = shard_files(args.data_path, "train"), args.vocab_size
         if sum(shard_tokens(f) for f in self.files) == 0:  # every header checked now, not at minute 8
             raise UserError(f"the train shards under {args.data_path} hold no tokens; regenerate them")
@@ -872,14 +886,13 @@ def check_caseops_split(args, val_docs: int):
     cut validation at 10,000 documents while evaluation scored 50,000: the other 40,000 were trained on)."""
     path = os.path.join(args.data_path, CASEOPS_MANIFEST)
     if not os.path.isfile(path):
-        raise UserError(f"CASEOPS_ENABLED=1 but {path} is missing, so the split of training and validation documents "
-                        "cannot be checked; make the data with data/caseops.py or data/download.py --variant caseops")
+        raise UserError(f"CASEOPS_ENABLED=1 but {path} is missing (it proves the train/validation split); make the "
+                        "data with data/caseops.py or data/download.py --variant caseops")
     with open(path) as f:
         m = json.load(f)
     if not m.get("complete") or m["train_first_doc"] < max(m["val_docs"], val_docs) or m["val_docs"] != val_docs:
-        raise UserError(f"{path}: the train shards may hold validation documents (validation documents scored: "
-                        f"{val_docs}, in the manifest: {m['val_docs']}, first training document: {m['train_first_doc']}, "
-                        f"complete: {m.get('complete')}); prepare the data again with data/caseops.py")
+        raise UserError(f"{path}: the train shards may hold validation documents (scored: {val_docs}, manifest: "
+                        f"{m}); prepare the data again with data/caseops.py")
 
 
 def load_byte_sidecar(args, val: Tensor) -> Tensor:
@@ -892,12 +905,11 @@ def load_byte_sidecar(args, val: Tensor) -> Tensor:
     side = np.concatenate([load_shard(f, 1 << 16) for f in files])
     n = sum(shard_tokens(f) for f in shard_files(args.data_path, "val"))
     if len(side) != n:
-        raise UserError(f"the byte sidecar in {args.data_path} has {len(side)} entries for {n} validation tokens; the "
-                        "two come from different preparations, make them again")
+        raise UserError(f"the byte sidecar in {args.data_path} has {len(side)} entries for {n} validation tokens; "
+                        "make both again")
     side = torch.from_numpy(side[:val.numel()].astype(np.int64))
     if side[val == BOS_ID].any():
-        raise UserError(f"the byte sidecar in {args.data_path} counts bytes at a BOS; it does not belong to these "
-                        "validation tokens, make them again")
+        raise UserError(f"the byte sidecar in {args.data_path} counts bytes at a BOS; make it and the tokens again")
     return side
 
 
@@ -916,8 +928,8 @@ def load_tokenizer(args):
     if has_ops != args.caseops_enabled:
         raise UserError(f"CASEOPS_ENABLED=1 but tokenizer {args.tokenizer_path} has no CaseOps operator pieces; use the "
                         "tokenizer the CaseOps data was made with" if args.caseops_enabled else
-                        f"tokenizer {args.tokenizer_path} has CaseOps operator pieces: set CASEOPS_ENABLED=1, so bytes come "
-                        "from the sidecar (its byte tables would count 3 bytes for each operator)")
+                        f"tokenizer {args.tokenizer_path} has CaseOps operator pieces: set CASEOPS_ENABLED=1 (bytes from "
+                        "the sidecar)")
     if sp.vocab_size() != args.vocab_size:
         fix = (f"the artifact was trained with VOCAB_SIZE={args.vocab_size}: set TOKENIZER_PATH to its tokenizer"
                if args.eval_artifact else f"set VOCAB_SIZE={sp.vocab_size()} or use the matching tokenizer")
@@ -1290,11 +1302,9 @@ class MLP(nn.Module):
         return self.proj(h.square(), ctx)
 
 
-def merge_lanes(lanes: tuple, how: str) -> Tensor:
-    """One hidden state from the residual lanes: the only one, or PARALLEL_FINAL_LANE (mean, attn = 0, mlp = 1)."""
-    if len(lanes) == 1:
-        return lanes[0]
-    return (lanes[0] + lanes[1]) * 0.5 if how == "mean" else lanes[how == "mlp"]
+def merge_lanes(lanes: tuple) -> Tensor:
+    """One hidden state from the residual lanes: the only one, or their mean (every record's final lane)."""
+    return lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) * 0.5
 
 
 class Block(nn.Module):
@@ -1306,7 +1316,7 @@ class Block(nn.Module):
 
     def __init__(self, args, layer):
         super().__init__()
-        dim, self.layer, self.final_lane = args.model_dim, layer, args.parallel_final_lane
+        dim, self.layer = args.model_dim, layer
         self.ln = 1 / math.sqrt(layer + 1) if args.ln_scale else 1.0
         self.attn, self.mlp = Attention(args, layer), MLP(args)
         self.attn_scale = nn.Parameter(torch.ones(dim))
@@ -1324,7 +1334,7 @@ class Block(nn.Module):
     def forward(self, lanes: tuple, x0, ctx, mask=None) -> tuple:
         mix = self.resid_mix.to(x0.dtype)
         if not self.parallel:
-            x = mix[0] * merge_lanes(lanes, self.final_lane) + mix[1] * x0
+            x = mix[0] * merge_lanes(lanes) + mix[1] * x0
             a = self.attn_scale.to(x.dtype) * self.attn(self.norm(x), ctx, mask)
             return (x + a + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x if self.gptj else x + a), ctx),)
         lane0, lane1 = lanes if len(lanes) == 2 else lanes * 2
@@ -1488,17 +1498,17 @@ class GPT(nn.Module):
         x0 = self.embed(idx, ctx)
         mask = document_mask(idx, split=split) if self.args.doc_mask else None
         encoder, decoder = self.orders[1 if ctx.looping else 0]  # not a bool index: dynamo (torch 2.11) rejects it
-        lanes, skips, how = (x0,), [], self.args.parallel_final_lane
+        lanes, skips = (x0,), []
         for i in encoder:
             lanes = self.blocks[i](lanes, x0, ctx, mask)
-            skips.append(merge_lanes(lanes, how))
+            skips.append(merge_lanes(lanes))
         for j, i in enumerate(decoder):
             if self.blocks[i].parallel and len(lanes) == 1:
                 lanes = lanes * 2  # both lanes start as the one stream
             if skips:  # into lane 0 only (PR #1855)
                 lanes = (self.skip(j, lanes[0], skips.pop()), *lanes[1:])
             lanes = self.blocks[i](lanes, x0, ctx, mask)
-        x = merge_lanes(lanes, how)
+        x = merge_lanes(lanes)
         return F.rms_norm(x, (x.size(-1),))
 
     def head(self, h: Tensor, ctx: Ctx = PLAIN) -> Tensor:
@@ -1551,7 +1561,8 @@ def tilted(z: Tensor, y: Tensor, hint: Tensor | None, b: float) -> Tensor:
 def train_flops_per_token(args, model) -> float:
     """Forward+backward matmul FLOPs per training token: 6 per matmul weight (the head included, lookups excluded)
     plus attention scores and values, 12 * dim * seq_len per block application (PaLM's MFU convention). Blocks
-    count once per application of the order the run ends in (the looped one under NUM_LOOPS)."""
+    count once per application of the order the run ends in (the looped one under NUM_LOOPS), at the length it ends
+    in (TRAIN_SEQ_LEN, the longest of a TRAIN_SEQ_SCHEDULE)."""
     order = [i for part in model.orders[model.final_ctx.looping] for i in part]
     weights = {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, CastedLinear)}
     per_block = [sum(v for n, v in weights.items() if n.startswith(f"blocks.{i}.")) for i in range(args.num_layers)]
@@ -1736,6 +1747,28 @@ def progress(args, step, elapsed_ms) -> float:
     return min(p, 1.0)
 
 
+def pairs(text: str, sep: str, kind) -> list[tuple]:
+    """"A<sep>B,..." as [(int A, kind B)]; [] when malformed (validate() says so in one line)."""
+    try:
+        return [(int(a), kind(b)) for a, b in (s.split(sep) for s in text.split(","))]
+    except ValueError:
+        return []
+
+
+def seq_stages(args) -> list[tuple[float, int]]:
+    """TRAIN_SEQ_SCHEDULE as [(FRAC, LEN)]."""
+    return [(f, k) for k, f in pairs(args.train_seq_schedule, "@", float)] if args.train_seq_schedule else \
+        [(1.0, args.train_seq_len)]
+
+
+def seq_len_at(args, p) -> int:
+    """The training length at progress p: the first stage with p <= FRAC, past the last FRAC the last LEN. progress()
+    is upstream's wallclock mode (with a cap) and its step mode (without one), so TRAIN_SEQ_SCHEDULE_MODE is not
+    needed; it differs only in taking the larger of the two (README "Progressive context")."""
+    st = seq_stages(args)
+    return next((k for f, k in st if p <= f), st[-1][1])
+
+
 def warmdown_scale(args, step, elapsed_ms) -> float:
     """1 until the warmdown, then linear to 0: over the last WARMDOWN_FRAC of progress, or else over the last
     WARMDOWN_ITERS steps, projected onto the wall clock with the mean step time when there is a cap (upstream)."""
@@ -1752,10 +1785,9 @@ def warmdown_scale(args, step, elapsed_ms) -> float:
 
 
 def lr_scale(args, step, elapsed_ms) -> float:
-    """Linear warmup over LR_WARMUP_STEPS, then the warmdown schedule floored at MIN_LR: max(warmdown, MIN_LR), as
-    records 2026-04-09 and PR #1855 run it (the warmdown is not remapped onto [MIN_LR, 1])."""
-    warm = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0
-    return warm * max(warmdown_scale(args, step, elapsed_ms), args.min_lr)
+    """The warmdown schedule floored at MIN_LR: max(warmdown, MIN_LR), as records 2026-04-09 and PR #1855 run it (the
+    warmdown is not remapped onto [MIN_LR, 1])."""
+    return max(warmdown_scale(args, step, elapsed_ms), args.min_lr)
 
 
 def ctx_for(args, p) -> Ctx:
@@ -1763,10 +1795,16 @@ def ctx_for(args, p) -> Ctx:
     return Ctx(qat=args.qat and p >= args.qat_start_frac, looping=args.num_loops > 0 and p >= args.enable_looping_at)
 
 
+def reachable(args) -> list[tuple[Ctx, int]]:
+    """Every (context, training length) a run can meet, in order of progress: both change only at known progress
+    points (a context switch holds from its point, a length up to its FRAC), so the state at and just past each point
+    covers them all."""
+    points = sorted({0.0, args.qat_start_frac, args.enable_looping_at, *(f for f, _ in seq_stages(args))})
+    return list(dict.fromkeys((ctx_for(args, q), seq_len_at(args, q)) for p in points for q in (p, p + 1e-9)))
+
+
 def reachable_ctxs(args) -> list[Ctx]:
-    """Every context a run can meet, in order of progress: the switches only turn on, at known progress points."""
-    points = sorted((0.0, args.qat_start_frac, args.enable_looping_at))
-    return list(dict.fromkeys(ctx_for(args, p) for p in points))
+    return list(dict.fromkeys(c for c, _ in reachable(args)))
 
 
 def set_schedule(optimizers, args, step, scale):
@@ -1819,12 +1857,17 @@ def set_kernels(args, rt) -> str:
     return f"attention:{name} fused_kernels:{int(kernels_on(args, cuda))}"
 
 
-def train_step(model, batches, optimizers, args, rt, ctx: Ctx) -> Tensor:
-    """One optimizer step over this rank's micro-batches; returns the mean loss (a tensor, no host sync)."""
-    total = torch.zeros((), device=rt.device)
+def train_step(model, batches, optimizers, args, rt, ctx: Ctx, L: int = 0) -> Tensor:
+    """One optimizer step over this rank's micro-batches at training length L (0 = TRAIN_SEQ_LEN); returns the mean
+    loss (a tensor, no host sync). The loaders read TRAIN_SEQ_LEN rows; at a shorter L the stream and shuffled
+    micro-batches are cut into rows of L (keeping every target: y stays x's successor), and a packed row stays one
+    row whose documents are cut every L tokens (the split), as PR #2014's packing loader cuts them."""
+    total, L = torch.zeros((), device=rt.device), L or args.train_seq_len
     for x, y in batches:
+        if args.train_loader != "packed":
+            x, y = x.reshape(-1, L), y.reshape(-1, L)
         with rt.autocast():
-            loss = model(x, y, ctx=ctx, split=args.train_seq_len)
+            loss = model(x, y, ctx=ctx, split=L)
         (loss / len(batches)).backward()
         total += loss.detach()
     grads, shares = reduce_grads(optimizers, rt)
@@ -1868,18 +1911,19 @@ def clip_grads(optimizers, grads, shares, max_norm, rt):
 
 
 def prime_compile(model, base, optimizers, loader, args, rt, log):
-    """Run WARMUP_STEPS steps cycling through every reachable context, so each graph is compiled before the clock
-    starts, then put weights, optimizer state and data order back exactly as they were."""
+    """Run WARMUP_STEPS steps cycling through every reachable context and training length (each its own graph), so
+    each graph is compiled before the clock starts, then put weights, optimizer state and data order back exactly
+    as they were."""
     if args.warmup_steps <= 0:
         return
     weights = copy.deepcopy(base.state_dict())
     states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    variants = reachable_ctxs(args)
+    variants = reachable(args)
     if args.warmup_steps < len(variants):
         log(f"warning: WARMUP_STEPS={args.warmup_steps} primes {args.warmup_steps} of {len(variants)} contexts; "
             "the others compile mid-run, on the clock")
     for i in range(args.warmup_steps):
-        train_step(model, loader.next_batch(), optimizers, args, rt, variants[i % len(variants)])
+        train_step(model, loader.next_batch(), optimizers, args, rt, *variants[i % len(variants)])
         log(f"warmup_step:{i + 1}/{args.warmup_steps}")
     base.load_state_dict(weights)
     for opt, state in zip(optimizers, states):
@@ -1911,11 +1955,9 @@ def build_averager(args, base):
 
 
 def swa_window(args, p, warmdown) -> bool:
-    """SWA collects while the warmdown scale is below SWA_START_FRAC (#162's rule), or over the last SWA_FRAC of
-    progress, or else during the whole warmdown (warmdown = warmdown_scale, which ignores the LR warmup)."""
-    if args.swa_start_frac > 0:
-        return warmdown < args.swa_start_frac
-    return p >= 1 - args.swa_frac if args.swa_frac > 0 else warmdown < 1.0
+    """SWA collects while the warmdown scale is below SWA_START_FRAC (#162's rule), else during the whole warmdown
+    (warmdown = warmdown_scale)."""
+    return warmdown < (args.swa_start_frac or 1.0)
 
 
 @torch.no_grad()
@@ -1944,7 +1986,7 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
     averager = build_averager(args, base)
     max_ms = 1000 * args.max_wallclock_seconds
     step, train_ms, swa_count, losses, stop, elapsed = 0, 0.0, 0, [], False, 0.0
-    qat_step, ctx, events = None, PLAIN, []
+    qat_step, ctx, events, L, changed = None, PLAIN, [], 0, -math.inf
     rt.stage = "train"
 
     def event(name, at, elapsed, extra=""):  # a switch turning on (tools/plot_runs.py marks it)
@@ -1973,8 +2015,13 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
         qat_step = step if ctx.qat and qat_step is None else qat_step
         if warmdown < 1.0 and not any(e["name"] == "warmdown" for e in events):
             event("warmdown", step, elapsed)
+        L, prev = seq_len_at(args, p), L
+        if L != prev and args.train_seq_schedule:  # the first stage too: its line names the schedule
+            event(f"train_seq_len_{L}", step, elapsed, f"progress:{p:.3f} schedule:{args.train_seq_schedule} ")
+            changed = step or changed  # SEQ_CHANGE_WARMUP_STEPS re-warms after a change, not at step 0
+        scale *= min(1, (step - changed + 1) / max(args.seq_change_warmup_steps, 1))  # 1 when N = 0
         set_schedule(optimizers, args, step, scale)
-        loss = train_step(model, loader.next_batch(), optimizers, args, rt, ctx)
+        loss = train_step(model, loader.next_batch(), optimizers, args, rt, ctx, L)
         step = rt.step = step + 1
         if averager is not None and (args.ema_decay > 0 or (swa_window(args, p, warmdown) and step % args.swa_every == 0)):
             averager.update(base)
@@ -1995,7 +2042,7 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
         if step < args.iterations / 2:
             log(f"WARNING: the training wall clock ({args.max_wallclock_seconds:g}s: MAX_WALLCLOCK_SECONDS, less "
                 f"GPTQ_RESERVE_SECONDS with GPTQ=1) stopped this run at step {step}, before half of "
-                f"ITERATIONS={args.iterations}: the schedule and the score reflect a cut run")
+                f"ITERATIONS={args.iterations}: its schedule and score are a cut run's")
     base.final_ctx = Ctx(looping=ctx.looping)  # evaluation runs the order training ended in
     if args.num_loops and not ctx.looping:
         log(f"WARNING: looping never turned on (ENABLE_LOOPING_AT={args.enable_looping_at:g} was not reached); "
@@ -2349,8 +2396,7 @@ def ttt_projection(args, rt, val, elapsed_s, done, total, spent_s, log, unit="ch
         fix = ("raise TTT_CHUNK_TOKENS, lower TTT_EPOCHS" if args.ttt_mode == "sgd" else
                "lower PHASED_TTT_PREFIX_DOCS or GLOBAL_TTT_EPOCHS, raise TTT_CHUNK_SIZE")
         log(f"WARNING: TTT_ENABLED=1 is projected to take {projected:.0f}s; with the {spent_s:.0f}s of plain evals "
-            f"that passes EVAL_BUDGET_SECONDS={args.eval_budget_seconds:g}: this eval would not fit the challenge's "
-            f"limit ({fix} or set TTT_ENABLED=0)")
+            f"that passes EVAL_BUDGET_SECONDS={args.eval_budget_seconds:g} ({fix} or set TTT_ENABLED=0)")
     return dict(projected_ttt_s=projected, projected_eval_s=spent_s + projected, projected_full_val_s=full,
                 over_budget=over)
 
@@ -2385,9 +2431,10 @@ class LoRA(nn.Module):
 
 
 class DocAdapters(nn.Module):
-    """The adapters of one batch of documents: Q and V of every block, K, the attention output and the MLP output by
-    TTT_K_LORA / TTT_O_LORA / TTT_MLP_LORA, and the head. Hooked in as output + delta(input); the attention-output
-    and MLP adapters read the sublayer's normed input, beside it. Looped blocks share their adapters across passes."""
+    """The adapters of one batch of documents: Q, V, K, the attention output and the MLP output of every block by
+    TTT_Q_LORA / TTT_V_LORA / TTT_K_LORA / TTT_O_LORA / TTT_MLP_LORA, and the head. Hooked in as output +
+    delta(input); the attention-output and MLP adapters read the sublayer's normed input, beside it. Looped blocks
+    share their adapters across passes."""
 
     def __init__(self, base, args):
         super().__init__()
@@ -2395,8 +2442,9 @@ class DocAdapters(nn.Module):
         widths = {}
         for i, block in enumerate(base.blocks):
             a = f"blocks.{i}.attn"
-            widths[f"{a}.c_q"], widths[f"{a}.c_v"] = block.attn.c_q.weight.size(0), block.attn.c_v.weight.size(0)
-            widths.update({f"{a}.c_k": block.attn.c_k.weight.size(0)} if args.ttt_k_lora else {})
+            for k in "qvk":
+                if getattr(args, f"ttt_{k}_lora"):
+                    widths[f"{a}.c_{k}"] = getattr(block.attn, f"c_{k}").weight.size(0)
             widths.update({a: dim} if args.ttt_o_lora else {})
             widths.update({f"blocks.{i}.mlp": dim} if args.ttt_mlp_lora else {})
         self.names = [*widths, "head"]
@@ -2452,19 +2500,35 @@ def lora_batch(base, adapters, rows: Tensor, spans: Tensor, val_d, luts_d, args,
     """Scores and adapts documents `rows` (longest first; spans: [first, end) target positions) chunk by chunk. A
     chunk's window is the TTT_EVAL_SEQ_LEN positions of its document ending at the chunk's end (fewer near the start);
     shorter windows are padded on the right, which causal attention never lets a scored target see."""
-    opt = torch.optim.AdamW(adapters.parameters(), lr=args.ttt_lora_lr, betas=(args.ttt_beta1, args.ttt_beta2),
-                            eps=1e-10, weight_decay=args.ttt_weight_decay)
+    opt = torch.optim.AdamW(adapters.parameters(), lr=args.ttt_lora_lr * args.ttt_local_lr_mult,
+                            betas=(args.ttt_beta1, args.ttt_beta2), eps=1e-10, weight_decay=args.ttt_weight_decay)
     first, end = spans[rows].unbind(1)  # index math on the host, one transfer per chunk
-    C, L, rows_d = args.ttt_chunk_size, args.ttt_window(), rows.to(rt.device)
+    C, L, rows_d = chunk_sizes(args, end - first), args.ttt_window(), rows.to(rt.device)
     with adapters.attached(base) as head:
-        for c in range(-(-int((end - first).max()) // C)):
-            m = int((end - first > c * C).sum())  # documents with a chunk c: the first m
-            lo = first[:m] + c * C
-            hi = torch.minimum(lo + C, end[:m])
+        for c in range(-int(((first - end) // C).min())):
+            m = int((end - first > c * C).sum())  # documents with a chunk c: the first m (sorted by chunk count)
+            lo = first[:m] + c * C[:m]
+            hi = torch.minimum(lo + C[:m], end[:m])
             start = torch.maximum(first[:m], hi - L)
             idx = start[:, None] + torch.arange(int((hi - start).max()))
             lo, hi, idx, train = (t.to(rt.device) for t in (lo, hi, idx, hi < end[:m]))
             lora_step(base, head, opt, val_d, luts_d, idx, lo, hi, train, rows_d[:m], rt, sums, hints)
+
+
+def short_steps(args) -> list[tuple[int, int]]:
+    """The (LEN, CHUNK) steps of short documents' score-first chunks, LEN rising."""
+    return sorted(pairs(args.ttt_short_score_first_steps, ":", int)) if args.ttt_short_score_first_steps else \
+        [(args.ttt_short_doc_len, args.ttt_short_chunk_size or args.ttt_chunk_size)]
+
+
+def chunk_sizes(args, n: Tensor) -> Tensor:
+    """Each document's score-first chunk from its own target count n (PR #2014's schedule; there the longest
+    document of a batch picks the chunk of the whole batch, here each document its own, so a score depends on the
+    document alone). n < LEN is upstream's n + 1 tokens <= LEN."""
+    C = torch.full_like(n, args.ttt_chunk_size)
+    for k, c in reversed(short_steps(args) if args.ttt_short_score_first_enabled else []):
+        C = torch.where(n < k, c, C)
+    return C
 
 
 def phase_groups(n_docs: int, args) -> list[tuple[int, int]]:
@@ -2513,7 +2577,9 @@ def evaluate_ttt_lora(base, val: Tensor, luts, args, rt, log, docs: Tensor | Non
     done, mine, batches, projection = 0, 0, 0, None  # work done (scaled to all ranks), this rank's batches, all
     for g, (d0, d1) in enumerate(groups):
         ids = torch.arange(d0, d1)
-        split = ids[torch.argsort(spans[ids, 1] - spans[ids, 0], descending=True, stable=True)].split(args.ttt_batch_size)
+        n = spans[ids, 1] - spans[ids, 0]  # longest first, by chunk count then length: chunks end in row order
+        split = ids[torch.argsort(-(-n // chunk_sizes(args, n)) * len(val) + n, descending=True, stable=True)].split(
+            args.ttt_batch_size)
         batches += len(split)
         for rows in split[rt.rank::rt.world_size]:
             lora_batch(base, adapters, rows, spans, val_d, luts_d, args, rt, sums, hints)
@@ -2809,13 +2875,14 @@ def dequantize_state(qstate) -> dict[str, Tensor]:
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
                 "rope_base", "logit_softcap", "smear_gate", "bigram_buckets", "bigram_dim", "xsa_last_n", "rope_dims",
                 "ln_scale", "mlp_act", "mlp_leaky_slope", "skip_gates_enabled", "num_loops", "loop_start", "loop_end",
-                "parallel_start_layer", "parallel_residual_start", "parallel_final_lane", "sparse_attn_gate_enabled",
+                "parallel_start_layer", "parallel_residual_start", "sparse_attn_gate_enabled",
                 "sparse_attn_gate_scale", "gate_window", "smear_gate_enabled", "smear_pre_norm", "doc_mask",
                 "asym_logit_rescale", "smear_gate_bos_fix")
 EVAL_FIELDS = ("train_seq_len", "eval_seq_len", "eval_stride", "val_max_tokens", "seed", "caseops_enabled",
                "ngram_tilt_enabled", "token_order", "token_threshold", "token_boost") + tuple(
     f.name for f in dataclasses.fields(Hyperparameters) if f.name.startswith(("ttt_", "phased_ttt_", "global_ttt_")))
-ARTIFACT_VERSION = 3  # 2: range-coded codes (COMPRESSOR=constriction); 3: tokenizer hash, seed, eval order
+ARTIFACT_VERSION = 4  # 2: range-coded codes (COMPRESSOR=constriction); 3: tokenizer hash, seed, eval order; 4: the
+# stored fields of progressive context and #1953/#2014 TTT (and no PARALLEL_FINAL_LANE): a v3 config would not load
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CODED_MAGIC = b"PGrc"  # then sha256 of the rest, side-data length, lzma side data, range-coded uint32 words
 
@@ -3145,8 +3212,7 @@ def fit_artifact(state, args, hessians, code_bytes, log, looping=None) -> tuple[
         return blob
     tried = []
     if not moves:
-        log("size_fit: nothing to fit: no quantized matrix takes its SDClip k from MATRIX_CLIP_SIGMAS (all kept in "
-            "fp16 or fixed), so the artifact is written as it is")
+        log("size_fit: nothing to fit (no quantized matrix takes its k from MATRIX_CLIP_SIGMAS)")
         return result(pack(add_lqer(fixed, state, args), args, looping), None)
     lo, hi = FIT_SIGMAS
     best = trial(hi)

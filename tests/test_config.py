@@ -32,7 +32,7 @@ def test_baseline_preset_is_the_upstream_baseline():
         (0.95, 5, 0.85, 500)
     assert (a.beta1, a.beta2, a.adam_eps) == (0.9, 0.95, 1e-8)
     assert a.eval_stride == 0  # no sliding window
-    assert a.warmdown_frac == 0 and a.lr_warmup_steps == 0 and not (a.qat or a.swa or a.ema_decay or a.normuon)
+    assert a.warmdown_frac == 0 and not (a.qat or a.swa or a.ema_decay or a.normuon)
     assert not (a.smear_gate or a.bigram_buckets or a.ortho_init or a.mtp_heads)
     assert a.muon_wd == a.adam_wd == a.grad_clip_norm == 0
     assert (a.quant_attn_bits, a.quant_mlp_bits, a.quant_other_bits, a.quant_clip_search, a.fp16_keep_patterns) == \

@@ -160,8 +160,7 @@ def test_two_lane_block_update_formulas():
         # entering the lanes from one stream: both lanes start as that stream
         assert all(torch.allclose(u, v) for u, v in zip(block((l0,), x0, P), block((l0, l0), x0, P)))
     lanes = (l0, l1)
-    assert torch.equal(train_gpt.merge_lanes(lanes, "mean"), (l0 + l1) / 2)
-    assert train_gpt.merge_lanes(lanes, "attn") is l0 and train_gpt.merge_lanes(lanes, "mlp") is l1
+    assert torch.equal(train_gpt.merge_lanes(lanes), (l0 + l1) / 2) and train_gpt.merge_lanes((l0,)) is l0
 
 
 def test_gptj_block_reads_one_input_for_attention_and_mlp():

@@ -215,7 +215,7 @@ LOGGED = {
     "sota1855": dict(vocab_size=8192, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=4.0,
                      train_seq_len=2048, eval_seq_len=2048, train_batch_tokens=786432, rope_dims=16, ln_scale=True,
                      qk_gain_init=5.0, xsa_last_n=11, skip_gates_enabled=True, num_loops=2, loop_start=3, loop_end=5,
-                     enable_looping_at=0.35, parallel_start_layer=8, parallel_final_lane="mean", gate_window=12,
+                     enable_looping_at=0.35, parallel_start_layer=8, gate_window=12,
                      smear_gate_enabled=True, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
                      matrix_lr=0.026, scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.97,
                      muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, muon_row_normalize=True,

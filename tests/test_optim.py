@@ -304,7 +304,7 @@ def test_weight_decay_is_decoupled_in_both_optimizers():
 # Schedule
 
 def test_warmdown_fraction_on_the_wall_clock():
-    args = tiny_args(WARMDOWN_FRAC=0.5, MAX_WALLCLOCK_SECONDS=100, ITERATIONS=10**6, LR_WARMUP_STEPS=0, MIN_LR=0)
+    args = tiny_args(WARMDOWN_FRAC=0.5, MAX_WALLCLOCK_SECONDS=100, ITERATIONS=10**6, MIN_LR=0)
     for elapsed_s, scale in [(0, 1.0), (25, 1.0), (50, 1.0), (75, 0.5), (90, 0.2), (100, 0.0), (130, 0.0)]:
         assert train_gpt.lr_scale(args, 10, 1000 * elapsed_s) == pytest.approx(scale, abs=1e-9), elapsed_s
     # iterations still count when they are further along than the clock
@@ -312,7 +312,7 @@ def test_warmdown_fraction_on_the_wall_clock():
 
 
 def test_warmdown_fraction_by_iterations_without_a_cap():
-    args = tiny_args(WARMDOWN_FRAC=0.5, MAX_WALLCLOCK_SECONDS=0, ITERATIONS=200, LR_WARMUP_STEPS=0, MIN_LR=0)
+    args = tiny_args(WARMDOWN_FRAC=0.5, MAX_WALLCLOCK_SECONDS=0, ITERATIONS=200, MIN_LR=0)
     for step, scale in [(0, 1.0), (100, 1.0), (150, 0.5), (190, 0.1), (200, 0.0)]:
         assert train_gpt.lr_scale(args, step, 1e12) == pytest.approx(scale), step  # the clock is ignored
 
@@ -330,13 +330,6 @@ def test_warmdown_iters_by_iterations_and_projected_onto_the_clock():
     assert train_gpt.lr_scale(cap, 19_900, 1_000) == pytest.approx(0.5)  # out of iterations before the clock
     off = tiny_args(WARMDOWN_FRAC=0, WARMDOWN_ITERS=0, MAX_WALLCLOCK_SECONDS=100, ITERATIONS=100)
     assert train_gpt.lr_scale(off, 99, 99_000) == 1.0
-
-
-def test_lr_warmup_ramps_then_holds():
-    args = tiny_args(LR_WARMUP_STEPS=4, WARMDOWN_FRAC=0, WARMDOWN_ITERS=0, MAX_WALLCLOCK_SECONDS=0, ITERATIONS=100)
-    assert [train_gpt.lr_scale(args, s, 0) for s in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
-    both = tiny_args(LR_WARMUP_STEPS=4, WARMDOWN_FRAC=0.5, MAX_WALLCLOCK_SECONDS=0, ITERATIONS=4, MIN_LR=0)
-    assert train_gpt.lr_scale(both, 3, 0) == pytest.approx(1.0 * 0.5)  # warmup factor times warmdown factor
 
 
 def test_set_schedule_scales_every_lr_and_warms_up_muon_momentum():

@@ -317,21 +317,37 @@ def mixed_docs(rng, lengths) -> torch.Tensor:
     return stream([np.concatenate(([train_gpt.BOS_ID], rng.integers(4, 1024, size=n))) for n in lengths])
 
 
+@pytest.mark.parametrize("short", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_exactly_once_for_every_document_length_mix(seed):
+def test_exactly_once_for_every_document_length_mix(monkeypatch, seed, short):
     """Random document lengths (0 to 40 tokens after the BOS, the last one often shorter than the window), random
-    chunk, window and batch sizes: every document gets exactly the plain eval's targets and bytes, and the stream's
-    last target is scored once."""
+    chunk, window and batch sizes, and with `short` random short-document chunks (TTT_SHORT_SCORE_FIRST_STEPS, or
+    TTT_SHORT_DOC_LEN / TTT_SHORT_CHUNK_SIZE): every target is scored exactly once, every document gets exactly the
+    plain eval's targets and bytes, and the stream's last target is scored once."""
     rng = np.random.default_rng(seed)
     lengths = [int(n) for n in rng.integers(0, 40, size=int(rng.integers(2, 9)))]
     lengths[-1] = int(rng.integers(0, 6))  # a short last document, batched with longer ones
     val = mixed_docs(rng, lengths)
     chunk, window, batch = int(rng.integers(1, 12)), int(rng.integers(8, 33)), int(rng.integers(1, 6))
-    args = lora_args(TTT_CHUNK_SIZE=chunk, TTT_EVAL_SEQ_LEN=window, TTT_BATCH_SIZE=batch,
-                     PHASED_TTT_PREFIX_DOCS=int(rng.integers(0, 4)), PHASED_TTT_NUM_PHASES=1)
+    env = dict(TTT_CHUNK_SIZE=chunk, TTT_EVAL_SEQ_LEN=window, TTT_BATCH_SIZE=batch,
+               PHASED_TTT_PREFIX_DOCS=int(rng.integers(0, 4)), PHASED_TTT_NUM_PHASES=1)
+    if short:  # drawn after the rest: the same streams and sizes as without
+        steps = ",".join(f"{int(rng.integers(2, 45))}:{int(rng.integers(1, min(window, 12) + 1))}"
+                         for _ in range(int(rng.integers(0, 4))))
+        env.update(TTT_SHORT_SCORE_FIRST_ENABLED=1, TTT_SHORT_SCORE_FIRST_STEPS=steps,
+                   TTT_SHORT_DOC_LEN=int(rng.integers(1, 45)), TTT_SHORT_CHUNK_SIZE=int(rng.integers(0, window + 1)))
+    args = lora_args(**env)
+    seen, step = torch.zeros(val.numel() - 1, dtype=torch.long), train_gpt.lora_step
+
+    def counting(base, head, opt, val_d, luts_d, idx, lo, hi, *a):
+        scored = idx[(idx >= lo[:, None]) & (idx < hi[:, None])]
+        seen.index_add_(0, scored, torch.ones_like(scored))
+        return step(base, head, opt, val_d, luts_d, idx, lo, hi, *a)
+    monkeypatch.setattr(train_gpt, "lora_step", counting)
     model, luts = noisy_model(args), varied_luts()
     docs = train_gpt.document_ids(val)[0]
     r = train_gpt.evaluate_ttt_lora(copy.deepcopy(model), val, luts, args, cpu_runtime(), lambda m: None, docs=docs)
     plain = train_gpt.evaluate(model, val, luts, args, cpu_runtime(), SEQ, docs=docs)
-    assert r["tokens"] == plain["tokens"] == val.numel() - 1, (lengths, chunk, window, batch)
-    assert torch.equal(r["docs"][:, 1:], plain["docs"][:, 1:]), (lengths, chunk, window, batch)
+    assert (seen == 1).all(), (lengths, env)
+    assert r["tokens"] == plain["tokens"] == val.numel() - 1, (lengths, env)
+    assert torch.equal(r["docs"][:, 1:], plain["docs"][:, 1:]), (lengths, env)
