@@ -119,7 +119,7 @@ def test_a_hand_written_readme_is_kept_and_submission_json_needs_force(tmp_path,
 
 
 def test_seeds_of_different_configs_are_refused(tmp_path, source, capsys):
-    seeds = runs(tmp_path, seeds=(42, 0)) + [make_run(tmp_path / "logs", 1234, matrix_lr=0.028)]
+    seeds = runs(tmp_path, seeds=(42, 0)) + [make_run(tmp_path / "logs", 1234, matrix_lr=0.0123)]  # not the template's
     assert run_main(tmp_path / "out", *seeds, "--source", source) == 1
     one_line_error(capsys, "MATRIX_LR", "one config")
     assert not (tmp_path / "out" / "submission.json").exists()
