@@ -45,8 +45,9 @@ CONFIGS = {
                   "#1855's TTT (LR 1e-4, WD 0.5, K adapter, 3 phases) instead of #2135's", "default+ttt"),
 }
 OPTIONAL = {  # pieces whose variables this train_gpt.py may not have yet: run only where it has them
-    "+progressive": (dict(TRAIN_SEQ_SCHEDULE="128@0.1,256@0.7,384@1.0", EVAL_SEQ_LEN=384, EVAL_STRIDE=192),
-                     "#2014's context growth 1k/2k/3k scaled to 128/256/384, eval 384 stride 192", "default"),
+    "+progressive": (dict(TRAIN_SEQ_SCHEDULE="128@0.1,256@0.7,512@1.0", TRAIN_SEQ_LEN=512, EVAL_SEQ_LEN=512,
+                          EVAL_STRIDE=256), "#2014's context growth 1k/2k/3k and eval 3072 / stride 1536, scaled to "
+                     "128/256/512 (each must divide the 2,048-token batch) and 512 / 256", "default"),
 }
 
 
@@ -107,7 +108,8 @@ def main():
         "# Per-piece CPU measurement of the default stack (tiny scale, CaseOps proxy, not FineWeb)", "",
         f"Made by `python bench/pieces_cpu.py --steps {a.steps} --seeds {a.seeds} --jobs {a.jobs}` on "
         f"{time.strftime('%Y-%m-%d')}, a 2-core CPU machine (torch {train_gpt.torch.__version__}), {a.jobs} runs at a "
-        f"time, one thread each; {(time.time() - t0) / 60:.0f} min (runs already on disk are read, not rerun). "
+        f"time, one thread each; every run's own train and eval seconds are in the table (runs already on disk are read, "
+        f"not rerun). "
         f"Data: `bench_data/proxy_caseops_sp1024` (the proxy corpus through CaseOps, its own 1024-piece tokenizer, "
         f"bytes from the sidecar). Shape and settings: `SHAPE` in `bench/pieces_cpu.py` ({SHAPE['NUM_LAYERS']} x "
         f"{SHAPE['MODEL_DIM']}, {a.steps} steps of {SHAPE['TRAIN_BATCH_TOKENS']:,} tokens at {SHAPE['TRAIN_SEQ_LEN']}, "
