@@ -322,11 +322,13 @@ def eval_stage(smoke):
         n = L + (world * batches * args.eval_batch_seqs - 1) * stride
         g = torch.Generator().manual_seed(0)
         val = torch.randint(args.vocab_size, (n + 1,), generator=g)
-        ttt_val = torch.randint(args.vocab_size, ((tg.TTT_PROJECT_CHUNKS + 1) * args.ttt_chunk_tokens + 1,), generator=g)
         if args.ttt_mode == "lora":  # documents of the mean length, enough for rank 0's projection batches
             docs = world * (tg.TTT_PROJECT_CHUNKS + 1) * args.ttt_batch_size
             ttt_val = torch.randint(1, args.vocab_size, (docs * (40 if smoke else DOC_TOKENS) + 1,), generator=g)
             ttt_val[:-1:40 if smoke else DOC_TOKENS] = tg.BOS_ID
+        else:
+            ttt_val = torch.randint(args.vocab_size, ((tg.TTT_PROJECT_CHUNKS + 1) * args.ttt_chunk_tokens + 1,),
+                                    generator=g)
         t = time.time()
         if model is not base:  # the sliding and TTT graphs, as train_gpt.py's prime_eval compiles them
             _, L, seqs = tg.eval_plan(val, args, rt, stride)

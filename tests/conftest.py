@@ -106,3 +106,26 @@ def assert_every_corruption_fails(blob: bytes, positions, lengths, name="x.ptz")
     for n in lengths:
         with pytest.raises(train_gpt.UserError, match=f"^{name}: .*truncated or corrupt"):
             train_gpt.unpack(blob[:n], name)
+
+
+def gloo_scores_worker(rank, store, out, score_fn):
+    """One of two spawned gloo ranks: rank 0 saves score_fn(its Runtime) to `out`."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        scores = score_fn(train_gpt.Runtime(rank, 2, torch.device("cpu")))
+        if rank == 0:
+            torch.save(scores, out)
+        dist.barrier()  # as train_gpt.main(): no rank tears the group down while the other still works
+    finally:
+        dist.destroy_process_group()
+
+
+def scores_on_two_ranks(tmp_path, score_fn):
+    """score_fn(Runtime) run on 2 spawned gloo ranks (score_fn: a module-level function); rank 0's result."""
+    import torch.multiprocessing as mp
+    out = tmp_path / "scores.pt"
+    mp.start_processes(gloo_scores_worker, args=(str(tmp_path / "store"), str(out), score_fn), nprocs=2,
+                       start_method="spawn")
+    return torch.load(out)

@@ -9,11 +9,9 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import cpu_runtime, tiny_args
+from conftest import cpu_runtime, scores_on_two_ranks, tiny_args
 from test_ttt import noisy_model, ones_luts
 import train_gpt
 
@@ -166,22 +164,8 @@ def test_every_eval_path_is_tilted_prefix_invariant_and_exactly_once(one_rank):
     check_paths(*one_rank)
 
 
-def two_rank_worker(rank, store, out):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        scores = path_scores(train_gpt.Runtime(rank, 2, torch.device("cpu")))
-        if rank == 0:
-            torch.save(scores, out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 def test_two_ranks_match_one_rank(tmp_path, one_rank):
-    out = tmp_path / "scores.pt"
-    mp.start_processes(two_rank_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, start_method="spawn")
-    two = torch.load(out)
+    two = scores_on_two_ranks(tmp_path, path_scores)
     check_paths(two, one_rank[1])
     for key, v in one_rank[0].items():
         assert torch.equal(v[:, 1:], two[key][:, 1:])

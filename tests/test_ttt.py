@@ -9,10 +9,8 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import TOKENIZER, cpu_runtime, markov_tokens, tiny_args, tiny_env
+from conftest import TOKENIZER, cpu_runtime, markov_tokens, scores_on_two_ranks, tiny_args, tiny_env
 from data.shards import write_shard
 import train_gpt
 
@@ -199,24 +197,14 @@ def test_prefix_invariance_one_rank():
     check_prefix_invariance(all_scores(noisy_model(ttt_args()), cpu_runtime()))
 
 
-def two_rank_worker(rank, store, out):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        scores = all_scores(noisy_model(ttt_args()), train_gpt.Runtime(rank, 2, torch.device("cpu")))
-        if rank == 0:
-            torch.save(scores, out)
-        dist.barrier()  # as train_gpt.main(): no rank tears the group down while the other still works
-    finally:
-        dist.destroy_process_group()
+def ttt_scores(rt):
+    return all_scores(noisy_model(ttt_args()), rt)
 
 
 def test_two_ranks_prefix_invariance_and_match_one_rank(tmp_path):
     """On 2 gloo ranks each chunk's windows and each SGD batch are split; gradients are summed so both ranks apply
     the update of the whole batch. Prefix invariance holds exactly; the scores equal 1 rank's up to summation order."""
-    out = tmp_path / "scores.pt"
-    mp.start_processes(two_rank_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, start_method="spawn")
-    two = torch.load(out)
+    two = scores_on_two_ranks(tmp_path, ttt_scores)
     check_prefix_invariance(two)
     one = all_scores(noisy_model(ttt_args()), cpu_runtime())
     for key in one:

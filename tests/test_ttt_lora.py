@@ -7,10 +7,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import cpu_runtime, tiny_args
+from conftest import cpu_runtime, scores_on_two_ranks, tiny_args
 from test_ttt import noisy_model, ones_luts, random_docs
 import train_gpt
 
@@ -172,24 +170,10 @@ def test_prefix_invariance_one_rank():
     check_prefix_invariance(all_scores(cpu_runtime()))
 
 
-def two_rank_worker(rank, store, out):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        scores = all_scores(train_gpt.Runtime(rank, 2, torch.device("cpu")))
-        if rank == 0:
-            torch.save(scores, out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 def test_two_ranks_prefix_invariance_and_match_one_rank(tmp_path):
     """On 2 gloo ranks each phase's batches of documents are dealt out and the global SGD batches split, gradients
     summed; prefix invariance holds exactly and the scores equal 1 rank's up to summation order."""
-    out = tmp_path / "scores.pt"
-    mp.start_processes(two_rank_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, start_method="spawn")
-    two = torch.load(out)
+    two = scores_on_two_ranks(tmp_path, all_scores)
     check_prefix_invariance(two)
     one = all_scores(cpu_runtime())
     for key in one:
