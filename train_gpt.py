@@ -142,6 +142,7 @@ class Hyperparameters:
     adam_eps: float = 1e-8
     adam_wd: float = 0.0
     grad_clip_norm: float = 0.0
+    grad_clip_local: bool = False  # clip each rank's own gradient before the average (#1855, #2135); 0: the average (DDP)
     # frontier optimizer pieces (frontier.md section 4)
     muon_row_normalize: bool = False  # MuonEq-R
     muon_ns: str = "ns5"  # Newton-Schulz coefficients: ns5 (Muon) or polar (Polar Express)
@@ -258,8 +259,8 @@ class Hyperparameters:
         args = cls(**dict(values, **explicit))
         args.validate()
         if header and os.path.isfile(args.tokenizer_path) and header["tokenizer_sha256"] != file_sha256(args.tokenizer_path):
-            raise UserError(f"TOKENIZER_PATH={args.tokenizer_path} is not the tokenizer the artifact was trained with "
-                            f"(sha256 {header['tokenizer_sha256'][:16]}...); point it to that tokenizer's .model file")
+            raise UserError(f"TOKENIZER_PATH={args.tokenizer_path} is not the tokenizer the artifact was trained with; "
+                            "point it to that one")
         return args
 
     def validate(self):
@@ -425,7 +426,7 @@ SOTA1855 = dict(  # records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_B
     gptq_calibration_batches=16, gptq_reserve_seconds=0.5, ttt_mode="lora", ttt_lora_rank=80, ttt_lora_alpha=144.0,
     ttt_weight_decay=0.5,
     ttt_beta2=0.99, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3, ttt_eval_seq_len=2048, eval_seq_len=2048,
-    val_loss_every=0, train_log_every=500)
+    val_loss_every=0, train_log_every=500, grad_clip_local=True)
 FRONTIER2135 = dict(  # PR #2135, records/.../2026-05-01_SP8192_PR2130Base_Calib32 (1.05651), its README command
     SOTA1855, asym_logit_rescale=True, smear_gate_bos_fix=False, gated_attn_quant_gate=False, matrix_lr=0.028,
     lqer_asym_group=32, ttt_lora_lr=8e-5, ttt_weight_decay=2.0, ttt_k_lora=False, phased_ttt_num_phases=1,
@@ -635,8 +636,7 @@ def check_outputs(args):
     if os.path.realpath(sub) in {os.path.realpath(output_path(args, s)) for s in others}:
         raise UserError(f"SUBMISSION_JSON={sub} is where this run writes another of its files; give another path")
     if os.path.exists(sub) and not is_submission(sub):
-        raise UserError(f"SUBMISSION_JSON={sub} exists and is not a submission file (a run's summary, log or "
-                        "artifact?); give another path or remove it")
+        raise UserError(f"SUBMISSION_JSON={sub} exists and is not a submission file; give another path")
     check_writable_dir(os.path.dirname(sub) or ".", "SUBMISSION_JSON")
 
 
@@ -672,8 +672,7 @@ def shard_tokens(path) -> int:
         raise UserError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}; regenerate it")
     n = int(header[2])
     if size != HEADER_BYTES + 2 * n:
-        raise UserError(f"{path}: {size} bytes but the header promises {n} tokens ({HEADER_BYTES + 2 * n} bytes); "
-                        "the shard is truncated or corrupt, regenerate it")
+        raise UserError(f"{path}: {size} bytes but the header promises {n} tokens: truncated or corrupt, regenerate it")
     return n
 
 
@@ -694,8 +693,7 @@ def shard_files(data_path, split) -> list[str]:
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
     files = sorted(f for f in glob.glob(pattern) if not os.path.basename(f).startswith(SIDECAR_PREFIX))
     if not files:
-        raise UserError(f"no {split} shards match {pattern}; set DATA_PATH to a folder of shards "
-                        "(python data/make_sample.py builds an offline sample)")
+        raise UserError(f"no {split} shards match {pattern}; set DATA_PATH (data/make_sample.py makes a sample)")
     return files
 
 
@@ -743,6 +741,7 @@ class TrainLoader:
             raise UserError(f"the train shards under {args.data_path} hold no tokens; regenerate them")
         self.rt, self.accum, self.micro, self.seq_len = rt, accum, micro, args.train_seq_len
         self.local = args.train_batch_tokens // micro
+        self.lengths = seq_lengths(args) * (args.train_loader == "packed" and flash_runs(args, rt))  # PackedLoader's
         self.pool, self.queue = ThreadPoolExecutor(1), []
         self.start()
         # what GPTQ calibration reads: this stream, continued past what training read; with the records' loaders a
@@ -758,11 +757,10 @@ class TrainLoader:
         self.queue.clear()
         self.start()
 
-    def next_batch(self) -> list[tuple[Tensor, Tensor]]:
+    def next_batch(self) -> list[tuple[Tensor, ...]]:
         while len(self.queue) < 3:
             self.queue.append(self.pool.submit(self.prepared))
-        return [(x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True))
-                for x, y in self.queue.pop(0).result()]
+        return [tuple(t.to(self.rt.device, non_blocking=True) for t in b) for b in self.queue.pop(0).result()]
 
     def prepared(self):
         """host_batch() (in the loader's thread), pinned on CUDA."""
@@ -770,7 +768,7 @@ class TrainLoader:
         if self.rt.device.type != "cuda":
             return batch
         torch.cuda.set_device(self.rt.device)  # else this thread's pinning would open a context on GPU 0
-        return [(x.pin_memory(), y.pin_memory()) for x, y in batch]
+        return [tuple(t.pin_memory() for t in b) for b in batch]
 
     def host_batch(self):
         """This rank's accum micro-batches (x, y) on the host: y is x shifted by one token."""
@@ -830,7 +828,9 @@ class PackedLoader(TrainLoader):
     again); each micro-step takes the next W spans of n+1 tokens there, rank r the r-th. A shard is entered at its
     first BOS and left when the next W spans no longer fit (its tail is skipped). The model keeps attention within
     each document and each TRAIN_SEQ_LEN piece of a longer one (DOC_MASK=1, document_mask's split): the record's
-    cu_seqlens. RoPE positions run along the row, as in the record (attention only sees their differences).
+    cu_seqlens. RoPE positions run along the row, as in the record (attention only sees their differences). Where
+    FlashAttention runs (flash_runs), each micro-batch also carries those cu_seqlens, one per TRAIN_SEQ_SCHEDULE
+    length (seq_lengths; the split), built here on the host as the record builds them: (x, y, *cus)
     Ranks read consecutive spans, so W ranks x accum equals 1 rank x W*accum except where a step crosses a shard:
     the fit is checked per micro-step for W spans, as the record does. GPTQ calibration reads a ShuffledLoader (the
     record's calibration; TrainLoader.calib)."""
@@ -849,12 +849,12 @@ class PackedLoader(TrainLoader):
                 bos = np.flatnonzero(self.tokens == BOS_ID)
                 self.cursor = int(bos[0]) if len(bos) else len(self.tokens)
             else:
-                raise UserError(f"TRAIN_LOADER=packed: no train shard holds {W} spans of TRAIN_BATCH_TOKENS/(WORLD_SIZE*"
-                                f"accum)+1 = {n} tokens from its first BOS")
+                raise UserError(f"TRAIN_LOADER=packed: no train shard holds {W} x {n} tokens from its first BOS; lower TRAIN_BATCH_TOKENS")
             a = self.cursor + self.rt.rank * n
             row = torch.from_numpy(self.tokens[a:a + n].astype(np.int64))[None]
             self.cursor += W * n
-            out.append((row[:, :-1], row[:, 1:]))
+            bos = np.flatnonzero(self.tokens[a:a + n - 1] == BOS_ID)
+            out.append((row[:, :-1], row[:, 1:], *(torch.from_numpy(cu_seqlens(bos, n - 1, k)) for k in self.lengths)))
         return out
 
 
@@ -880,19 +880,20 @@ def load_val_tokens(args) -> tuple[Tensor, bool]:
 SIDECAR_PREFIX, CASEOPS_MANIFEST, CASEOPS_OPERATORS = "fineweb_val_bytes_", "caseops_manifest.json", "\ue001\ue002\ue003\ue004"
 
 
+CASEOPS_FIX = "make the data with data/caseops.py or data/download.py --variant caseops"
+
+
 def check_caseops_split(args, val_docs: int):
     """Refuses train shards that may hold a validation document: the manifest's first training document must come
     after every validation document, and its validation documents must be the ones scored (an upstream prep script
     cut validation at 10,000 documents while evaluation scored 50,000: the other 40,000 were trained on)."""
     path = os.path.join(args.data_path, CASEOPS_MANIFEST)
     if not os.path.isfile(path):
-        raise UserError(f"CASEOPS_ENABLED=1 but {path} is missing (it proves the train/validation split); make the "
-                        "data with data/caseops.py or data/download.py --variant caseops")
+        raise UserError(f"CASEOPS_ENABLED=1 but {path} is missing; {CASEOPS_FIX}")
     with open(path) as f:
         m = json.load(f)
     if not m.get("complete") or m["train_first_doc"] < max(m["val_docs"], val_docs) or m["val_docs"] != val_docs:
-        raise UserError(f"{path}: the train shards may hold validation documents (scored: {val_docs}, manifest: "
-                        f"{m}); prepare the data again with data/caseops.py")
+        raise UserError(f"{path}: the train shards may hold validation documents (scored: {val_docs}); {CASEOPS_FIX}")
 
 
 def load_byte_sidecar(args, val: Tensor) -> Tensor:
@@ -900,8 +901,7 @@ def load_byte_sidecar(args, val: Tensor) -> Tensor:
     sidecar[t+1]. Its length must be the validation shards' and it must count 0 at every BOS."""
     files = sorted(glob.glob(os.path.join(args.data_path, SIDECAR_PREFIX + "*.bin")))
     if not files:
-        raise UserError(f"CASEOPS_ENABLED=1 but {args.data_path} has no {SIDECAR_PREFIX}*.bin byte sidecar; prepare the "
-                        "data with data/caseops.py (or data/download.py --variant caseops)")
+        raise UserError(f"CASEOPS_ENABLED=1 but {args.data_path} has no {SIDECAR_PREFIX}*.bin byte sidecar; {CASEOPS_FIX}")
     side = np.concatenate([load_shard(f, 1 << 16) for f in files])
     n = sum(shard_tokens(f) for f in shard_files(args.data_path, "val"))
     if len(side) != n:
@@ -1097,6 +1097,20 @@ def same_document(doc: Tensor) -> Tensor:
     T = doc.size(1)
     causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
     return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
+
+
+CU_BUCKET = 64  # cu_seqlens' length is rounded up to a multiple of this (the record's): one graph per bucket, primed
+
+
+def cu_seqlens(bos: np.ndarray, n: int, split: int, extra: int = 0) -> np.ndarray:
+    """The record's cu_seqlens of a packed row of n tokens whose BOS are at `bos`: a segment starts at 0, at each BOS
+    and every `split` tokens into a document (document_mask's cut); then n, repeated (empty segments) up to a multiple
+    of CU_BUCKET, `extra` buckets more (prime_compile's)."""
+    starts = np.union1d([0], bos)
+    k = -(-np.diff(np.append(starts, n)) // split)  # pieces per document
+    cu = np.repeat(starts, k) + split * (np.arange(k.sum()) - np.repeat(np.cumsum(k) - k, k))
+    size = (len(cu) // CU_BUCKET + 1 + extra) * CU_BUCKET
+    return np.pad(cu, (0, size - len(cu)), constant_values=n).astype(np.int32)
 
 
 class Segments(NamedTuple):
@@ -1494,9 +1508,9 @@ class GPT(nn.Module):
             return x + s
         return torch.lerp(s, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
 
-    def hidden(self, idx: Tensor, ctx: Ctx, split: int = 0) -> Tensor:
+    def hidden(self, idx: Tensor, ctx: Ctx, split: int = 0, segments: Segments | None = None) -> Tensor:
         x0 = self.embed(idx, ctx)
-        mask = document_mask(idx, split=split) if self.args.doc_mask else None
+        mask = segments or (document_mask(idx, split=split) if self.args.doc_mask else None)
         encoder, decoder = self.orders[1 if ctx.looping else 0]  # not a bool index: dynamo (torch 2.11) rejects it
         lanes, skips = (x0,), []
         for i in encoder:
@@ -1531,16 +1545,17 @@ class GPT(nn.Module):
         return F.cross_entropy(self.logits(h, ctx, train=True).flatten(0, 1), y.flatten())
 
     def forward(self, idx: Tensor, targets: Tensor, ctx: Ctx | None = None, per_token: bool = False,
-                split: int = 0, hint: Tensor | None = None) -> Tensor:
+                split: int = 0, hint: Tensor | None = None, segments: Segments | None = None) -> Tensor:
         """Mean training loss under ctx, or with per_token the nats of each target [B, K] (evaluation: no QAT): the
         targets of the last K positions of idx [B, T], so a sliding window computes logits only where it scores; hint:
         their tilt's (tilt_hints).
-        split: document_mask's (training passes TRAIN_SEQ_LEN: packed rows attend within TRAIN_SEQ_LEN pieces)."""
+        split: document_mask's (training passes TRAIN_SEQ_LEN: packed rows attend within TRAIN_SEQ_LEN pieces), or
+        segments: those pieces as FlashAttention's cu_seqlens."""
         ctx = self.final_ctx if ctx is None else ctx
         if per_token:
             h = self.hidden(idx, Ctx(qat=False, looping=ctx.looping))[:, -targets.size(1):]
             return tilted(self.logits(h), targets, hint, self.args.token_boost)
-        h = self.hidden(idx, ctx, split)
+        h = self.hidden(idx, ctx, split, segments)
         loss = self.mean_nats(h, targets, ctx)
         for k, head in enumerate(self.mtp_heads, start=1):
             hk = F.rms_norm(h[:, :-k] + head(h[:, :-k], ctx), (h.size(-1),))
@@ -1761,6 +1776,10 @@ def seq_stages(args) -> list[tuple[float, int]]:
         [(1.0, args.train_seq_len)]
 
 
+def seq_lengths(args) -> list[int]:
+    return sorted({k for _, k in seq_stages(args)})
+
+
 def seq_len_at(args, p) -> int:
     """The training length at progress p: the first stage with p <= FRAC, past the last FRAC the last LEN. progress()
     is upstream's wallclock mode (with a cap) and its step mode (without one), so TRAIN_SEQ_SCHEDULE_MODE is not
@@ -1841,12 +1860,16 @@ def compile_model(base, args, rt):
     return torch.compile(base, dynamic=False, fullgraph=True)
 
 
+def flash_runs(args, rt) -> bool:
+    return rt.device.type == "cuda" and FLASH is not None and args.attn_backend in ("auto", "fa")
+
+
 def set_kernels(args, rt) -> str:
     """The attention and fused kernels of this run, as its log line. Attention on CUDA: FlashAttention (FLASH) under
     ATTN_BACKEND auto or fa; else SDPA, cuDNN's kernel first under cudnn, and under auto on Hopper and later (issue
     18; SDPA takes its next backend where cuDNN declines a call). CPU: SDPA's reference math."""
     cuda, name = rt.device.type == "cuda", "sdpa"
-    if cuda and FLASH and args.attn_backend in ("auto", "fa"):
+    if flash_runs(args, rt):
         name = FLASH.__name__
     elif cuda and (args.attn_backend == "cudnn" or args.attn_backend == "auto" and
                    torch.cuda.get_device_capability(rt.device)[0] >= 9):
@@ -1861,17 +1884,21 @@ def train_step(model, batches, optimizers, args, rt, ctx: Ctx, L: int = 0) -> Te
     """One optimizer step over this rank's micro-batches at training length L (0 = TRAIN_SEQ_LEN); returns the mean
     loss (a tensor, no host sync). The loaders read TRAIN_SEQ_LEN rows; at a shorter L the stream and shuffled
     micro-batches are cut into rows of L (keeping every target: y stays x's successor), and a packed row stays one
-    row whose documents are cut every L tokens (the split), as PR #2014's packing loader cuts them."""
+    row whose documents are cut every L tokens (the split), as PR #2014's packing loader cuts them; FlashAttention
+    gets that row's cu_seqlens for L (PackedLoader)."""
     total, L = torch.zeros((), device=rt.device), L or args.train_seq_len
-    for x, y in batches:
+    for x, y, *cus in batches:
         if args.train_loader != "packed":
             x, y = x.reshape(-1, L), y.reshape(-1, L)
         with rt.autocast():
-            loss = model(x, y, ctx=ctx, split=L)
+            loss = model(x, y, ctx=ctx, split=L, segments=Segments(cus[seq_lengths(args).index(L)], L) if cus else None)
         (loss / len(batches)).backward()
         total += loss.detach()
+    if args.grad_clip_norm > 0 and args.grad_clip_local:
+        torch.nn.utils.clip_grad_norm_([p for o in optimizers for g in o.param_groups for p in g["params"]],
+                                       args.grad_clip_norm)
     grads, shares = reduce_grads(optimizers, rt)
-    if args.grad_clip_norm > 0:
+    if args.grad_clip_norm > 0 and not args.grad_clip_local:
         clip_grads(optimizers, grads, shares, args.grad_clip_norm, rt)
     for opt in optimizers:
         opt.step()
@@ -1918,12 +1945,17 @@ def prime_compile(model, base, optimizers, loader, args, rt, log):
         return
     weights = copy.deepcopy(base.state_dict())
     states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    variants = reachable(args)
+    # with FlashAttention's cu_seqlens, each context also in the record's 4 primed buckets: rows cut only every L
+    # tokens (the fewest segments), padded 0-3 buckets more; a row of more segments compiles on the clock
+    variants = [(v, b) for b in range(4 if loader.lengths else 1) for v in reachable(args)]
     if args.warmup_steps < len(variants):
-        log(f"warning: WARMUP_STEPS={args.warmup_steps} primes {args.warmup_steps} of {len(variants)} contexts; "
+        log(f"warning: WARMUP_STEPS={args.warmup_steps} primes {args.warmup_steps} of {len(variants)} graphs; "
             "the others compile mid-run, on the clock")
     for i in range(args.warmup_steps):
-        train_step(model, loader.next_batch(), optimizers, args, rt, *variants[i % len(variants)])
+        v, b = variants[i % len(variants)]
+        batches = [(x, y, *(torch.from_numpy(cu_seqlens(np.zeros(0, int), x.numel(), k, b)).to(x.device)
+                            for k in loader.lengths)) for x, y, *cus in loader.next_batch()]
+        train_step(model, batches, optimizers, args, rt, *v)
         log(f"warmup_step:{i + 1}/{args.warmup_steps}")
     base.load_state_dict(weights)
     for opt, state in zip(optimizers, states):
@@ -2041,8 +2073,7 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
         log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
         if step < args.iterations / 2:
             log(f"WARNING: the training wall clock ({args.max_wallclock_seconds:g}s: MAX_WALLCLOCK_SECONDS, less "
-                f"GPTQ_RESERVE_SECONDS with GPTQ=1) stopped this run at step {step}, before half of "
-                f"ITERATIONS={args.iterations}: its schedule and score are a cut run's")
+                f"GPTQ_RESERVE_SECONDS) stopped this run at step {step} < ITERATIONS/2")
     base.final_ctx = Ctx(looping=ctx.looping)  # evaluation runs the order training ended in
     if args.num_loops and not ctx.looping:
         log(f"WARNING: looping never turned on (ENABLE_LOOPING_AT={args.enable_looping_at:g} was not reached); "
@@ -2395,8 +2426,8 @@ def ttt_projection(args, rt, val, elapsed_s, done, total, spent_s, log, unit="ch
     if over:
         fix = ("raise TTT_CHUNK_TOKENS, lower TTT_EPOCHS" if args.ttt_mode == "sgd" else
                "lower PHASED_TTT_PREFIX_DOCS or GLOBAL_TTT_EPOCHS, raise TTT_CHUNK_SIZE")
-        log(f"WARNING: TTT_ENABLED=1 is projected to take {projected:.0f}s; with the {spent_s:.0f}s of plain evals "
-            f"that passes EVAL_BUDGET_SECONDS={args.eval_budget_seconds:g} ({fix} or set TTT_ENABLED=0)")
+        log(f"WARNING: TTT_ENABLED=1 is projected to take {projected:.0f}s, past EVAL_BUDGET_SECONDS with the plain "
+            f"evals' {spent_s:.0f}s: {fix} or set TTT_ENABLED=0")
     return dict(projected_ttt_s=projected, projected_eval_s=spent_s + projected, projected_full_val_s=full,
                 over_budget=over)
 
@@ -3218,7 +3249,7 @@ def fit_artifact(state, args, hessians, code_bytes, log, looping=None) -> tuple[
     best = trial(hi)
     if len(best) > budget:
         log(f"WARNING: SIZE FIT FAILED: even MATRIX_CLIP_SIGMAS={hi:g} gives {len(best) + code_bytes} bytes > "
-            f"TARGET_BYTES={args.target_bytes}; lower MATRIX_BITS, EMBED_BITS or the model size, or raise TARGET_BYTES")
+            f"TARGET_BYTES; lower MATRIX_BITS or EMBED_BITS, or raise TARGET_BYTES")
         return result(best, None)
     blob = trial(lo)
     if len(blob) <= budget:
@@ -3311,8 +3342,7 @@ def score_artifact(args, rt, path, val, luts, log) -> dict:
     try:
         fresh.load_state_dict(dequantize_state(qstate), strict=True)
     except RuntimeError:
-        raise UserError(f"{path}: its tensors do not fit the model built from the config; was it written by "
-                        "another version of train_gpt.py?") from None
+        raise UserError(f"{path}: its tensors do not fit the model of this config (another train_gpt.py version?)") from None
     if args.eval_artifact:  # a training run primed these graphs before its clock
         prime_eval(fresh_compiled, fresh, val, args, rt)
     standard = evaluate(fresh_compiled, val, luts, args, rt, stride=0)

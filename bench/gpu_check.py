@@ -6,7 +6,7 @@
 Stages, in order; each is skipped (and says so in the JSON) once too little of CHECK_BUDGET_S (default 420) is left,
 and --stages picks a subset for a rerun:
  1. step: the default stack (PRESET=default, vocab 8192) as train_gpt.py builds it (bf16 residual stream, compiled),
-    one rank's share of a step on 8 GPUs (48 x 2048 tokens, grad_accum 1), plain and looped: ms per step, the
+    one rank's share of a step on 8 GPUs (one packed row of 48 x 2048 tokens, grad_accum 1), plain and looped: ms per step, the
     Muon step's share, peak memory, a profiler split of GPU time by kernel family, and the projection to 8 GPUs
     (Muon's Newton-Schulz work divided by 8; communication is not measured here).
  2. eval: rank 0 of 8 (collectives skipped) scores sliding windows (stride 64) and runs score-first TTT on random
@@ -15,7 +15,8 @@ and --stages picks a subset for a rerun:
     the GPTQ quantization of every matrix, then the TARGET_BYTES size fit (the whole export).
  4. attention: one micro-batch (B=48, 8 q / 4 kv heads, T=2048, hd=64, bf16, causal) forward+backward, median ms,
     for SDPA flash, SDPA cuDNN (GQA, and with K/V expanded; train_gpt.py's set_kernels picks FlashAttention 3/4
-    when importable, else SDPA cuDNN-first on Hopper: the step stage logs its choice), flex_attention causal and
+    when importable, else SDPA cuDNN-first on Hopper: the step stage logs its choice), FlashAttention causal and
+    varlen (document cu_seqlens, as the packed loader's rows) when importable, flex_attention causal and
     document-masked; each checked against float32 math attention on the first two sequences (relative error of the
     output and the three gradients).
 Random tokens and random weights: speed only, no scores. The SOTA's figures are in the JSON for comparison.
@@ -143,6 +144,13 @@ def attention_stage(dev, B, Hq, Hkv, T, D):
         variants["sdpa_cudnn_expanded_kv"] = sdpa(SDPBackend.CUDNN_ATTENTION, expand=True), False
     else:
         variants["sdpa_math_gqa"] = sdpa(SDPBackend.MATH), False
+    if dev.type == "cuda" and tg.FLASH is not None:  # train_gpt.attend's FlashAttention paths (what the default runs)
+        new = torch.ones_like(docs, dtype=torch.bool)
+        new[:, 1:] = docs[:, 1:] != docs[:, :-1]
+        cu = torch.cat([torch.nonzero(new.flatten())[:, 0], torch.tensor([B * T], device=dev)]).int()
+        seg = tg.Segments(cu, T)
+        variants[f"{tg.FLASH.__name__}_causal"] = (lambda q, k, v: tg.attend(q, k, v, None, True)), False
+        variants[f"{tg.FLASH.__name__}_varlen_doc (fewer FLOPs)"] = (lambda q, k, v: tg.attend(q, k, v, seg, True)), True
     out = {"shape": dict(B=B, Hq=Hq, Hkv=Hkv, T=T, D=D, dtype=str(dt))}
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -212,19 +220,32 @@ def default_args(smoke, **extra):
     return tg.Hyperparameters.from_env(env)
 
 
-def random_batch(args, rows, seed=0):
+def calib_batch(args, rows, seed=0):
+    """Rows of TRAIN_SEQ_LEN, as the shuffled calibration loader reads them."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(args.vocab_size, (rows, args.train_seq_len), generator=g)
     x[:, ::800] = tg.BOS_ID
     return x.to(DEV), torch.randint(args.vocab_size, x.shape, generator=g).to(DEV)
 
 
+def random_batch(args, rt, rows, seed=0):
+    """One rank's micro-batch as the default's loader (TRAIN_LOADER=packed) gives it: one row of rows x TRAIN_SEQ_LEN
+    tokens, documents of DOC_TOKENS on average, with its cu_seqlens where FlashAttention runs (train_step's input)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(2, args.vocab_size, (1, rows * args.train_seq_len), generator=g)
+    ids = doc_ids(1, x.size(1), "cpu", DOC_TOKENS, seed)[0]
+    bos = (torch.nonzero(ids[1:] != ids[:-1])[:, 0] + 1).numpy()
+    x[0, bos] = tg.BOS_ID
+    cus = [torch.from_numpy(tg.cu_seqlens(bos, x.size(1), k)).to(DEV) for k in (tg.seq_lengths(args) if tg.flash_runs(args, rt) else ())]
+    return x.to(DEV), torch.randint(args.vocab_size, x.shape, generator=g).to(DEV), *cus
+
+
 def step_stage(smoke):
     args = default_args(smoke)
     rt = tg.Runtime(0, 1, DEV)
     rows = args.train_batch_tokens // 8 // args.train_seq_len  # one rank's micro-batch on 8 GPUs: 48 x 2048
-    batch = [random_batch(args, rows)]
     kernels = tg.set_kernels(args, rt)  # the attention and fused kernels train_gpt.py would pick here
+    batch = [random_batch(args, rt, rows)]
     base, model = tg.build_model(args, rt)
     optimizers = tg.build_optimizers(base, args, rt)
     out = dict(tokens_per_rank=rows * args.train_seq_len, vocab=args.vocab_size, act_dtype=str(rt.act_dtype),
@@ -240,8 +261,10 @@ def step_stage(smoke):
         ms = timed(lambda: tg.train_step(model, batch, optimizers, args, rt, ctx), reps=3 if smoke else 8)
 
         def muon_only():  # Muon's step on fresh gradients (one rank does all of Newton-Schulz here, 1/8 on 8 GPUs)
+            x, y, *cus = batch[0]
             with rt.autocast():
-                model(*batch[0], ctx=ctx, split=args.train_seq_len).backward()
+                model(x, y, ctx=ctx, split=args.train_seq_len,
+                      segments=tg.Segments(cus[0], args.train_seq_len) if cus else None).backward()
             sync()
             t = time.perf_counter()
             optimizers[1].step()
@@ -268,7 +291,7 @@ def gptq_stage(smoke):
     base = tg.GPT(args).to(DEV)
     base.act_dtype = rt.act_dtype
     rows = args.train_batch_tokens // 8 // args.train_seq_len
-    batches = [[random_batch(args, rows, seed)] for seed in range(3)]
+    batches = [[calib_batch(args, rows, seed)] for seed in range(3)]
     times = []
     for b in batches:
         sync()

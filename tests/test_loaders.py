@@ -251,7 +251,7 @@ def test_impossible_settings_are_one_line_errors(tmp_path):
     train_gpt.PackedLoader(tiny_args(**packed, TRAIN_BATCH_TOKENS=96), rt2, 1).next_batch()  # 2 x 49 <= 99 tokens
     with pytest.raises(train_gpt.UserError) as e:  # 2 ranks x (50+1) tokens > 99 tokens from the first BOS
         train_gpt.PackedLoader(tiny_args(**packed, TRAIN_BATCH_TOKENS=100), rt2, 1).next_batch()
-    one_line(e, "TRAIN_LOADER=packed", "2 spans", "= 51 tokens", "TRAIN_BATCH_TOKENS")
+    one_line(e, "TRAIN_LOADER=packed", "2 x 51 tokens", "TRAIN_BATCH_TOKENS")
     with pytest.raises(train_gpt.UserError) as e:  # one shard, two ranks: none for rank 1 (also GPTQ's calibration)
         train_gpt.PackedLoader(tiny_args(**dict(packed, GPTQ=1), TRAIN_BATCH_TOKENS=64), train_gpt.Runtime(1, 2, CPU), 1)
     one_line(e, "TRAIN_LOADER=shuffled", "GPTQ calibration", "no train shard 1, 1+2, ... of 1")

@@ -134,19 +134,19 @@ def test_batched_shapes_equal_stepping_each_alone(normuon):
 
 # 3 layers: shapes with 1, 3 and 6 matrices, so 2 and 4 ranks own unequal shares (some none of a shape); every
 # Muon option on; a clipping norm far below the gradients' (~1), so every step clips
-COMM = dict(NUM_LAYERS=3, GRAD_CLIP_NORM=1e-3, NORMUON=1, MUON_WD=0.1, MUON_ROW_NORMALIZE=1, MUON_NS="polar",
+COMM = dict(NUM_LAYERS=3, GRAD_CLIP_NORM=1e-3, GRAD_CLIP_LOCAL=0, NORMUON=1, MUON_WD=0.1, MUON_ROW_NORMALIZE=1, MUON_NS="polar",
             ADAM_WD=0.05, TIE_EMBEDDINGS=0, MATRIX_LR=0.05)
 MICRO, STEPS = 8, 3  # micro-batches per global batch: 8 accumulated on 1 rank, 4 on each of 2, 2 on each of 4
 
 
-def comm_run(rank, world, store, out_dir):
+def comm_run(rank, world, store, out_dir, local=0):
     """STEPS train_steps on a global batch of MICRO micro-batches, rank r taking every world-th from r (as the
     loaders). Saves the weights, Muon's momentum buffers and, at each step, the gradients the optimizers were given
-    (averaged and clipped): Adam's, and Muon's where this rank owns the matrix."""
+    (averaged and clipped): Adam's, and Muon's where this rank owns the matrix. local: GRAD_CLIP_LOCAL."""
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    args, rt = tiny_args(**COMM), train_gpt.Runtime(rank, world, torch.device("cpu"))
+    args, rt = tiny_args(**{**COMM, "GRAD_CLIP_LOCAL": local}), train_gpt.Runtime(rank, world, torch.device("cpu"))
     torch.manual_seed(0)
     base, model = train_gpt.build_model(args, rt)
     (adam, muon), names = train_gpt.build_optimizers(base, args, rt), {p: n for n, p in base.named_parameters()}
@@ -165,7 +165,7 @@ def comm_run(rank, world, store, out_dir):
         train_gpt.train_step(model, list(zip(x, y))[rank::world], [adam, muon], args, rt, train_gpt.PLAIN)
     torch.save(dict(weights=base.state_dict(), grads=seen,
                     momentum={names[p]: s["momentum_buffer"] for p, s in muon.state.items()}),
-               f"{out_dir}/rank{rank}_of{world}.pt")
+               f"{out_dir}/rank{rank}_of{world}{'_local' * local}.pt")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -223,6 +223,47 @@ def test_ranks_with_reduce_scattered_gradients_match_one_rank(tmp_path, world):
             torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-8, msg=k)
         norm = torch.linalg.vector_norm(torch.stack([t.norm() for t in got.values()]))
         assert float(norm) == pytest.approx(COMM["GRAD_CLIP_NORM"], rel=1e-3)
+
+
+def test_local_clipping_clips_each_ranks_gradient_before_the_average(tmp_path):
+    """GRAD_CLIP_LOCAL=1 (#1855, #2135: clip_grad_norm_ on each rank's own gradient, then the optimizers' reduction):
+    2 gloo ranks end with the weights of one process that clips each rank's accumulated gradient by its own norm and
+    then averages them. Not the global clip's weights: every step clips here."""
+    world = 2
+    mp.start_processes(comm_run, args=(world, str(tmp_path / "store"), tmp_path, 1), nprocs=world, start_method="spawn")
+    args, rt = tiny_args(**{**COMM, "GRAD_CLIP_LOCAL": 1}), cpu_runtime()
+    torch.manual_seed(0)
+    base, model = train_gpt.build_model(args, rt)
+    opts = train_gpt.build_optimizers(base, args, rt)
+    ps = [p for o in opts for g in o.param_groups for p in g["params"]]
+    g = gen(5)
+    for _ in range(STEPS):  # comm_run's batches
+        x = torch.randint(args.vocab_size, (MICRO, 1, args.train_seq_len), generator=g)
+        x[..., ::9] = train_gpt.BOS_ID
+        y = torch.randint(args.vocab_size, x.shape, generator=g)
+        mean = [torch.zeros_like(p) for p in ps]
+        for r in range(world):
+            mine = list(zip(x, y))[r::world]
+            for xb, yb in mine:
+                (model(xb, yb, ctx=train_gpt.PLAIN, split=args.train_seq_len) / len(mine)).backward()
+            assert torch.nn.utils.clip_grad_norm_(ps, args.grad_clip_norm) > 10 * args.grad_clip_norm
+            used = [p.grad is not None for p in ps]
+            for m, p in zip(mean, ps):
+                if p.grad is not None:
+                    m += p.grad / world
+                p.grad = None
+        for m, p, u in zip(mean, ps, used):
+            p.grad = m if u else None
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+    comm_run(0, 1, None, tmp_path)
+    one = torch.load(tmp_path / "rank0_of1.pt")["weights"]
+    for r in range(world):
+        got = torch.load(tmp_path / f"rank{r}_of{world}_local.pt")["weights"]
+        for k, v in base.state_dict().items():
+            torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5, msg=k)
+        assert any((got[k] - v).abs().max() > 1e-3 for k, v in one.items())  # the global clip ends elsewhere
 
 
 # ----------------------------------------------------------------------------------------------------------------------
