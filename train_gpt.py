@@ -325,9 +325,10 @@ class Hyperparameters:
              f"use LEN@FRAC,... with LEN > 0, the longest = TRAIN_SEQ_LEN, FRAC rising in (0, 1], a step of "
              f"ITERATIONS={n} for each")
         need(steps and min(map(min, steps)) > 0, "TTT_SHORT_SCORE_FIRST_STEPS", "use LEN:CHUNK,... with LEN > 0, CHUNK > 0")
-        need(self.ttt_mode != "lora" or max(self.ttt_chunk_size, *(c for _, c in steps)) <= self.ttt_window(),
-             "TTT_CHUNK_SIZE", f"must be <= the TTT context ({self.ttt_window()}), as the TTT_SHORT_* chunks; lower "
-             "them or raise TTT_EVAL_SEQ_LEN")
+        lora = self.ttt_enabled and self.ttt_mode == "lora"  # the chunks only bind where LoRA TTT runs
+        need(not lora or max(self.ttt_chunk_size, *(c for _, c in steps)) <= self.ttt_window(), "TTT_CHUNK_SIZE",
+             f"must be <= the TTT context ({self.ttt_window()}), as the TTT_SHORT_* chunks; lower them or raise "
+             "TTT_EVAL_SEQ_LEN")
 
     def ttt_window(self) -> int:
         return self.ttt_eval_seq_len or self.eval_seq_len or self.train_seq_len
