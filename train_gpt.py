@@ -794,13 +794,14 @@ class ShuffledLoader(TrainLoader):
 
     def start(self):
         r, W = self.rt.rank, self.rt.world_size
+        for q in range(W):  # every rank's shards, on every rank: all raise alike and rank 0 prints it (main)
+            if all(shard_tokens(f) <= self.seq_len for f in self.files[q::W]):
+                raise UserError(f"TRAIN_LOADER=shuffled (or packed's GPTQ calibration): no train shard {q}, {q}+{W}, "
+                                f"... of {len(self.files)} holds TRAIN_SEQ_LEN+1 = {self.seq_len + 1} tokens")
         self.mine = self.files[r::W]
         self.shards = [np.memmap(f, "<u2", "r", HEADER_BYTES, (shard_tokens(f),)) for f in self.mine]
         self.rng = np.random.Generator(np.random.PCG64(r))
         self.cut()
-        if not any(self.starts):
-            raise UserError(f"TRAIN_LOADER=shuffled (or packed's GPTQ calibration): no train shard {r}, {r}+{W}, ... of "
-                            f"{len(self.files)} holds TRAIN_SEQ_LEN+1 = {self.seq_len + 1} tokens")
 
     def cut(self):
         self.starts = []
