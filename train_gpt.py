@@ -3409,15 +3409,18 @@ def run(args: Hyperparameters, rt: Runtime) -> dict:
 
 def main():
     signal.signal(signal.SIGTERM, raise_interrupt)
+    store = None  # the process group's key-value store: rank 0 leaves its error there (wait_for_rank0)
     try:
         args = Hyperparameters.from_env()
         rt = setup_runtime()
         try:
+            store = rt.distributed and dist.distributed_c10d._get_default_store()
             run(args, rt)
             if rt.distributed:
                 dist.barrier()  # no rank tears the group down while another still writes its reports
         finally:
             if rt.distributed:
+                signal.signal(signal.SIGTERM, lambda *a: TERMS.append(1))  # kept for wait_for_rank0, not raised here
                 dist.destroy_process_group()
         return
     except UserError as e:
@@ -3427,24 +3430,38 @@ def main():
     except KeyboardInterrupt:
         msg, code = "interrupted before training; nothing written", 130
     rank = os.environ.get("RANK", "0")
-    if rank == "0":  # under torchrun every rank fails alike; one line is enough
+    if rank == "0":  # under torchrun every rank usually fails alike; one line is enough
         print(f"train_gpt.py: {msg}", file=sys.stderr, flush=True)
+        if store:
+            store.set(ERROR_KEY, msg)
     elif code == 2:
-        wait_for_rank0(rank, msg)
+        wait_for_rank0(rank, msg, store)
     sys.exit(code)
 
 
 RANK0_WAIT_S = 60.0
+ERROR_KEY = "train_gpt_error"
+TERMS = []  # SIGTERMs met while the process group was torn down: an interrupt there would drop this rank's error
 
 
-def wait_for_rank0(rank, msg):
+def wait_for_rank0(rank, msg, store):
     """Under torchrun a rank that exits gets the others terminated, rank 0 too, maybe before it has printed the error
-    they all met. So the other ranks wait: torchrun ends them once rank 0 has printed and exited. A rank still alive
-    after RANK0_WAIT_S met an error rank 0 did not, and prints its own line."""
+    they all met. So the other ranks wait, until torchrun ends them (rank 0 has exited) or for RANK0_WAIT_S, then print
+    their own line unless rank 0 left the same one in the process group's store: an error of this rank alone is
+    printed by this rank. One met before the group existed came from inputs every rank reads alike: a rank torchrun
+    ends then stays silent. A store that is gone (its host, rank 0, exited) holds no line."""
     try:
-        time.sleep(RANK0_WAIT_S)
-    except KeyboardInterrupt:  # SIGTERM from torchrun: rank 0 is done
-        return
+        signal.signal(signal.SIGTERM, raise_interrupt)
+        time.sleep(0 if TERMS else RANK0_WAIT_S)
+    except KeyboardInterrupt:  # SIGTERM from torchrun: rank 0 has exited
+        if not store:
+            return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        if store and store.check([ERROR_KEY]) and store.get(ERROR_KEY).decode() == msg:
+            return
+    except RuntimeError:  # the store's host (rank 0 outside torchrun's agent) is gone
+        pass
     print(f"train_gpt.py (rank {rank}): {msg}", file=sys.stderr, flush=True)
 
 

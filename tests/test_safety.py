@@ -263,3 +263,22 @@ def test_a_shard_error_of_rank_1_under_torchrun_is_printed_once_by_rank_0(tmp_pa
     assert out.count("no train shard 1, 1+2, ... of 2 holds TRAIN_SEQ_LEN+1 = 33 tokens") == 1, out[-5000:]
     assert "train_gpt.py: error: TRAIN_LOADER=shuffled" in out, out[-5000:]
 
+
+def test_an_error_only_rank_1_meets_under_torchrun_is_printed_by_rank_1(tmp_path):
+    """Rank 1 alone draws sequences with a token id >= VOCAB_SIZE, at its first training batch, and leaves; rank 0
+    waits in the gradients' all-reduce. The wrapper only gives the process group a 30 s timeout, so rank 0 dies there
+    (as it does when gloo sees the peer's connection reset) while rank 1 still waits for it: torchrun then ends rank 1,
+    which used to leave silently. Now it finds no line of rank 0's in the group's store and prints its own."""
+    wrapper = tmp_path / "short_timeout.py"
+    wrapper.write_text(f"""import datetime, runpy, sys
+import torch.distributed as dist
+init = dist.init_process_group
+dist.init_process_group = lambda *a, **k: init(*a, timeout=datetime.timedelta(seconds=30), **k)
+sys.argv = [{str(ROOT / 'train_gpt.py')!r}]
+runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+    bad = np.full(30000, 5, np.uint16)
+    bad[::10] = 2000  # in every sequence
+    out = torchrun_with_rank_1_shard(tmp_path, bad, wrapper)
+    assert out.count("fineweb_train_000001.bin: token id 2000 >= VOCAB_SIZE=1024") == 1, out[-5000:]
+    assert "train_gpt.py (rank 1): error: " in out, out[-5000:]
