@@ -286,7 +286,7 @@ class Hyperparameters:
         need(lo <= self.compress_level <= hi, "COMPRESS_LEVEL", f"{self.compressor} takes levels {lo}..{hi}")
         seq = self.eval_seq_len or self.train_seq_len
         need(self.eval_stride <= seq, "EVAL_STRIDE", f"must be <= the eval window ({seq}); lower EVAL_STRIDE or "
-             "raise EVAL_SEQ_LEN (0 = TRAIN_SEQ_LEN)")
+             "raise EVAL_SEQ_LEN")
         need(set(self.run_id) <= set(RUN_ID_CHARS), "RUN_ID", "use letters, digits, '.', '_' and '-' only")
         head_dim = self.model_dim // self.num_heads
         need(self.rope_dims % 2 == 0 and self.rope_dims <= head_dim, "ROPE_DIMS", f"must be even and <= head dim {head_dim}")
@@ -305,10 +305,9 @@ class Hyperparameters:
              "fits MATRIX_CLIP_SIGMAS: set MATRIX_CLIP_SIGMAS > 0 or TARGET_BYTES=0")
         code = os.path.getsize(__file__)
         need(not self.target_bytes or self.eval_artifact or self.target_bytes > code, "TARGET_BYTES",
-             f"leaves no room for a model: the code alone is {code} bytes; raise it (the cap is {ARTIFACT_CAP_BYTES}) "
-             "or set TARGET_BYTES=0")
+             f"leaves no room for a model: the code alone is {code} bytes; raise it or set TARGET_BYTES=0")
         need(not (self.gptq and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds), "GPTQ_RESERVE_SECONDS",
-             "must be below MAX_WALLCLOCK_SECONDS (it is taken off the training time)")
+             "must be below MAX_WALLCLOCK_SECONDS")
         awq, g = not self.awq_lite_enabled, self.awq_lite_group_size  # AWQ-lite reads GPTQ's Hessians
         need(awq or self.gptq, "AWQ_LITE_ENABLED", "needs GPTQ=1")
         bits = self.matrix_bits or min(self.quant_attn_bits, self.quant_mlp_bits)
@@ -326,9 +325,10 @@ class Hyperparameters:
              f"use LEN@FRAC,... with LEN > 0, the longest = TRAIN_SEQ_LEN, FRAC rising in (0, 1], a step of "
              f"ITERATIONS={n} for each")
         need(steps and min(map(min, steps)) > 0, "TTT_SHORT_SCORE_FIRST_STEPS", "use LEN:CHUNK,... with LEN > 0, CHUNK > 0")
-        need(self.ttt_mode != "lora" or max(self.ttt_chunk_size, *(c for _, c in steps)) <= self.ttt_window(),
-             "TTT_CHUNK_SIZE", f"must be <= the TTT context ({self.ttt_window()}), as the TTT_SHORT_* chunks; lower "
-             "them or raise TTT_EVAL_SEQ_LEN")
+        lora = self.ttt_enabled and self.ttt_mode == "lora"  # the chunks only bind where LoRA TTT runs
+        need(not lora or max(self.ttt_chunk_size, *(c for _, c in steps)) <= self.ttt_window(), "TTT_CHUNK_SIZE",
+             f"must be <= the TTT context ({self.ttt_window()}), as the TTT_SHORT_* chunks; lower them or raise "
+             "TTT_EVAL_SEQ_LEN")
 
     def ttt_window(self) -> int:
         return self.ttt_eval_seq_len or self.eval_seq_len or self.train_seq_len
@@ -536,7 +536,7 @@ def setup_runtime() -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if 8 % world:
-        raise UserError(f"WORLD_SIZE={world}: must divide 8 so the global batch splits evenly")
+        raise UserError(f"WORLD_SIZE={world}: must divide 8")
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -634,7 +634,7 @@ def check_outputs(args):
         raise UserError(f"SUBMISSION_JSON={sub} is a folder; give a file path")
     others = (".txt", ".txt.partial", ".json", ".docs.tsv", f".{artifact_label(args)}.ptz")
     if os.path.realpath(sub) in {os.path.realpath(output_path(args, s)) for s in others}:
-        raise UserError(f"SUBMISSION_JSON={sub} is where this run writes another of its files; give another path")
+        raise UserError(f"SUBMISSION_JSON={sub} is one of this run's files; give another path")
     if os.path.exists(sub) and not is_submission(sub):
         raise UserError(f"SUBMISSION_JSON={sub} exists and is not a submission file; give another path")
     check_writable_dir(os.path.dirname(sub) or ".", "SUBMISSION_JSON")
@@ -652,8 +652,7 @@ def claim_run_id(args, rt):
     if rt.distributed:
         dist.broadcast_object_list(ok, src=0)
     if not ok[0]:
-        raise UserError(f"RUN_ID={args.run_id} is being used by another run that just started in {args.log_dir}; "
-                        "set a new RUN_ID")
+        raise UserError(f"RUN_ID={args.run_id} was just claimed by another run in {args.log_dir}; set a new RUN_ID")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -667,7 +666,7 @@ def shard_tokens(path) -> int:
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype="<i4", count=HEADER_BYTES // 4)
     if header.size < HEADER_BYTES // 4 or header[0] != SHARD_MAGIC:
-        raise UserError(f"{path}: not a token shard (bad magic); regenerate it (data/make_sample.py or the upstream export)")
+        raise UserError(f"{path}: not a token shard (bad magic); regenerate it")
     if header[1] != SHARD_VERSION:
         raise UserError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}; regenerate it")
     n = int(header[2])
@@ -791,13 +790,14 @@ class ShuffledLoader(TrainLoader):
 
     def start(self):
         r, W = self.rt.rank, self.rt.world_size
+        for q in range(W):  # every rank's shards, on every rank: all raise alike and rank 0 prints it (main)
+            if all(shard_tokens(f) <= self.seq_len for f in self.files[q::W]):
+                raise UserError(f"TRAIN_LOADER=shuffled (or packed's GPTQ calibration): no train shard {q}, {q}+{W}, "
+                                f"... of {len(self.files)} holds TRAIN_SEQ_LEN+1 = {self.seq_len + 1} tokens")
         self.mine = self.files[r::W]
         self.shards = [np.memmap(f, "<u2", "r", HEADER_BYTES, (shard_tokens(f),)) for f in self.mine]
         self.rng = np.random.Generator(np.random.PCG64(r))
         self.cut()
-        if not any(self.starts):
-            raise UserError(f"TRAIN_LOADER=shuffled (or packed's GPTQ calibration): no train shard {r}, {r}+{W}, ... of "
-                            f"{len(self.files)} holds TRAIN_SEQ_LEN+1 = {self.seq_len + 1} tokens")
 
     def cut(self):
         self.starts = []
@@ -922,14 +922,12 @@ def load_tokenizer(args):
     try:
         sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
     except (RuntimeError, OSError):
-        raise UserError(f"tokenizer {args.tokenizer_path} is not a SentencePiece model; set TOKENIZER_PATH to the "
-                        ".model file that made the shards") from None
+        raise UserError(f"tokenizer {args.tokenizer_path} is not a SentencePiece model; fix TOKENIZER_PATH") from None
     has_ops = all(not sp.is_unknown(sp.piece_to_id(c)) for c in CASEOPS_OPERATORS)
     if has_ops != args.caseops_enabled:
         raise UserError(f"CASEOPS_ENABLED=1 but tokenizer {args.tokenizer_path} has no CaseOps operator pieces; use the "
-                        "tokenizer the CaseOps data was made with" if args.caseops_enabled else
-                        f"tokenizer {args.tokenizer_path} has CaseOps operator pieces: set CASEOPS_ENABLED=1 (bytes from "
-                        "the sidecar)")
+                        "CaseOps data's" if args.caseops_enabled else
+                        f"tokenizer {args.tokenizer_path} has CaseOps operator pieces: set CASEOPS_ENABLED=1")
     if sp.vocab_size() != args.vocab_size:
         fix = (f"the artifact was trained with VOCAB_SIZE={args.vocab_size}: set TOKENIZER_PATH to its tokenizer"
                if args.eval_artifact else f"set VOCAB_SIZE={sp.vocab_size()} or use the matching tokenizer")
@@ -1099,18 +1097,14 @@ def same_document(doc: Tensor) -> Tensor:
     return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
 
 
-CU_BUCKET = 64  # cu_seqlens' length is rounded up to a multiple of this (the record's): one graph per bucket, primed
-
-
 def cu_seqlens(bos: np.ndarray, n: int, split: int, extra: int = 0) -> np.ndarray:
     """The record's cu_seqlens of a packed row of n tokens whose BOS are at `bos`: a segment starts at 0, at each BOS
     and every `split` tokens into a document (document_mask's cut); then n, repeated (empty segments) up to a multiple
-    of CU_BUCKET, `extra` buckets more (prime_compile's)."""
+    of 64 (the record's bucket: one graph per bucket, primed), `extra` buckets more (prime_compile's)."""
     starts = np.union1d([0], bos)
     k = -(-np.diff(np.append(starts, n)) // split)  # pieces per document
     cu = np.repeat(starts, k) + split * (np.arange(k.sum()) - np.repeat(np.cumsum(k) - k, k))
-    size = (len(cu) // CU_BUCKET + 1 + extra) * CU_BUCKET
-    return np.pad(cu, (0, size - len(cu)), constant_values=n).astype(np.int32)
+    return np.pad(cu, (0, (len(cu) // 64 + 1 + extra) * 64 - len(cu)), constant_values=n).astype(np.int32)
 
 
 class Segments(NamedTuple):
@@ -1950,7 +1944,7 @@ def prime_compile(model, base, optimizers, loader, args, rt, log):
     variants = [(v, b) for b in range(4 if loader.lengths else 1) for v in reachable(args)]
     if args.warmup_steps < len(variants):
         log(f"warning: WARMUP_STEPS={args.warmup_steps} primes {args.warmup_steps} of {len(variants)} graphs; "
-            "the others compile mid-run, on the clock")
+            "the others compile on the clock")
     for i in range(args.warmup_steps):
         v, b = variants[i % len(variants)]
         batches = [(x, y, *(torch.from_numpy(cu_seqlens(np.zeros(0, int), x.numel(), k, b)).to(x.device)
@@ -2077,7 +2071,7 @@ def train(args, rt, model, base, optimizers, loader, eval_fn, log) -> dict:
     base.final_ctx = Ctx(looping=ctx.looping)  # evaluation runs the order training ended in
     if args.num_loops and not ctx.looping:
         log(f"WARNING: looping never turned on (ENABLE_LOOPING_AT={args.enable_looping_at:g} was not reached); "
-            "the model is exported and scored in the plain layer order")
+            "exported and scored plain")
     if averager is not None and swa_count > 0:
         apply_average(base, averager)
         log(f"averaging: applied {'EMA' if args.ema_decay > 0 else 'SWA'} over {swa_count} updates")
@@ -2923,7 +2917,7 @@ def optional_module(name, why):
     try:
         return __import__(name)
     except ImportError:
-        raise UserError(f"{why} needs the {name} package: pip install {name} (see requirements.txt)") from None
+        raise UserError(f"{why} needs the {name} package: pip install {name}") from None
 
 
 def code_model(counts):
@@ -3048,12 +3042,12 @@ def unpack(data: bytes, path="artifact", tensors=True) -> tuple[dict[str, dict],
     """(quantized state, header); tensors=False: the header alone (checksums still verified). Any truncation or altered
     byte is a one-line UserError naming the file."""
     def bad(why):
-        return UserError(f"{path}: {why}; the file is truncated or corrupt, copy or regenerate it")
+        return UserError(f"{path}: {why}; the file is truncated or corrupt")
     body, words = open_container(data, bad)
     n = int.from_bytes(body[:4], "little")
     header, arrays_at = json.loads(body[4:4 + n]), memoryview(body)[4 + n:]
     if header.get("version") != ARTIFACT_VERSION:
-        raise UserError(f"{path}: artifact version {header.get('version')}, this script reads {ARTIFACT_VERSION}")
+        raise UserError(f"{path}: artifact version {header.get('version')}, not {ARTIFACT_VERSION}")
     out = {}
     for meta in header["tensors"] if tensors else ():
         arrays = [read_array(a, arrays_at, words, bad) for a in meta["arrays"]]
@@ -3437,15 +3431,18 @@ def run(args: Hyperparameters, rt: Runtime) -> dict:
 
 def main():
     signal.signal(signal.SIGTERM, raise_interrupt)
+    store = None  # the process group's key-value store: rank 0 leaves its error there (wait_for_rank0)
     try:
         args = Hyperparameters.from_env()
         rt = setup_runtime()
         try:
+            store = rt.distributed and dist.distributed_c10d._get_default_store()
             run(args, rt)
             if rt.distributed:
                 dist.barrier()  # no rank tears the group down while another still writes its reports
         finally:
             if rt.distributed:
+                signal.signal(signal.SIGTERM, lambda *a: TERMS.append(1))  # kept for wait_for_rank0, not raised here
                 dist.destroy_process_group()
         return
     except UserError as e:
@@ -3455,24 +3452,36 @@ def main():
     except KeyboardInterrupt:
         msg, code = "interrupted before training; nothing written", 130
     rank = os.environ.get("RANK", "0")
-    if rank == "0":  # under torchrun every rank fails alike; one line is enough
+    if rank == "0":  # under torchrun every rank usually fails alike; one line is enough
         print(f"train_gpt.py: {msg}", file=sys.stderr, flush=True)
+        if store:
+            store.set(ERROR_KEY, msg)
     elif code == 2:
-        wait_for_rank0(rank, msg)
+        wait_for_rank0(rank, msg, store)
     sys.exit(code)
 
 
 RANK0_WAIT_S = 60.0
+ERROR_KEY = "train_gpt_error"
+TERMS = []  # SIGTERMs met while the process group was torn down: an interrupt there would drop this rank's error
 
 
-def wait_for_rank0(rank, msg):
+def wait_for_rank0(rank, msg, store):
     """Under torchrun a rank that exits gets the others terminated, rank 0 too, maybe before it has printed the error
-    they all met. So the other ranks wait: torchrun ends them once rank 0 has printed and exited. A rank still alive
-    after RANK0_WAIT_S met an error rank 0 did not, and prints its own line."""
+    they all met. So the other ranks wait, until torchrun ends them (rank 0 has exited) or for RANK0_WAIT_S, then print
+    their own line unless rank 0 left the same one in the process group's store: an error of this rank alone is
+    printed by this rank. One met before the group existed came from inputs every rank reads alike: a rank torchrun
+    ends then stays silent. A store that is gone (its host, rank 0, exited) holds no line."""
     try:
-        time.sleep(RANK0_WAIT_S)
-    except KeyboardInterrupt:  # SIGTERM from torchrun: rank 0 is done
-        return
+        signal.signal(signal.SIGTERM, raise_interrupt)
+        time.sleep(0 if TERMS else RANK0_WAIT_S)
+    except KeyboardInterrupt:  # SIGTERM from torchrun: rank 0 has exited
+        if not store:
+            return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(RuntimeError):  # RuntimeError: the store's host (rank 0 outside torchrun's agent) is gone
+        if store and store.check([ERROR_KEY]) and store.get(ERROR_KEY).decode() == msg:
+            return
     print(f"train_gpt.py (rank {rank}): {msg}", file=sys.stderr, flush=True)
 
 

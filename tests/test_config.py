@@ -158,6 +158,15 @@ def test_invalid_values_and_combinations_are_rejected(env, var):
     assert "\n" not in str(e.value)
 
 
+def test_ttt_chunk_size_is_checked_only_where_lora_ttt_runs():
+    """TTT_CHUNK_SIZE bounds LoRA TTT's chunks; with TTT off (or in SGD mode) it is never read, so any size passes."""
+    big = {"TTT_CHUNK_SIZE": "100000"}
+    with pytest.raises(train_gpt.UserError, match=r"^TTT_CHUNK_SIZE=100000: must be <= the TTT context \(\d+\)"):
+        H.from_env(big)  # the default stack: TTT_ENABLED=1, TTT_MODE=lora
+    assert H.from_env({**big, "TTT_ENABLED": "0"}).ttt_chunk_size == 100000
+    assert H.from_env({**big, "TTT_MODE": "sgd"}).ttt_chunk_size == 100000
+
+
 @pytest.mark.parametrize("env", [{"NUM_HEADS": "0"}, {"NUM_KV_HEADS": "0"}, {"PRESET": "seed162", "SWA_EVERY": "0"}])
 def test_zero_divisors_are_rejected_up_front(env):
     with pytest.raises(train_gpt.UserError):

@@ -252,9 +252,11 @@ def test_impossible_settings_are_one_line_errors(tmp_path):
     with pytest.raises(train_gpt.UserError) as e:  # 2 ranks x (50+1) tokens > 99 tokens from the first BOS
         train_gpt.PackedLoader(tiny_args(**packed, TRAIN_BATCH_TOKENS=100), rt2, 1).next_batch()
     one_line(e, "TRAIN_LOADER=packed", "2 x 51 tokens", "TRAIN_BATCH_TOKENS")
-    with pytest.raises(train_gpt.UserError) as e:  # one shard, two ranks: none for rank 1 (also GPTQ's calibration)
-        train_gpt.PackedLoader(tiny_args(**dict(packed, GPTQ=1), TRAIN_BATCH_TOKENS=64), train_gpt.Runtime(1, 2, CPU), 1)
-    one_line(e, "TRAIN_LOADER=shuffled", "GPTQ calibration", "no train shard 1, 1+2, ... of 1")
+    for rank in (0, 1):  # one shard, two ranks: none for rank 1 (also GPTQ's calibration), seen by both ranks alike
+        rt = train_gpt.Runtime(rank, 2, CPU)
+        with pytest.raises(train_gpt.UserError) as e:
+            train_gpt.PackedLoader(tiny_args(**dict(packed, GPTQ=1), TRAIN_BATCH_TOKENS=64), rt, 1)
+        one_line(e, "TRAIN_LOADER=shuffled", "GPTQ calibration", "no train shard 1, 1+2, ... of 1")
     with pytest.raises(train_gpt.UserError) as e:
         train_gpt.ShuffledLoader(tiny_args(**dict(env, TRAIN_SEQ_LEN=128), TRAIN_BATCH_TOKENS=1024),
                                  train_gpt.Runtime(0, 1, CPU), 8)

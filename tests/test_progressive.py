@@ -245,7 +245,7 @@ def test_chunk_sizes_by_hand():
     (dict(TTT_SHORT_CHUNK_SIZE=17), ["TTT context (16)"]), (dict(TTT_SHORT_DOC_LEN=0), ["TTT_SHORT_DOC_LEN=0"])])
 def test_bad_short_chunk_settings_are_one_line_errors(env, words):
     with pytest.raises(train_gpt.UserError) as e:
-        lora_args(TTT_SHORT_SCORE_FIRST_ENABLED=1, **env)
+        lora_args(TTT_ENABLED=1, TTT_SHORT_SCORE_FIRST_ENABLED=1, **env)
     one_line(e, *words)
 
 

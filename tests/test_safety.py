@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT, TOKENIZER, cpu_runtime, tiny_args, tiny_env, write_markov_data
+from data.shards import write_shard
 from test_outputs import launch, run_inprocess
 import train_gpt
 
@@ -177,7 +179,7 @@ def test_a_run_id_taken_between_the_check_and_the_log_is_one_line(markov_data, m
         open(os.path.join(args.log_dir, "twin.txt.partial"), "x").close()
         return real(args)
     monkeypatch.setattr(train_gpt, "load_val_tokens", other_run_starts)
-    with pytest.raises(train_gpt.UserError, match="RUN_ID=twin is being used by another run"):
+    with pytest.raises(train_gpt.UserError, match="RUN_ID=twin was just claimed by another run"):
         run_inprocess(markov_data, ITERATIONS=1, RUN_ID="twin")
 
 
@@ -236,3 +238,47 @@ def test_input_error_under_torchrun_survives_a_slow_rank_0(tmp_path):
                            str(wrapper)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode != 0
     assert (proc.stdout + proc.stderr).count("train_gpt.py: error: NUM_LAYERS='abc'") == 1, proc.stderr[-3000:]
+
+
+def torchrun_with_rank_1_shard(tmp_path, rank1_tokens, script):
+    """2 ranks of `script` with TRAIN_LOADER=shuffled, which reads train shards r, r+W, ... on rank r: shard 1, which
+    only rank 1 reads, holds rank1_tokens. Returns stdout + stderr."""
+    if not TOKENIZER.exists():
+        pytest.skip(f"challenge tokenizer not found at {TOKENIZER}")
+    data = write_markov_data(tmp_path, str(TOKENIZER), train_shards=2)
+    write_shard(tmp_path / "fineweb_train_000001.bin", rank1_tokens)
+    env = dict(os.environ, **tiny_env(**data, TRAIN_LOADER="shuffled", ITERATIONS=4, VAL_MAX_TOKENS=256),
+               RUN_ID="r1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode != 0
+    return proc.stdout + proc.stderr
+
+
+def test_a_shard_error_of_rank_1_under_torchrun_is_printed_once_by_rank_0(tmp_path):
+    """Shard 1 is too short for a sequence. Each rank used to check only its own shards: rank 1 left the process
+    group, rank 0 died at its next collective with gloo's traceback, torchrun ended the waiting rank 1, and no line
+    said why. Now every rank checks every rank's shards, and rank 0 prints the line once."""
+    out = torchrun_with_rank_1_shard(tmp_path, np.full(20, 5, np.uint16), ROOT / "train_gpt.py")
+    assert out.count("no train shard 1, 1+2, ... of 2 holds TRAIN_SEQ_LEN+1 = 33 tokens") == 1, out[-5000:]
+    assert "train_gpt.py: error: TRAIN_LOADER=shuffled" in out, out[-5000:]
+
+
+def test_an_error_only_rank_1_meets_under_torchrun_is_printed_by_rank_1(tmp_path):
+    """Rank 1 alone draws sequences with a token id >= VOCAB_SIZE, at its first training batch, and leaves; rank 0
+    waits in the gradients' all-reduce. The wrapper only gives the process group a 30 s timeout, so rank 0 dies there
+    (as it does when gloo sees the peer's connection reset) while rank 1 still waits for it: torchrun then ends rank 1,
+    which used to leave silently. Now it finds no line of rank 0's in the group's store and prints its own."""
+    wrapper = tmp_path / "short_timeout.py"
+    wrapper.write_text(f"""import datetime, runpy, sys
+import torch.distributed as dist
+init = dist.init_process_group
+dist.init_process_group = lambda *a, **k: init(*a, timeout=datetime.timedelta(seconds=30), **k)
+sys.argv = [{str(ROOT / 'train_gpt.py')!r}]
+runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+    bad = np.full(30000, 5, np.uint16)
+    bad[::10] = 2000  # in every sequence
+    out = torchrun_with_rank_1_shard(tmp_path, bad, wrapper)
+    assert out.count("fineweb_train_000001.bin: token id 2000 >= VOCAB_SIZE=1024") == 1, out[-5000:]
+    assert "train_gpt.py (rank 1): error: " in out, out[-5000:]

@@ -229,7 +229,7 @@ def test_rows_are_independent_documents():
 
 def test_config_checks():
     with pytest.raises(train_gpt.UserError, match="TTT_CHUNK_SIZE=64: must be <= the TTT context .16."):
-        lora_args(TTT_CHUNK_SIZE=64)
+        lora_args(TTT_CHUNK_SIZE=64, TTT_ENABLED=1)
     with pytest.raises(train_gpt.UserError, match="TTT_MODE='adam': must be one of sgd, lora"):
         lora_args(TTT_MODE="adam")
     with pytest.raises(train_gpt.UserError, match="unknown environment variable GLOBAL_TTT_LRR"):
