@@ -740,7 +740,7 @@ class TrainLoader:
             raise UserError(f"the train shards under {args.data_path} hold no tokens; regenerate them")
         self.rt, self.accum, self.micro, self.seq_len = rt, accum, micro, args.train_seq_len
         self.local = args.train_batch_tokens // micro
-        self.lengths = seq_lengths(args) * (args.train_loader == "packed" and flash_runs(args, rt))  # PackedLoader's
+        self.lengths = seq_lengths(args) * (isinstance(self, PackedLoader) and flash_runs(args, rt))
         self.pool, self.queue = ThreadPoolExecutor(1), []
         self.start()
         # what GPTQ calibration reads: this stream, continued past what training read; with the records' loaders a
@@ -1948,7 +1948,7 @@ def prime_compile(model, base, optimizers, loader, args, rt, log):
     for i in range(args.warmup_steps):
         v, b = variants[i % len(variants)]
         batches = [(x, y, *(torch.from_numpy(cu_seqlens(np.zeros(0, int), x.numel(), k, b)).to(x.device)
-                            for k in loader.lengths)) for x, y, *cus in loader.next_batch()]
+                            for k in loader.lengths)) for x, y, *_ in loader.next_batch()]
         train_step(model, batches, optimizers, args, rt, *v)
         log(f"warmup_step:{i + 1}/{args.warmup_steps}")
     base.load_state_dict(weights)
