@@ -1240,26 +1240,28 @@ def fused(args, x: Tensor) -> bool:
     return kernels_on(args, x.is_cuda) and torch.is_grad_enabled()
 
 
-class SoftcapCE(torch.autograd.Function):
-    """Per-row nats of the soft-capped logits cap*tanh(z/cap) from the raw logits z [N, V] (y [N] int64): each row is
-    read in CE_BLOCK columns, float32 in registers, so no float32 [N, V] tensor is made; the backward reads z again
-    and writes dz in z's dtype. Saves z and the lse [N], not the capped logits."""
-
-    @staticmethod
-    def forward(ctx, z, y, cap):
-        loss, lse = z.new_empty((2, z.size(0)), dtype=torch.float32)
+if triton:  # custom ops, opaque to torch.compile (the records' CE)
+    @torch.library.custom_op("pg::softcap_ce", mutates_args=())
+    def softcap_ce(z: Tensor, y: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+        """Per-row nats of the soft-capped logits cap*tanh(z/cap) from the raw logits z [N, V] (y [N] int64), and
+        their lse: each row is read in CE_BLOCK columns, float32 in registers, so no float32 [N, V] tensor is made;
+        the backward reads z again and writes dz in z's dtype."""
+        loss, lse = fake_ce(z)
         softcap_ce_kernel[(z.size(0),)](z, y, lse, lse, loss, z.size(1), cap, BLOCK=CE_BLOCK, GRAD=False)
-        ctx.save_for_backward(z, y, lse)
-        ctx.cap = cap
-        return loss
+        return loss, lse
 
-    @staticmethod
-    def backward(ctx, g):
-        z, y, lse = ctx.saved_tensors
+    @torch.library.custom_op("pg::softcap_ce_grad", mutates_args=())
+    def softcap_ce_grad(z: Tensor, y: Tensor, lse: Tensor, g: Tensor, cap: float) -> Tensor:
         dz = torch.empty_like(z)
-        softcap_ce_kernel[(z.size(0),)](z, y, lse, g.float().contiguous(), dz, z.size(1), ctx.cap, BLOCK=CE_BLOCK,
-                                        GRAD=True)
-        return dz, None, None
+        softcap_ce_kernel[(z.size(0),)](z, y, lse, g, dz, z.size(1), cap, BLOCK=CE_BLOCK, GRAD=True)
+        return dz
+
+    fake_ce = softcap_ce.register_fake(lambda z, *_: [z.new_empty(z.size(0), dtype=torch.float32) for _ in "ab"])
+    softcap_ce_grad.register_fake(lambda z, *_: torch.empty_like(z))
+    softcap_ce.register_autograd(
+        lambda ctx, g, _: (softcap_ce_grad(*ctx.saved_tensors, g.float().contiguous(), ctx.cap), None, None),
+        setup_context=lambda ctx, inputs, output: (ctx.save_for_backward(*inputs[:2], output[1]),
+                                                   setattr(ctx, "cap", inputs[2])))
 
 
 def mlp_matmul(a: Tensor, b: Tensor, slope: float, h: Tensor | None = None):
@@ -1524,7 +1526,7 @@ class GPT(nn.Module):
 
     def logits(self, h: Tensor, ctx: Ctx = PLAIN, delta: Tensor | None = None, train=False) -> Tensor:
         """Soft-capped fp32 logits; delta (the LoRA TTT head adapter's output) is added before the cap. The training
-        loss (train; SoftcapCE when fused) always uses the single LOGIT_SOFTCAP; evaluation and TTT the AsymLogit caps
+        loss (train; softcap_ce when fused) always uses the single LOGIT_SOFTCAP; evaluation and TTT the AsymLogit caps
         when enabled."""
         z = self.head(h, ctx)
         z = (z if delta is None else z + delta).float()
@@ -1533,9 +1535,9 @@ class GPT(nn.Module):
         return softcap(z, self.softcap_pos, self.softcap_neg)
 
     def mean_nats(self, h: Tensor, y: Tensor, ctx: Ctx) -> Tensor:
-        """Training loss of targets y [B, T'] from hidden states h [B, T', D]: SoftcapCE when fused."""
+        """Training loss of targets y [B, T'] from hidden states h [B, T', D]: softcap_ce when fused."""
         if fused(self.args, h):
-            return SoftcapCE.apply(self.head(h, ctx).flatten(0, 1), y.flatten(), self.args.logit_softcap).mean()
+            return softcap_ce(self.head(h, ctx).flatten(0, 1), y.flatten(), self.args.logit_softcap)[0].mean()
         return F.cross_entropy(self.logits(h, ctx, train=True).flatten(0, 1), y.flatten())
 
     def forward(self, idx: Tensor, targets: Tensor, ctx: Ctx | None = None, per_token: bool = False,

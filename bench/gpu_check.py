@@ -21,7 +21,7 @@ and --stages picks a subset for a rerun:
     output and the three gradients).
 Random tokens and random weights: speed only, no scores. The SOTA's figures are in the JSON for comparison.
 """
-import argparse, contextlib, json, os, statistics, sys, time
+import argparse, contextlib, json, os, statistics, sys, time, traceback
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,7 @@ class Check:
             except Exception as e:  # noqa: BLE001
                 if self.smoke:
                     raise
-                self.result[name] = {"error": repr(e)[:600]}
+                self.result[name] = {"error": repr(e)[:600], "traceback": traceback.format_exc()[-4000:]}
             if isinstance(self.result[name], dict):
                 self.result[name]["stage_s"] = round(time.time() - t, 1)
         print(name, json.dumps(self.result[name], default=str)[:2000], flush=True)
@@ -191,6 +191,64 @@ def attention_stage(dev, B, Hq, Hkv, T, D):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# 0. the fused Triton kernels against the plain paths
+
+def kernels_stage(smoke):
+    """FUSED_KERNELS' softcapped CE and LeakyReLU(0.5)^2 MLP at one rank's real shapes (98,304 tokens, vocab 8192,
+    512 -> 2048 -> 512), bf16: eager and compiled as the model (torch.compile fullgraph), and the plain paths
+    compiled; each forward+backward's median ms and the relative error of its output and gradients against the plain
+    path in float32. On the CPU (--cpu-smoke) the fused ones run only under TRITON_INTERPRET=1, float32, compiled
+    with the aot_eager backend (no C++ build), the MLP's eager only."""
+    args = default_args(smoke)
+    N, V, D, H = (64, 1088, 64, 256) if smoke else (args.train_batch_tokens // 8, args.vocab_size, args.model_dim,
+                                                   int(args.mlp_mult * args.model_dim))
+    dt, cap, slope = (torch.float32 if smoke else torch.bfloat16), args.logit_softcap, args.mlp_leaky_slope
+    g = torch.Generator(device=DEV).manual_seed(0)
+    fused_ok = tg.triton is not None and (not smoke or os.environ.get("TRITON_INTERPRET") == "1")
+    compile_ = (lambda f: torch.compile(f, backend="aot_eager", fullgraph=True)) if smoke else \
+        (lambda f: torch.compile(f, fullgraph=True, dynamic=False))
+    out = dict(shapes=dict(N=N, V=V, D=D, H=H, dtype=str(dt)), fused_run=fused_ok)
+    ce_plain = lambda z, y: F.cross_entropy(tg.softcap(z.float(), cap), y)
+    mlp_plain = lambda x, w1, w2: F.linear(F.leaky_relu(F.linear(x, w1), slope).square(), w2)
+    cases = dict(
+        ce=(lambda: ((torch.randn(N, V, device=DEV, generator=g) * 8).to(dt),
+                     torch.randint(V, (N,), device=DEV, generator=g)), 1,
+            dict(fused=lambda z, y: tg.softcap_ce(z, y, cap)[0].mean(), plain=ce_plain)),
+        mlp=(lambda: (torch.randn(N, D, device=DEV, generator=g).to(dt),
+                      (torch.randn(H, D, device=DEV, generator=g) / D ** 0.5).to(dt),
+                      (torch.randn(D, H, device=DEV, generator=g) / H ** 0.5).to(dt)), 3,
+             dict(fused=lambda x, w1, w2: tg.FusedMLP.apply(x, w1, w2, slope), plain=mlp_plain)))
+    for case, (make, n_grad, fns) in cases.items():
+        inputs = make()
+        up = None
+
+        def run(f):
+            ins = [t.detach().requires_grad_(i < n_grad) for i, t in enumerate(inputs)]
+            y = f(*ins)
+            y.backward(torch.ones_like(y) if up is None else up)
+            return [y.detach()] + [t.grad for t in ins[:n_grad]]
+        if case == "mlp":
+            up = torch.randn(N, D, device=DEV, generator=g).to(dt)
+        ref = run(lambda *t: fns["plain"](*[a.float() if a.is_floating_point() else a for a in t]))
+        variants = {"plain_compiled": compile_(fns["plain"])}
+        if fused_ok:
+            variants["fused_eager"] = fns["fused"]
+        if fused_ok and not (smoke and case == "mlp"):  # the interpreter's launch is not traceable: CUDA only
+            variants["fused_compiled"] = compile_(fns["fused"])
+        for name, f in variants.items():
+            try:
+                got = run(f)
+                out[f"{case}_{name}"] = dict(ms_fwd_bwd=round(timed(lambda: run(f), reps=3 if smoke else 10), 3),
+                                             rel_err_out_grads=[float(f"{rel(a, b):.2e}") for a, b in zip(got, ref)])
+            except Exception as e:  # noqa: BLE001
+                if smoke:
+                    raise
+                out[f"{case}_{name}"] = {"error": repr(e)[:300], "traceback": traceback.format_exc()[-3000:]}
+        del inputs, ref
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # 2. the default stack's step
 
 def profile_split(fn) -> dict:
@@ -216,7 +274,7 @@ def profile_split(fn) -> dict:
 
 
 def default_args(smoke, **extra):
-    env = dict(SMOKE_ENV if smoke else {}, PRESET="default", **extra)
+    env = dict(SMOKE_ENV if smoke else {}, PRESET="default", **EXTRA_ENV, **extra)
     return tg.Hyperparameters.from_env(env)
 
 
@@ -379,7 +437,7 @@ def eval_stage(smoke):
 # ----------------------------------------------------------------------------------------------------------------------
 
 # run in this order (what matters most first), each with the rough seconds it needs on an H200, compiles included
-STAGES = dict(step=240, eval=150, gptq=40, attention=60)
+STAGES = dict(kernels=60, step=240, eval=150, gptq=40, attention=60)
 
 
 def main():
@@ -388,7 +446,10 @@ def main():
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the code runs")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gpu_check")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VAL",
+                   help="a train_gpt.py variable for every stage's model, e.g. FUSED_KERNELS=0 (repeatable)")
     opts = p.parse_args()
+    EXTRA_ENV.update(kv.split("=", 1) for kv in opts.env)
     smoke = opts.cpu_smoke or not torch.cuda.is_available()
     DEV = torch.device("cpu" if smoke else "cuda")
     CHECK = Check(opts.out, float(os.environ.get("CHECK_BUDGET_S", "420")), smoke)
@@ -398,6 +459,7 @@ def main():
     with contextlib.suppress(ImportError):
         import triton
         env["triton"] = triton.__version__
+    env["extra_env"] = EXTRA_ENV
     CHECK.result["env"] = env
     CHECK.save()
     if not smoke:
@@ -408,7 +470,7 @@ def main():
     if unknown:
         p.error(f"unknown stages {sorted(unknown)}; choose from {','.join(STAGES)}")
     shapes = (2, 8, 4, 128, 16) if smoke else (48, 8, 4, 2048, 64)
-    runs = dict(attention=(attention_stage, DEV, *shapes), step=(step_stage, smoke), gptq=(gptq_stage, smoke),
+    runs = dict(attention=(attention_stage, DEV, *shapes), kernels=(kernels_stage, smoke), step=(step_stage, smoke), gptq=(gptq_stage, smoke),
                 eval=(eval_stage, smoke))
     for name in chosen:
         fn, *args = runs[name]
@@ -419,7 +481,7 @@ def main():
     print(f"wrote {CHECK.path} in {CHECK.result['wall_s']}s", flush=True)
 
 
-DEV, CHECK = torch.device("cpu"), None
+DEV, CHECK, EXTRA_ENV = torch.device("cpu"), None, {}
 
 if __name__ == "__main__":
     main()

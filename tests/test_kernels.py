@@ -93,7 +93,7 @@ def test_softcap_ce_kernel_matches_the_plain_loss_and_gradient(dev):
     N, V, cap = 5, 50, 4.0  # 50 columns: three full blocks of 16 and a masked one
     z = (torch.randn(N, V, generator=g) * 8).to(dev).requires_grad_()  # well past the cap: tanh saturates
     y, w = torch.randint(0, V, (N,), generator=g).to(dev), torch.randn(N, generator=g).to(dev)  # w: d loss per row
-    loss = train_gpt.SoftcapCE.apply(z, y, cap)
+    loss = train_gpt.softcap_ce(z, y, cap)[0]
     ref = plain_ce(z, y, cap)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     (dz,), (dref,) = torch.autograd.grad(loss, z, w), torch.autograd.grad(ref, z, w)
@@ -137,7 +137,7 @@ def test_softcap_ce_kernel_never_makes_float32_logits(dev, monkeypatch):
     for dtype in (torch.float32, torch.float16):  # fp16 as autocast's logits (the interpreter mishandles bf16)
         z = torch.randn(N, V, device=dev).to(dtype).requires_grad_()
         with monkeypatch.context() as m, Allocations(m) as fused:
-            loss = train_gpt.SoftcapCE.apply(z, y, cap).mean()
+            loss = train_gpt.softcap_ce(z, y, cap)[0].mean()
             loss.backward()
         assert [m for m in fused.made if math.prod(m[0]) == N * V] == [((N, V), dtype)]  # only dz, in z's dtype
         with monkeypatch.context() as m, Allocations(m) as plain:
@@ -188,3 +188,20 @@ def test_a_model_with_fused_kernels_trains_as_the_plain_one(dev, monkeypatch):
         scale = 1 + g0[n].abs().max().item()
         torch.testing.assert_close(g1[n] / scale, g0[n] / scale, **close(dev), msg=n)
     assert torch.equal(n0, n1)
+
+
+@needs_triton
+def test_the_fused_loss_traces_into_one_compiled_graph(dev, monkeypatch):
+    """softcap_ce is a custom op (opaque to the compiler, as the records' CE): torch.compile(fullgraph=True) traces
+    it through its fake and autograd registrations and gives the eager loss and gradient."""
+    g = torch.Generator().manual_seed(2)
+    z = (torch.randn(6, 50, generator=g) * 8).to(dev).requires_grad_()
+    y = torch.randint(0, 50, (6,), generator=g).to(dev)
+    f = lambda z, y: train_gpt.softcap_ce(z * 1.5, y, 4.0)[0].mean()
+    ref = f(z, y)
+    (dref,) = torch.autograd.grad(ref, z)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(z, y)
+    (dz,) = torch.autograd.grad(compiled, z)
+    torch.testing.assert_close(compiled, ref, rtol=0, atol=0)
+    torch.testing.assert_close(dz, dref, rtol=0, atol=0)
+    torch.testing.assert_close(ref, plain_ce(z * 1.5, y, 4.0).mean(), rtol=1e-5, atol=1e-5)
