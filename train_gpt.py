@@ -1082,12 +1082,20 @@ def document_mask(idx: Tensor, flex: bool | None = None, split: int = 0):
         t = torch.arange(idx.size(1), device=idx.device)
         new = new | ((t - torch.where(new, t, 0).cummax(1).values) % split == 0)
     doc = torch.cumsum(new, dim=1)  # [B, T] segment index within the row
-    B, T = idx.shape
-    if idx.is_cuda if flex is None else flex:
-        from torch.nn.attention.flex_attention import create_block_mask
-        same = lambda b, h, q, k: (k <= q) & (doc[b, q] == doc[b, k])
-        return create_block_mask(same, B, None, T, T, device=idx.device)
-    return same_document(doc)
+    if not (idx.is_cuda if flex is None else flex):
+        return same_document(doc)
+    # The BlockMask from the segment ids of each 128-token block (create_block_mask compiled with B > 1 read out of
+    # bounds on CUDA, torch 2.11). Ids rise by 0 or 1 per token, so kv block j < q block i shares a segment with it iff
+    # last(j) == first(i), and all its pairs iff first(j) == last(i); the diagonal block is partial (causal).
+    from torch.nn.attention.flex_attention import BlockMask
+    T, n = idx.size(1), -(-idx.size(1) // 128)
+    d = torch.cat((doc, doc[:, -1:].expand(-1, n * 128 - T)), 1)  # padded: the kernel may ask past T
+    first, last, i = d[:, ::128], d[:, 127::128], torch.arange(n, device=idx.device)
+    full = (i[:, None] > i) & (first[:, None] == last[..., None])
+    part = ((i[:, None] > i) & (last[:, None] == first[..., None]) | (i[:, None] == i)) & ~full
+    blocks = lambda m: (m.sum(-1, dtype=torch.int32)[:, None], m.int().argsort(stable=True, descending=True).int()[:, None])
+    return BlockMask.from_kv_blocks(*blocks(part), *blocks(full), mask_mod=lambda b, h, q, k: (k <= q) & (
+        d[b, q] == d[b, k]), seq_lengths=(T, T))
 
 
 def same_document(doc: Tensor) -> Tensor:
@@ -1506,7 +1514,7 @@ class GPT(nn.Module):
 
     def hidden(self, idx: Tensor, ctx: Ctx, split: int = 0, segments: Segments | None = None) -> Tensor:
         x0 = self.embed(idx, ctx)
-        mask = segments or (document_mask(idx, split=split) if self.args.doc_mask else None)
+        mask = segments or (document_mask(idx, split=split) if self.args.doc_mask and split >= 0 else None)
         encoder, decoder = self.orders[1 if ctx.looping else 0]  # not a bool index: dynamo (torch 2.11) rejects it
         lanes, skips = (x0,), []
         for i in encoder:
@@ -2497,7 +2505,7 @@ class DocAdapters(nn.Module):
 
 def lora_nats(base, head, x: Tensor, y: Tensor, ctx: Ctx, hint: Tensor | None = None):
     """The nats of y; with hint, (those, the tilted nats): the scores are tilted, the adapters train on the plain."""
-    h = base.hidden(x, ctx)
+    h = base.hidden(x, ctx, -1)  # rows of one document each: causal (no eager flex_attention on CUDA)
     z = base.logits(h, delta=head(h))
     nll = tilted(z, y, None, 0)
     return nll if hint is None else (nll, tilted(z.detach(), y, hint, base.args.token_boost))

@@ -249,6 +249,52 @@ def kernels_stage(smoke):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# 1. document masks on B > 1 rows
+
+def flex_stage(smoke):
+    """train_gpt.document_mask's BlockMask, built inside the compiled graph as the model does, at B > 1 rows: a 2-layer
+    model of the default's width, compiled, against the same model eager with the dense mask (SDPA). Scoring: the
+    sliding eval's batch (64 windows of 2560, nats per target); training: the shuffled loader's micro-batch (48 rows of
+    2048, the loss and the gradient of every matrix). Relative errors, and the compiled call's median ms.
+    (torch's create_block_mask inside the compiled graph at B = 64 read out of bounds on an H200, torch 2.11.)"""
+    args = default_args(smoke, **{k: SMOKE_ENV[k] for k in ("NUM_LAYERS", "LOOP_START", "LOOP_END",
+                                                            "PARALLEL_START_LAYER")})
+    rt = tg.Runtime(0, 1, DEV)
+    tg.set_kernels(args, rt)
+    base, model = tg.build_model(args, rt, mtp=False)
+    out = dict(kernels=tg.set_kernels(args, rt))
+    shapes = dict(score=(4, 80, False), train=(4, 64, True)) if smoke else \
+        dict(score=(64, 2560, False), train=(48, 2048, True))
+    for name, (B, T, train) in shapes.items():
+        g = torch.Generator().manual_seed(1)
+        x = torch.randint(2, args.vocab_size, (B, T), generator=g)
+        x[torch.rand(B, T, generator=g) < 1 / (40 if smoke else DOC_TOKENS)] = tg.BOS_ID
+        x, y = x.to(DEV), torch.randint(args.vocab_size, (B, T), generator=g).to(DEV)
+
+        def call(m):
+            for p in base.parameters():
+                p.grad = None
+            with torch.set_grad_enabled(train), rt.autocast():
+                if not train:
+                    return [m(x, y, per_token=True).float()]
+                loss = m(x, y, split=T)
+                loss.backward()
+            return [loss.detach().float()] + [p.grad.float() for p in base.parameters() if p.ndim == 2]
+        got = call(model)
+        ms = timed(lambda: call(model), reps=3 if smoke else 5)
+        real = tg.document_mask
+        tg.document_mask = lambda idx, flex=None, split=0: real(idx, False, split)  # the dense mask, eager
+        try:
+            ref = call(base)
+        finally:
+            tg.document_mask = real
+        errs = [rel(a, b) for a, b in zip(got, ref)]
+        out[name] = dict(B=B, T=T, ms=round(ms, 2), rel_err_out=float(f"{errs[0]:.2e}"),
+                         rel_err_grads_max=float(f"{max(errs[1:]):.2e}") if train else None)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # 2. the default stack's step
 
 def profile_split(fn) -> dict:
@@ -437,7 +483,7 @@ def eval_stage(smoke):
 # ----------------------------------------------------------------------------------------------------------------------
 
 # run in this order (what matters most first), each with the rough seconds it needs on an H200, compiles included
-STAGES = dict(kernels=60, step=240, eval=150, gptq=40, attention=60)
+STAGES = dict(kernels=60, flex=90, step=240, eval=150, gptq=40, attention=60)
 
 
 def main():
@@ -470,7 +516,7 @@ def main():
     if unknown:
         p.error(f"unknown stages {sorted(unknown)}; choose from {','.join(STAGES)}")
     shapes = (2, 8, 4, 128, 16) if smoke else (48, 8, 4, 2048, 64)
-    runs = dict(attention=(attention_stage, DEV, *shapes), kernels=(kernels_stage, smoke), step=(step_stage, smoke), gptq=(gptq_stage, smoke),
+    runs = dict(attention=(attention_stage, DEV, *shapes), kernels=(kernels_stage, smoke), flex=(flex_stage, smoke), step=(step_stage, smoke), gptq=(gptq_stage, smoke),
                 eval=(eval_stage, smoke))
     for name in chosen:
         fn, *args = runs[name]
