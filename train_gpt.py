@@ -83,7 +83,7 @@ class Hyperparameters:
     grad_accum_steps: int = 0  # 0 = 8 // WORLD_SIZE, so the global batch is the same on 1 or 8 ranks
     compile: int = -1  # -1 = on for CUDA, off for CPU
     train_loader: str = "stream"  # stream (baseline), shuffled (record 2026-04-09), packed (SOTA #1855, needs DOC_MASK=1)
-    fused_kernels: int = -1  # Triton softcapped CE and LeakyReLU^2 MLP: 1 on, 0 off, -1 on for CUDA when triton imports
+    fused_kernels: int = -1  # Triton softcapped CE: 1 on, 0 off, -1 on for CUDA when triton imports
     attn_backend: str = "auto"  # auto, fa (FlashAttention 3/4), cudnn (SDPA, cuDNN first), sdpa (torch's own order)
     # model
     vocab_size: int = 1024
@@ -1181,11 +1181,10 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C), ctx)
 
 
-# Fused Triton kernels (FUSED_KERNELS; frontier.md section 10: the records' softcapped CE and LeakyReLU^2 MLP). Their
-# arithmetic follows the tensors' dtype, float32 inside the CE rows and the matmul accumulator: on CPU the tests run
-# them under TRITON_INTERPRET=1 on float32 tensors (the interpreter mishandles bf16 arithmetic), against the plain paths.
+# The fused Triton softcapped CE (FUSED_KERNELS; frontier.md section 10, the records' kernel). Its arithmetic follows
+# the tensors' dtype, float32 inside the rows: on CPU the tests run it under TRITON_INTERPRET=1 on float32 tensors (the
+# interpreter mishandles bf16 arithmetic), against the plain path.
 CE_BLOCK = 1024  # columns of a row in registers at once
-MLP_TILE = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 if triton:
     @triton.jit
     def softcap_ce_kernel(z_ptr, y_ptr, lse_ptr, g_ptr, out_ptr, V, cap, BLOCK: tl.constexpr, GRAD: tl.constexpr):
@@ -1212,29 +1211,6 @@ if triton:
             lse = m + tl.log(s)
             tl.store(lse_ptr + r, lse)
             tl.store(out_ptr + r, lse - 2 * cap * tl.sigmoid(tl.load(z_ptr + r * V + y).to(tl.float32) * (2 / cap)))
-
-    @triton.jit
-    def mlp_kernel(a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K, sam, sak, sbn, sbk, slope,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FWD: tl.constexpr):
-        """One BM x BN tile of h = A @ B^T (A [M, K], B [N, K], by strides; C and aux [M, N] contiguous), then the
-        activation act(h) = leaky_relu(h, slope)^2 in the epilogue. FWD: writes h to C and act(h) to aux. Else aux
-        holds h and C gets h * act'(h): the backward's d pre-activation from A = d out, B = W_proj^T."""
-        pn, pm = tl.program_id(0), tl.program_id(1)  # N tiles vary fastest: one A tile serves them from L2
-        rm, rn, rk = pm * BM + tl.arange(0, BM), pn * BN + tl.arange(0, BN), tl.arange(0, BK)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k in range(0, K, BK):
-            kk = k + rk[None, :]
-            a = tl.load(a_ptr + rm[:, None] * sam + kk * sak, mask=(rm[:, None] < M) & (kk < K), other=0)
-            b = tl.load(b_ptr + rn[:, None] * sbn + kk * sbk, mask=(rn[:, None] < N) & (kk < K), other=0)
-            acc = tl.dot(a, tl.trans(b), acc)
-        at, ok = rm[:, None] * N + rn[None, :], (rm[:, None] < M) & (rn[None, :] < N)
-        if FWD:
-            tl.store(c_ptr + at, acc.to(c_ptr.dtype.element_ty), mask=ok)
-            h = tl.where(acc > 0, acc, slope * acc)
-            tl.store(aux_ptr + at, (h * h).to(aux_ptr.dtype.element_ty), mask=ok)
-        else:
-            h = tl.load(aux_ptr + at, mask=ok, other=0).to(tl.float32)
-            tl.store(c_ptr + at, (2 * acc * tl.where(h > 0, h, slope * slope * h)).to(c_ptr.dtype.element_ty), mask=ok)
 
 
 def kernels_on(args, cuda: bool) -> bool:
@@ -1272,49 +1248,18 @@ if triton:  # custom ops, opaque to torch.compile (the records' CE)
                                                    setattr(ctx, "cap", inputs[2])))
 
 
-def mlp_matmul(a: Tensor, b: Tensor, slope: float, h: Tensor | None = None):
-    """mlp_kernel over A [M, K] and B [N, K]: (h, act(h)), or with h given, h * act'(h) of A @ B^T."""
-    M, N = a.size(0), b.size(0)
-    c = a.new_empty(M, N)
-    aux = a.new_empty(M, N) if h is None else h
-    grid = (triton.cdiv(N, MLP_TILE["BN"]), triton.cdiv(M, MLP_TILE["BM"]))
-    mlp_kernel[grid](a, b, c, aux, M, N, a.size(1), *a.stride(), *b.stride(), slope, FWD=h is None, **MLP_TILE)
-    return (c, aux) if h is None else c
-
-
-class FusedMLP(torch.autograd.Function):
-    """out = act(x W1^T) W2^T with the activation in mlp_kernel's epilogue, forward and backward; the other matmuls
-    are cuBLAS. Saves x, h and act(h), as the plain path does."""
-
-    @staticmethod
-    def forward(ctx, x, w1, w2, slope):
-        x2 = x.reshape(-1, x.size(-1))
-        h, act = mlp_matmul(x2, w1, slope)
-        ctx.save_for_backward(x2, w1, w2, h, act)
-        ctx.slope = slope
-        return (act @ w2.t()).view(*x.shape[:-1], w2.size(0))
-
-    @staticmethod
-    def backward(ctx, g):
-        x2, w1, w2, h, act = ctx.saved_tensors
-        g2 = g.reshape(-1, g.size(-1))
-        dh = mlp_matmul(g2, w2.t(), ctx.slope, h)
-        return (dh @ w1).view(*g.shape[:-1], w1.size(1)), dh.t() @ x2, g2.t() @ act, None
-
-
 class MLP(nn.Module):
-    """relu(x)^2, or leaky_relu(x, MLP_LEAKY_SLOPE)^2 (MLP_ACT=leaky_relu2, record 2026-03-23); FusedMLP when fused."""
+    """relu(x)^2, or leaky_relu(x, MLP_LEAKY_SLOPE)^2 (MLP_ACT=leaky_relu2, record 2026-03-23). No fused kernel: a
+    Triton tile with the activation in its epilogue ran 15% slower than this under torch.compile on an H200."""
 
     def __init__(self, args):
         super().__init__()
         hidden = int(args.mlp_mult * args.model_dim)
-        self.args, self.slope = args, args.mlp_leaky_slope if args.mlp_act == "leaky_relu2" else 0.0
+        self.slope = args.mlp_leaky_slope if args.mlp_act == "leaky_relu2" else 0.0
         self.fc = CastedLinear(args.model_dim, hidden)
         self.proj = CastedLinear(hidden, args.model_dim, zero_init=True)
 
     def forward(self, x, ctx):
-        if fused(self.args, x):
-            return FusedMLP.apply(x, self.fc.cast(x, ctx), self.proj.cast(x, ctx), self.slope)
         h = self.fc(x, ctx)
         h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
         return self.proj(h.square(), ctx)

@@ -321,6 +321,49 @@ def test_flex_attention_block_mask_equals_the_dense_mask(monkeypatch):
             torch._dynamo.reset()
 
 
+def block_sets(bm):
+    """Per (row, q block): the kv blocks run with the mask and the kv blocks run without it (full)."""
+    B, _, n = bm.kv_num_blocks.shape
+    return [(set(bm.kv_indices[b, 0, i, :bm.kv_num_blocks[b, 0, i]].tolist()),
+             set(bm.full_kv_indices[b, 0, i, :bm.full_kv_num_blocks[b, 0, i]].tolist())) for b in range(B) for i in range(n)]
+
+
+@pytest.mark.parametrize("B,T,split", [(3, 384, 0), (2, 1024, 0), (1, 768, 100), (4, 512, 50), (2, 2560, 0)])
+def test_the_block_mask_from_segment_ids_is_create_block_masks(B, T, split):
+    """document_mask's BlockMask (built from each 128-token block's first and last segment id, as create_block_mask
+    inside a compiled graph read out of bounds at B = 64 on CUDA) runs the same blocks, with and without the mask,
+    for queries and for keys, as create_block_mask's from the dense mask; and attention through it is the dense one."""
+    flex_attention = pytest.importorskip("torch.nn.attention.flex_attention")
+    g = torch.Generator().manual_seed(B * T + split)
+    idx = torch.randint(2, 64, (B, T), generator=g)
+    idx[torch.rand(B, T, generator=g) < 1 / 300] = BOS
+    idx[0, 128] = BOS  # a document starting exactly at a block edge
+    dense = train_gpt.document_mask(idx, flex=False, split=split)[:, 0]
+    ours = train_gpt.document_mask(idx, flex=True, split=split)
+    ref = flex_attention.create_block_mask(lambda b, h, q, k: dense[b, q, k], B, None, T, T, device="cpu")
+    assert block_sets(ours) == block_sets(ref)
+    for a, b in (("q_num_blocks", "q_num_blocks"), ("full_q_num_blocks", "full_q_num_blocks")):
+        assert torch.equal(getattr(ours, a), getattr(ref, b))
+    assert any(len(p) > 1 for p, _ in block_sets(ours))  # off-diagonal masked blocks occur
+    assert any(f for _, f in block_sets(ours)) == (not split)  # full blocks too, unless split cuts under 128
+    q, k, v = torch.randn(B, 4, T, 8, generator=g), torch.randn(B, 2, T, 8, generator=g), torch.randn(B, 2, T, 8, generator=g)
+    torch.testing.assert_close(train_gpt.attend(q, k, v, ours), train_gpt.attend(q, k, v, dense[:, None]))
+
+
+def test_a_block_mask_past_the_last_full_block_still_masks_exactly():
+    """T not a multiple of 128: the last block is padded (the ids repeat the last one, so the kernel may read past T);
+    the blocks it runs allow exactly the dense mask's pairs below T."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    idx = torch.randint(2, 64, (2, 300), generator=torch.Generator().manual_seed(7))
+    idx[0, [5, 200]], idx[1, 290] = BOS, BOS
+    ours, dense = train_gpt.document_mask(idx, flex=True), train_gpt.document_mask(idx, flex=False)[:, 0]
+    allowed = ours.to_dense().repeat_interleave(128, -1).repeat_interleave(128, -2)[:, 0, :300, :300].bool()
+    assert not (dense & ~allowed).any()  # every allowed pair lies in a block that runs
+    for b, i, j in ((b, i, j) for b in range(2) for i in range(3) for j in range(3)):
+        if j in block_sets(ours)[b * 3 + i][1]:  # a full block: every real pair in it is allowed
+            assert dense[b, i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].all()
+
+
 def test_every_reachable_context_compiles_as_a_full_graph_and_matches_eager():
     args = plain_args(**dict(ALL_ON, QAT=1, QAT_START_FRAC=0.6, ENABLE_LOOPING_AT=0.3))
     assert train_gpt.reachable_ctxs(args) == [Ctx(False, False), Ctx(False, True), Ctx(True, True)]

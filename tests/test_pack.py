@@ -50,10 +50,11 @@ def test_the_packed_file_checks_values_as_the_source_does(tmp_path, key, value, 
 
 def test_minifying_keeps_every_name_read_at_run_time():
     """Local and module-level names are shortened; what a run reads by name keeps it: the Hyperparameters fields,
-    attributes and keywords, and the argument annotations of Triton kernels. Module-level names are safe to rename
-    only while nothing reads them by name (globals(), vars(), getattr on the module); argument annotations only while
-    nothing but Triton reads them (no torch.library.custom_op, functools.singledispatch or get_type_hints)."""
-    assert not any(w in (ROOT / "train_gpt.py").read_bytes() for w in (b"custom_op", b"singledispatch", b"get_type_hints"))
+    attributes and keywords, and the argument annotations of Triton kernels and torch.library custom ops (torch infers
+    their schema from them, resolving the renamed names in the module's globals). Module-level names are safe to
+    rename only while nothing reads them by name (globals(), vars(), getattr on the module); other argument
+    annotations only while nothing else reads them (no functools.singledispatch or get_type_hints)."""
+    assert not any(w in (ROOT / "train_gpt.py").read_bytes() for w in (b"singledispatch", b"get_type_hints"))
     source = (ROOT / "train_gpt.py").read_bytes()
     stripped, program = ast.parse(ps.strip_source(source)), ast.parse(ps.program_of(source))
     unannotated = ps.drop_annotations(ast.parse(ps.strip_source(source)))  # attributes inside annotations go with them
@@ -72,6 +73,10 @@ def test_minifying_keeps_every_name_read_at_run_time():
         return [ast.unparse(a.annotation).split(".")[-1] for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
                 and any("jit" in ast.unparse(d) for d in f.decorator_list) for a in f.args.args if a.annotation]
     assert kernel_annotations(program) == kernel_annotations(stripped) and "constexpr" in kernel_annotations(stripped)
+    kept = lambda tree: [len([a for a in f.args.args if a.annotation]) + (f.returns is not None)  # noqa: E731
+                         for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+                         and any("custom_op" in ast.unparse(d) for d in f.decorator_list)]
+    assert kept(program) == kept(stripped) == [4, 6]  # softcap_ce, softcap_ce_grad: every argument and the return
     others = [a for f in ast.walk(program) if isinstance(f, ast.FunctionDef) and not f.decorator_list
               for a in f.args.args if a.annotation is not None]
     assert not others  # every other argument annotation is dropped (nothing else reads them)

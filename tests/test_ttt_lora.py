@@ -335,3 +335,32 @@ def test_exactly_once_for_every_document_length_mix(monkeypatch, seed, short):
     assert (seen == 1).all(), (lengths, env)
     assert r["tokens"] == plain["tokens"] == val.numel() - 1, (lengths, env)
     assert torch.equal(r["docs"][:, 1:], plain["docs"][:, 1:]), (lengths, env)
+
+
+def test_lora_rows_attend_causally_and_score_as_the_document_mask_would():
+    """A LoRA TTT row is one document's window (from its start or later) padded on the right with what follows, so
+    lora_nats runs plain causal attention (split -1: no document mask, hence no eager flex_attention on CUDA). Every
+    position before the next document's BOS scores as under the document mask; the padding after it does not."""
+    args = lora_args(DOC_MASK=1)
+    model = noisy_model(args)
+    assert model.args.doc_mask
+    val = streams()["a"]
+    bos = torch.nonzero(val == train_gpt.BOS_ID)[:, 0]
+    start, nxt = int(bos[1]), int(bos[2])  # document 1, with document 2's first tokens as padding
+    x = val[start:nxt + 6][None]
+    ctx = train_gpt.Ctx(looping=model.final_ctx.looping)
+    with torch.no_grad():
+        causal, masked = model.hidden(x, ctx, -1), model.hidden(x, ctx)
+    n = nxt - start
+    torch.testing.assert_close(causal[:, :n], masked[:, :n], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(causal[:, n:], masked[:, n:], rtol=1e-3, atol=1e-3)
+    calls = []
+    real = train_gpt.document_mask
+    try:
+        train_gpt.document_mask = lambda *a, **k: calls.append(1) or real(*a, **k)
+        adapters = train_gpt.DocAdapters(model, args)
+        with torch.no_grad(), adapters.attached(model) as head:
+            train_gpt.lora_nats(model, head, x, val[start + 1:nxt + 7][None], ctx)
+    finally:
+        train_gpt.document_mask = real
+    assert not calls

@@ -8,7 +8,7 @@ Usage:
   python tools/pack_submission.py --check OUT_DIR/train_gpt.py    # exit 0 iff it runs the stripped --source
 
 The packed program is the readable source with its docstrings and comments stripped (ast.parse, drop every string
-statement, ast.unparse), argument and return annotations dropped outside Triton kernels, and names shortened by
+statement, ast.unparse), argument and return annotations dropped outside Triton kernels and custom ops, and names shortened by
 python-minifier (program_of). Packing refuses a source whose stripped AST the unparsed text does not reproduce, or
 that reads docstrings or source text at run time. That program is brotli-compressed (quality 11), written in base
 252 as the characters of a triple-quoted latin-1 string literal (the stub's first line declares `coding:latin-1`;
@@ -76,7 +76,7 @@ def strip_tree(source: bytes) -> ast.Module:
 # program reads none of them by name: no globals(), vars() or getattr on the module), variable annotations dropped.
 # What a run may read by name stays: attributes, keyword and dataclass field names, class attribute annotations
 # (dataclass and NamedTuple fields). Argument and return annotations are dropped before it (drop_annotations),
-# except in @triton.jit kernels, whose `tl.constexpr` annotations Triton reads.
+# except in @triton.jit kernels, whose `tl.constexpr` annotations Triton reads, and torch.library.custom_op functions.
 MINIFY_VERSION = "3.4.0"
 MINIFY = dict(remove_literal_statements=True, rename_locals=True, rename_globals=True, hoist_literals=False)
 KEEP_ANNOTATIONS = dict(remove_variable_annotations=True, remove_return_annotations=False,
@@ -84,10 +84,11 @@ KEEP_ANNOTATIONS = dict(remove_variable_annotations=True, remove_return_annotati
 
 
 def drop_annotations(tree: ast.Module) -> ast.Module:
-    """Removes the argument and return annotations of every function but Triton kernels (decorated with a .jit)."""
+    """Removes the argument and return annotations of every function but Triton kernels (decorated with a .jit) and
+    torch.library custom ops (whose schema torch infers from them)."""
     for fn in ast.walk(tree):
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and not any(
-                "jit" in ast.unparse(d) for d in fn.decorator_list):
+                "jit" in ast.unparse(d) or "custom_op" in ast.unparse(d) for d in fn.decorator_list):
             a = fn.args
             for arg in a.posonlyargs + a.args + a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x]:
                 arg.annotation = None
