@@ -5,6 +5,8 @@
 
 Stages, in order; each is skipped (and says so in the JSON) once too little of CHECK_BUDGET_S (default 420) is left,
 and --stages picks a subset for a rerun:
+ 0. kernels: the fused softcapped CE, eager and compiled, against the plain path at one rank's real logits.
+ 0. flex: document_mask's BlockMask built inside the compiled graph at B > 1 rows, against the dense mask eager.
  1. step: the default stack (PRESET=default, vocab 8192) as train_gpt.py builds it (bf16 residual stream, compiled),
     one rank's share of a step on 8 GPUs (one packed row of 48 x 2048 tokens, grad_accum 1), plain and looped: ms per step, the
     Muon step's share, peak memory, a profiler split of GPU time by kernel family, and the projection to 8 GPUs
@@ -21,7 +23,7 @@ and --stages picks a subset for a rerun:
     output and the three gradients).
 Random tokens and random weights: speed only, no scores. The SOTA's figures are in the JSON for comparison.
 """
-import argparse, contextlib, json, os, statistics, sys, time, traceback
+import argparse, contextlib, dataclasses, json, os, statistics, sys, time, traceback
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,7 @@ SMOKE_ENV = dict(VOCAB_SIZE="1088", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4
                  GPTQ_CALIBRATION_BATCHES="2", COMPILE="0", EVAL_SEQ_LEN="80", TTT_EVAL_SEQ_LEN="80",
                  TTT_BATCH_SIZE="2", TTT_CHUNK_SIZE="16", TTT_LORA_RANK="4", PHASED_TTT_PREFIX_DOCS="4")
 DOC_TOKENS = 957  # the mean validation document (47,851,520 CaseOps targets / 50,000 documents); --cpu-smoke: 40
+FULL_VAL_DOCS = 50_000
 
 
 class Check:
@@ -468,6 +471,10 @@ def eval_stage(smoke):
             docs = world * (tg.TTT_PROJECT_CHUNKS + 1) * args.ttt_batch_size
             ttt_val = torch.randint(1, args.vocab_size, (docs * (40 if smoke else DOC_TOKENS) + 1,), generator=g)
             ttt_val[:-1:40 if smoke else DOC_TOKENS] = tg.BOS_ID
+            # the prefix (global SGD) as the same share of the documents as on the full set, so that scaling all the
+            # work by tokens projects it right (2026-11-30: all 2,500 prefix documents in 2,560 projected 964 s)
+            args = dataclasses.replace(args, phased_ttt_prefix_docs=max(
+                1, docs * args.phased_ttt_prefix_docs // FULL_VAL_DOCS))
         else:
             ttt_val = torch.randint(args.vocab_size, ((tg.TTT_PROJECT_CHUNKS + 1) * args.ttt_chunk_tokens + 1,),
                                     generator=g)
@@ -490,15 +497,16 @@ def eval_stage(smoke):
             r = tg.evaluate_ttt_lora(base, ttt_val, luts, args, rt, lines.append)
         else:
             r = tg.evaluate_ttt(base, model, ttt_val, luts, args, rt, stride, lines.append)
-        out["ttt"] = dict(mode=args.ttt_mode, chunks=r["chunks"], chunk_s=round(r["chunk_time_s"], 3),
+        out["ttt"] = dict(mode=args.ttt_mode, prefix_docs=args.phased_ttt_prefix_docs, chunks=r["chunks"], chunk_s=round(r["chunk_time_s"], 3),
                           projected_full_val_8gpu_s=round(r["projected_full_val_s"], 1), log=lines)
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 
-# run in this order (what matters most first), each with the rough seconds it needs on an H200, compiles included
-STAGES = dict(kernels=60, flex=90, step=240, eval=150, gptq=40, attention=60)
+# run in this order, each with the seconds it needs on an H200, compiles included (2026-11-30: kernels 18, flex 90, step
+# 121, eval 141 with the old TTT prefix, attention 13, gptq 9 without the size fit)
+STAGES = dict(kernels=40, flex=100, step=150, eval=130, gptq=40, attention=30)
 
 
 def main():
