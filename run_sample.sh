@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Offline smoke run (CPU is fine, about 4 minutes on 2 cores): builds data/sample from the Python standard library's
+# Offline smoke run (CPU is fine, about 8 minutes on 2 idle cores): builds data/sample from the Python standard library's
 # docstrings with its own 1024-piece BPE tokenizer, then trains, quantizes and scores a small model on it (its MLP
 # matrices are big enough to be exported as int6 by GPTQ, with the embedding as int8).
 # The numbers it prints are for that sample, never FineWeb. Any variable below can be overridden from the shell.
