@@ -1458,6 +1458,8 @@ class GPT(nn.Module):
         return torch.lerp(s, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
 
     def hidden(self, idx: Tensor, ctx: Ctx, split: int = 0, segments: Segments | None = None) -> Tensor:
+        """Final normed hidden states [B, T, D]; split, segments: forward's. split < 0: no document mask (each row one
+        document from its start, as LoRA TTT's rows), plain causal attention."""
         x0 = self.embed(idx, ctx)
         mask = segments or (document_mask(idx, split=split) if self.args.doc_mask and split >= 0 else None)
         encoder, decoder = self.orders[1 if ctx.looping else 0]  # not a bool index: dynamo (torch 2.11) rejects it

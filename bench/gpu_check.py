@@ -219,7 +219,7 @@ def kernels_stage(smoke):
         loss = f(z, y)
         loss.backward()
         return loss.detach(), z.grad
-    ref = run(lambda z, y: plain(z.float(), y))
+    ref = run(plain)  # eager, float32
     variants = {"plain_compiled": compile_(plain)}
     if fused_ok:
         fused = lambda z, y: tg.softcap_ce(z, y, cap)[0].mean()
@@ -257,6 +257,7 @@ def flex_stage(smoke):
         dict(score=(64, 2560, False), train=(48, 2048, True))
     real = tg.document_mask
     dense = lambda idx, flex=None, split=0: real(idx, False, split)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def tokens(B, T, seed=1):
         g = torch.Generator().manual_seed(seed)
@@ -274,7 +275,6 @@ def flex_stage(smoke):
                           dynamic=False) if not smoke else (lambda q, k, v, x: tg.attend(q, k, v, real(x, False, T)))
         m = dense(x[:2], split=T)
         kk, vv = (t[:2].float().repeat_interleave(2, 1) for t in (k, v))
-        from torch.nn.attention import SDPBackend, sdpa_kernel
         with sdpa_kernel([SDPBackend.MATH]):
             ref = F.scaled_dot_product_attention(q[:2].float(), kk, vv, attn_mask=m)
         got, sdpa = f(q, k, v, x)[:2], tg.attend(q[:2], k[:2], v[:2], m)

@@ -342,8 +342,8 @@ def test_the_block_mask_from_segment_ids_is_create_block_masks(B, T, split):
     ours = train_gpt.document_mask(idx, flex=True, split=split)
     ref = flex_attention.create_block_mask(lambda b, h, q, k: dense[b, q, k], B, None, T, T, device="cpu")
     assert block_sets(ours) == block_sets(ref)
-    for a, b in (("q_num_blocks", "q_num_blocks"), ("full_q_num_blocks", "full_q_num_blocks")):
-        assert torch.equal(getattr(ours, a), getattr(ref, b))
+    for name in ("q_num_blocks", "full_q_num_blocks"):  # the backward's query-side blocks
+        assert torch.equal(getattr(ours, name), getattr(ref, name))
     assert any(len(p) > 1 for p, _ in block_sets(ours))  # off-diagonal masked blocks occur
     assert any(f for _, f in block_sets(ours)) == (not split)  # full blocks too, unless split cuts under 128
     q, k, v = torch.randn(B, 4, T, 8, generator=g), torch.randn(B, 2, T, 8, generator=g), torch.randn(B, 2, T, 8, generator=g)

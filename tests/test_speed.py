@@ -218,7 +218,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert r["gptq"]["matrices"] == 1 and r["gptq"]["bytes_model"] > 0  # the tied embedding, GPTQ'd, then the export
     assert r["eval"]["sliding"]["projected_full_val_8gpu_s"] > 0 and r["eval"]["ttt"]["mode"] == "lora"
     assert r["eval"]["ttt"]["chunks"] >= 8 * 5 and r["eval"]["ttt"]["projected_full_val_8gpu_s"] > 0  # batches
-    assert r["kernels"]["ce_plain_compiled"]["rel_err_loss_grad"] == [0.0, 0.0]  # the fused CE too under the interpreter
+    assert r["kernels"]["ce_plain_compiled"]["rel_err_loss_grad"] == [0.0, 0.0]  # float32 plain == its reference
     assert r["kernels"]["fused_run"] == ("ce_fused_compiled" in r["kernels"])
     assert set(r["flex"]) >= {"attention_score", "attention_train", "model_score", "model_train"}
     assert r["flex"]["model_train"]["rel_err"]["loss"] == 0.0  # on CPU both sides run the dense mask
