@@ -2310,7 +2310,7 @@ def ttt_result(out: dict, units: int, projection: dict, spent_s: float, args, **
 def final_ttt(args, rt, fresh, val, luts, docs, spent_s, log) -> dict:
     """TTT on a copy of the reloaded artifact (the plain eval's model is left as it was), logged like the plain eval."""
     base = copy.deepcopy(fresh)
-    if args.ttt_mode == "lora":  # eager: its shapes change with every chunk
+    if args.ttt_mode == "lora":  # compiles its own graphs (dynamic shapes: they change with every chunk)
         r = evaluate_ttt_lora(base, val, luts, args, rt, log, docs, spent_s)
     else:
         r = evaluate_ttt(base, compile_model(base, args, rt), val, luts, args, rt, args.eval_stride, log, docs, spent_s)
@@ -2434,14 +2434,19 @@ class DocAdapters(nn.Module):
         g, bound = torch.Generator().manual_seed(args.seed), 1 / math.sqrt(dim)
         self.loras = nn.ModuleList(LoRA(args.ttt_batch_size, dim, w, r, (args.ttt_lora_alpha or r) / r,
                                         torch.empty(r, dim).uniform_(-bound, bound, generator=g)) for w in widths.values())
+        self.nats = lora_nats  # or its compiled form (evaluate_ttt_lora)
+
+    def reset(self):
+        for lora in self.loras:
+            lora.reset()
 
     @contextlib.contextmanager
     def attached(self, base):
-        """Resets the adapters and hooks them into base; yields the head's adapter."""
-        modules = dict(base.named_modules())
-        for lora in self.loras:
-            lora.reset()
-        hooks = [modules[name].register_forward_hook(lambda m, inp, out, lora=lora: out + lora(inp[0]))
+        """Resets the adapters and hooks them into base, once per eval, so a compiled lora_nats keeps its graphs; they
+        act while self.on (the global SGD turns them off). Yields the head's adapter."""
+        modules, self.on = dict(base.named_modules()), True
+        self.reset()
+        hooks = [modules[name].register_forward_hook(lambda m, inp, out, lora=lora: out + lora(inp[0]) if self.on else out)
                  for name, lora in zip(self.names[:-1], self.loras)]
         try:
             yield self.loras[-1]
@@ -2458,7 +2463,7 @@ def lora_nats(base, head, x: Tensor, y: Tensor, ctx: Ctx, hint: Tensor | None = 
     return nll if hint is None else (nll, tilted(z.detach(), y, hint, base.args.token_boost))
 
 
-def lora_step(base, head, opt, val_d, luts_d, idx: Tensor, lo: Tensor, hi: Tensor, train: Tensor, rows: Tensor,
+def lora_step(base, adapters, opt, val_d, luts_d, idx: Tensor, lo: Tensor, hi: Tensor, train: Tensor, rows: Tensor,
               rt, sums: Tensor, hints=None):
     """Scores the targets [lo, hi) of each row's window idx (positions) into sums by document (rows), then one AdamW
     step on the mean nats of that chunk for the rows marked train. Rows never mix, so each gradient reaches only its
@@ -2468,7 +2473,8 @@ def lora_step(base, head, opt, val_d, luts_d, idx: Tensor, lo: Tensor, hi: Tenso
     idx = idx.clamp(max=val_d.numel() - 2)
     x, y = val_d[idx], val_d[idx + 1]
     with torch.enable_grad(), rt.autocast():
-        nll = lora_nats(base, head, x, y, Ctx(looping=base.final_ctx.looping), None if hints is None else hints[idx])
+        nll = adapters.nats(base, adapters.loras[-1], x, y, Ctx(looping=base.final_ctx.looping),
+                            None if hints is None else hints[idx])
     nll, score = (nll, nll) if hints is None else nll
     add_scores(sums, rows[:, None].expand_as(idx), score, idx, x, y, luts_d, scored)
     if train.any():
@@ -2481,20 +2487,21 @@ def lora_step(base, head, opt, val_d, luts_d, idx: Tensor, lo: Tensor, hi: Tenso
 def lora_batch(base, adapters, rows: Tensor, spans: Tensor, val_d, luts_d, args, rt, sums: Tensor, hints=None):
     """Scores and adapts documents `rows` (longest first; spans: [first, end) target positions) chunk by chunk. A
     chunk's window is the TTT_EVAL_SEQ_LEN positions of its document ending at the chunk's end (fewer near the start);
-    shorter windows are padded on the right, which causal attention never lets a scored target see."""
+    shorter windows (and one of 1 position, to 2: no graph for size 1) are padded on the right, which causal attention
+    never lets a scored target see."""
     opt = torch.optim.AdamW(adapters.parameters(), lr=args.ttt_lora_lr * args.ttt_local_lr_mult,
                             betas=(args.ttt_beta1, args.ttt_beta2), eps=1e-10, weight_decay=args.ttt_weight_decay)
     first, end = spans[rows].unbind(1)  # index math on the host, one transfer per chunk
     C, L, rows_d = chunk_sizes(args, end - first), args.ttt_window(), rows.to(rt.device)
-    with adapters.attached(base) as head:
-        for c in range(-int(((first - end) // C).min())):
-            m = int((end - first > c * C).sum())  # documents with a chunk c: the first m (sorted by chunk count)
-            lo = first[:m] + c * C[:m]
-            hi = torch.minimum(lo + C[:m], end[:m])
-            start = torch.maximum(first[:m], hi - L)
-            idx = start[:, None] + torch.arange(int((hi - start).max()))
-            lo, hi, idx, train = (t.to(rt.device) for t in (lo, hi, idx, hi < end[:m]))
-            lora_step(base, head, opt, val_d, luts_d, idx, lo, hi, train, rows_d[:m], rt, sums, hints)
+    adapters.reset()
+    for c in range(-int(((first - end) // C).min())):
+        m = int((end - first > c * C).sum())  # documents with a chunk c: the first m (sorted by chunk count)
+        lo = first[:m] + c * C[:m]
+        hi = torch.minimum(lo + C[:m], end[:m])
+        start = torch.maximum(first[:m], hi - L)
+        idx = start[:, None] + torch.arange(max(2, int((hi - start).max())))
+        lo, hi, idx, train = (t.to(rt.device) for t in (lo, hi, idx, hi < end[:m]))
+        lora_step(base, adapters, opt, val_d, luts_d, idx, lo, hi, train, rows_d[:m], rt, sums, hints)
 
 
 def short_steps(args) -> list[tuple[int, int]]:
@@ -2538,10 +2545,38 @@ def global_sgd(base, params, val_d, hi: int, args, rt):
         p.requires_grad_(False)
 
 
+def prime_lora(base, adapters, luts, args, rt):
+    """Compiles lora_nats on random tokens: a batch whose first row outlasts the others by 2 chunks (so both graphs,
+    rows >= 2 and one row, are built) with windows up to the TTT context. Only the adapters train; lora_batch resets
+    them."""
+    C, n = args.ttt_chunk_size, args.ttt_batch_size
+    lens = torch.tensor([args.ttt_window() + 2 * C] + [C + 1] * (n - 1))
+    ends = lens.cumsum(0)
+    tokens = torch.randint(args.vocab_size, (int(ends[-1]) + 1,), generator=torch.Generator().manual_seed(0))
+    lora_batch(base, adapters, torch.arange(n), torch.stack((ends - lens, ends), 1),
+               tokens.to(rt.device), [t.to(rt.device) for t in luts], args, rt,
+               torch.zeros(n, 3, device=rt.device, dtype=torch.float64), hints_for(tokens, args, rt))
+
+
 def evaluate_ttt_lora(base, val: Tensor, luts, args, rt, log, docs: Tensor | None = None, spent_s: float = 0.0) -> dict:
     """Phased LoRA TTT over the validation stream; trains `base` in place, so pass a copy. This rank scores every
     world_size-th batch of each group (documents sorted by length, TTT_BATCH_SIZE per batch); all ranks run the
-    global SGD. The time projection counts scored targets plus globally trained positions."""
+    global SGD. The time projection counts scored targets plus globally trained positions. Under COMPILE lora_nats is
+    compiled (dynamic shapes) before the clock."""
+    params = list(base.parameters())  # the AsymLogit caps included; trained by the global SGD only
+    for p in params:
+        p.requires_grad_(False)
+    adapters = DocAdapters(base, args).to(rt.device)
+    with adapters.attached(base):
+        if use_compile(args, rt):
+            adapters.nats = torch.compile(lora_nats, dynamic=True)
+            t0 = time.perf_counter()
+            prime_lora(base, adapters, luts, args, rt)
+            log(f"ttt_lora_compile: {time.perf_counter() - t0:.1f}s before the eval clock")
+        return phased_lora(base, adapters, params, val, luts, args, rt, log, docs, spent_s)
+
+
+def phased_lora(base, adapters, params, val: Tensor, luts, args, rt, log, docs, spent_s) -> dict:
     t0 = time.perf_counter()
     _, starts = document_ids(val)
     spans = torch.stack((starts, torch.cat((starts[1:], torch.tensor([val.numel() - 1])))), 1)
@@ -2550,10 +2585,6 @@ def evaluate_ttt_lora(base, val: Tensor, luts, args, rt, log, docs: Tensor | Non
     sums, hints = torch.zeros(len(spans), 3, device=rt.device, dtype=torch.float64), hints_for(val, args, rt)
     rt.sync()
     pre = time.perf_counter() - t0
-    params = list(base.parameters())  # with the AsymLogit caps, frozen until here
-    for p in params:
-        p.requires_grad_(False)
-    adapters = DocAdapters(base, args).to(rt.device)
     trained = [int(spans[b - 1, 1]) for _, b in groups[:-1]]
     work = val.numel() - 1 + args.global_ttt_epochs * sum(trained)
     done, mine, batches, projection = 0, 0, 0, None  # work done (scaled to all ranks), this rank's batches, all
@@ -2571,7 +2602,9 @@ def evaluate_ttt_lora(base, val: Tensor, luts, args, rt, log, docs: Tensor | Non
                 projection = ttt_projection(args, rt, val, time.perf_counter() - t0, done, work, spent_s, log, "work",
                                             pre)
         if g < len(groups) - 1:
+            adapters.on = False
             global_sgd(base, params, val_d, trained[g], args, rt)
+            adapters.on = True
             done += args.global_ttt_epochs * trained[g]
             log(f"ttt_phase: {g + 1}/{len(groups) - 1} docs_scored:{d1} trained_positions:{trained[g]} "
                 f"elapsed:{time.perf_counter() - t0:.1f}s")

@@ -364,3 +364,57 @@ def test_lora_rows_attend_causally_and_score_as_the_document_mask_would():
     finally:
         train_gpt.document_mask = real
     assert not calls
+
+
+# ---- compiled (COMPILE=1, the CUDA default): every graph built before the clock, the eager scores
+
+@pytest.mark.parametrize("env", [dict(), dict(TTT_CHUNK_SIZE=1, TTT_BATCH_SIZE=1, PHASED_TTT_NUM_PHASES=1),
+                                 dict(NGRAM_TILT_ENABLED=1, TOKEN_ORDER=4, TTT_SHORT_SCORE_FIRST_ENABLED=1,
+                                      TTT_SHORT_SCORE_FIRST_STEPS="8:2,16:4", TTT_BATCH_SIZE=4)])
+def test_compiled_lora_ttt_compiles_only_before_the_clock_and_scores_as_eager(monkeypatch, env):
+    """COMPILE=1 compiles lora_nats with dynamic shapes while priming on random tokens (here dynamo with its eager
+    backend: the tracing, guards and graphs inductor gets, in seconds). The eval itself then compiles nothing (a
+    recompile is an error: rows of 1 and windows of 1 position included), breaks no graph, and gives every document
+    the eager path's nats exactly."""
+    real, state = torch.compile, {}
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **dict(kw, backend="eager")))
+    phased = train_gpt.phased_lora
+
+    def strict(*a, **k):  # the eval proper, after priming
+        state["primed"] = counters["stats"]["unique_graphs"]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            return phased(*a, **k)
+    monkeypatch.setattr(train_gpt, "phased_lora", strict)
+    from torch._dynamo.utils import counters
+    val = mixed_docs(np.random.default_rng(1), [30, 3, 12, 0, 25, 7, 1, 40, 2])
+    luts, docs = varied_luts(), train_gpt.document_ids(val)[0]
+    args = lora_args(**env)
+    model, lines = noisy_model(args), []
+    eager = train_gpt.evaluate_ttt_lora(copy.deepcopy(model), val, luts, args, cpu_runtime(), lines.append, docs=docs)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = train_gpt.evaluate_ttt_lora(copy.deepcopy(model), val, luts, lora_args(COMPILE=1, **env),
+                                           cpu_runtime(), lines.append, docs=docs)
+    assert state["primed"] == counters["stats"]["unique_graphs"] == (1 if args.ttt_batch_size == 1 else 2)
+    assert not counters["graph_break"]
+    assert sum(line.startswith("ttt_lora_compile: ") for line in lines) == 1
+    assert torch.equal(compiled["docs"], eager["docs"]) and compiled["val_loss"] == eager["val_loss"]
+
+
+def test_the_global_sgd_trains_the_model_without_the_adapters(monkeypatch):
+    """The adapters stay hooked in for the whole eval (so a compiled lora_nats keeps its graphs) but act only while
+    scoring: in each global SGD phase the model gives exactly the nats of its own weights without the hooks."""
+    args = lora_args(PHASED_TTT_PREFIX_DOCS=6, PHASED_TTT_NUM_PHASES=2)
+    sgd, seen = train_gpt.global_sgd, []
+
+    def checking(base, params, val_d, hi, a, rt):
+        x, y = val_d[None, :SEQ], val_d[None, 1:SEQ + 1]
+        bare = train_gpt.GPT(args)
+        bare.load_state_dict(base.state_dict())
+        moved = [h for m in base.modules() for h in m._forward_hooks.values()]
+        with torch.no_grad():
+            seen.append((len(moved), torch.equal(base(x, y, per_token=True), bare(x, y, per_token=True))))
+        return sgd(base, params, val_d, hi, a, rt)
+    monkeypatch.setattr(train_gpt, "global_sgd", checking)
+    lora_scores(noisy_model(args), streams()["a"], args, cpu_runtime())
+    assert seen == [(8, True), (8, True)]
