@@ -27,6 +27,7 @@ import argparse, contextlib, dataclasses, json, os, statistics, sys, time, trace
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -492,13 +493,24 @@ def eval_stage(smoke):
         n_windows = len(tg.sliding_windows(n, L, stride))
         out["sliding"] = dict(rank0_windows=-(-n_windows // world), eval_s=round(r["eval_time_s"], 3),
                               projected_full_val_8gpu_s=round(r["eval_time_s"] * windows / n_windows, 1))
-        lines = []
-        if args.ttt_mode == "lora":  # compiles lora_nats first (its log's ttt_lora_compile line), off the clock
-            r = tg.evaluate_ttt_lora(base, ttt_val, luts, args, rt, lines.append)
-        else:
-            r = tg.evaluate_ttt(base, model, ttt_val, luts, args, rt, stride, lines.append)
-        out["ttt"] = dict(mode=args.ttt_mode, prefix_docs=args.phased_ttt_prefix_docs, chunks=r["chunks"], chunk_s=round(r["chunk_time_s"], 3),
-                          projected_full_val_8gpu_s=round(r["projected_full_val_s"], 1), log=lines)
+        lines, graphs = [], {}
+        phased = tg.phased_lora
+
+        def counted(*a, **k):  # graphs dynamo builds during the eval proper, after the priming: each one is a compile
+            graphs["primed"] = counters["stats"]["unique_graphs"]  # on the clock
+            return phased(*a, **k)
+        tg.phased_lora = counted
+        counters.clear()
+        try:
+            if args.ttt_mode == "lora":  # compiles lora_nats first (its log's ttt_lora_compile line), off the clock
+                r = tg.evaluate_ttt_lora(base, ttt_val, luts, args, rt, lines.append)
+            else:
+                r = tg.evaluate_ttt(base, model, ttt_val, luts, args, rt, stride, lines.append)
+        finally:
+            tg.phased_lora = phased
+        out["ttt"] = dict(mode=args.ttt_mode, prefix_docs=args.phased_ttt_prefix_docs, chunks=r["chunks"],
+                          chunk_s=round(r["chunk_time_s"], 3), projected_full_val_8gpu_s=round(r["projected_full_val_s"], 1),
+                          graphs_after_priming=counters["stats"]["unique_graphs"] - graphs.get("primed", 0), log=lines)
     return out
 
 

@@ -223,3 +223,4 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert set(r["flex"]) >= {"attention_score", "attention_train", "model_score", "model_train"}
     assert r["flex"]["model_train"]["rel_err"]["loss"] == 0.0  # on CPU both sides run the dense mask
     assert r["eval"]["ttt"]["prefix_docs"] == 1  # the prefix's share of the full set's documents, at least one
+    assert r["eval"]["ttt"]["graphs_after_priming"] == 0  # on the CPU nothing compiles
