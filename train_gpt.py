@@ -426,7 +426,7 @@ SOTA1855 = dict(  # records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_B
     gptq_calibration_batches=16, gptq_reserve_seconds=0.5, ttt_mode="lora", ttt_lora_rank=80, ttt_lora_alpha=144.0,
     ttt_weight_decay=0.5,
     ttt_beta2=0.99, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3, ttt_eval_seq_len=2048, eval_seq_len=2048,
-    val_loss_every=0, train_log_every=500, grad_clip_local=True)
+    val_loss_every=0, train_log_every=500, grad_clip_local=True, eval_stride=0)  # EVAL_STRIDE: logged 64, read nowhere
 FRONTIER2135 = dict(  # PR #2135, records/.../2026-05-01_SP8192_PR2130Base_Calib32 (1.05651), its README command
     SOTA1855, asym_logit_rescale=True, smear_gate_bos_fix=False, gated_attn_quant_gate=False, matrix_lr=0.028,
     lqer_asym_group=32, ttt_lora_lr=8e-5, ttt_weight_decay=2.0, ttt_k_lora=False, phased_ttt_num_phases=1,

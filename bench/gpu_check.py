@@ -11,8 +11,9 @@ and --stages picks a subset for a rerun:
     one rank's share of a step on 8 GPUs (one packed row of 48 x 2048 tokens, grad_accum 1), plain and looped: ms per step, the
     Muon step's share, peak memory, a profiler split of GPU time by kernel family, and the projection to 8 GPUs
     (Muon's Newton-Schulz work divided by 8; communication is not measured here).
- 2. eval: rank 0 of 8 (collectives skipped) scores sliding windows (stride 64) and runs score-first TTT on random
-    tokens after priming every graph as train_gpt.py does; projected to the full validation set on 8 GPUs.
+ 2. eval: rank 0 of 8 (collectives skipped) runs the preset's plain final eval (EVAL_STRIDE: the default's 0 is
+    non-overlapping windows; --env EVAL_STRIDE=64 measures a sliding one) and its TTT on random tokens, after priming
+    every graph as train_gpt.py does; projected to the full validation set on 8 GPUs.
  3. gptq: Hessians from calibration batches (ms per batch, so the reserve GPTQ_RESERVE_SECONDS=-1 would measure),
     the GPTQ quantization of every matrix, then the TARGET_BYTES size fit (the whole export).
  4. attention: one micro-batch (B=48, 8 q / 4 kv heads, T=2048, hd=64, bf16, causal) forward+backward, median ms,
@@ -38,7 +39,7 @@ SOTA = {"ms_per_step_8xH100": {"#1855 (mean)": 121.7, "#2135 before looping": 95
 # tiny shapes for --cpu-smoke: the default stack's pieces, a 2-layer 64-wide model; 1088 x 64 > 65536, so GPTQ quantizes the tied embedding
 SMOKE_ENV = dict(VOCAB_SIZE="1088", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8",
                  TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024", LOOP_START="0", LOOP_END="0", PARALLEL_START_LAYER="1",
-                 EVAL_STRIDE="16", EVAL_BATCH_SEQS="4", TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="4",
+                 EVAL_BATCH_SEQS="4", TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="4",
                  GPTQ_CALIBRATION_BATCHES="2", COMPILE="0", EVAL_SEQ_LEN="80", TTT_EVAL_SEQ_LEN="80",
                  TTT_BATCH_SIZE="2", TTT_CHUNK_SIZE="16", TTT_LORA_RANK="4", PHASED_TTT_PREFIX_DOCS="4")
 DOC_TOKENS = 957  # the mean validation document (47,851,520 CaseOps targets / 50,000 documents); --cpu-smoke: 40
@@ -464,8 +465,8 @@ def eval_stage(smoke):
         base, model = tg.build_model(args, rt, mtp=False)
         luts = [torch.ones(args.vocab_size, dtype=torch.long), torch.zeros(args.vocab_size, dtype=torch.bool),
                 torch.zeros(args.vocab_size, dtype=torch.bool)]
-        batches = 1 if smoke else 3  # batches of sliding windows scored by rank 0
-        n = L + (world * batches * args.eval_batch_seqs - 1) * stride
+        batches = 1 if smoke else 3  # EVAL_BATCH_SEQS windows each, scored by rank 0
+        n = L + (world * batches * args.eval_batch_seqs - 1) * (stride or L)
         g = torch.Generator().manual_seed(0)
         val = torch.randint(args.vocab_size, (n + 1,), generator=g)
         if args.ttt_mode == "lora":  # documents of the mean length, enough for rank 0's projection batches
@@ -480,7 +481,7 @@ def eval_stage(smoke):
             ttt_val = torch.randint(args.vocab_size, ((tg.TTT_PROJECT_CHUNKS + 1) * args.ttt_chunk_tokens + 1,),
                                     generator=g)
         t = time.time()
-        if model is not base:  # the sliding and TTT graphs, as train_gpt.py's prime_eval compiles them
+        if model is not base:  # the plain eval's and TTT's graphs, as train_gpt.py's prime_eval compiles them
             _, L, seqs = tg.eval_plan(val, args, rt, stride)
             tg.prime_scoring(model, args, rt, stride, seqs, L)
             if args.ttt_mode == "sgd":
@@ -489,9 +490,9 @@ def eval_stage(smoke):
         sync()
         out["prime_s"] = round(time.time() - t, 1)
         r = tg.evaluate(model, val, luts, args, rt, stride)
-        windows = -(-(tg.FULL_VAL_TOKENS - L) // stride) + 1
+        windows = -(-(tg.FULL_VAL_TOKENS - L) // (stride or L)) + 1
         n_windows = len(tg.sliding_windows(n, L, stride))
-        out["sliding"] = dict(rank0_windows=-(-n_windows // world), eval_s=round(r["eval_time_s"], 3),
+        out["plain"] = dict(rank0_windows=-(-n_windows // world), eval_s=round(r["eval_time_s"], 3),
                               projected_full_val_8gpu_s=round(r["eval_time_s"] * windows / n_windows, 1))
         lines, graphs = [], {}
         phased = tg.phased_lora
