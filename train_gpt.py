@@ -1073,8 +1073,9 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
 
 
 def document_mask(idx: Tensor, flex: bool | None = None, split: int = 0):
-    """Causal attention within documents (a BOS starts one): a flex_attention BlockMask (default on CUDA), else a
-    dense [B, 1, T, T] boolean mask for SDPA. Both allow exactly the pairs (q, k) with k <= q in one segment. With
+    """Causal attention within documents (a BOS starts one): a flex_attention BlockMask (default on CUDA under
+    torch.compile), else a dense [B, 1, T, T] boolean mask for SDPA (eager flex_attention computes every score
+    unfused, so eager CUDA forwards, GPTQ calibration and the LoRA TTT's global SGD, take SDPA's fused masked kernel). Both allow exactly the pairs (q, k) with k <= q in one segment. With
     split > 0 a segment also ends every `split` tokens from its document's start (from the row's start before the
     row's first BOS): the SOTA's cu_seqlens for packed rows. Rows of at most `split` tokens are never cut."""
     new = idx == BOS_ID
@@ -1082,7 +1083,7 @@ def document_mask(idx: Tensor, flex: bool | None = None, split: int = 0):
         t = torch.arange(idx.size(1), device=idx.device)
         new = new | ((t - torch.where(new, t, 0).cummax(1).values) % split == 0)
     doc = torch.cumsum(new, dim=1)  # [B, T] segment index within the row
-    if not (idx.is_cuda if flex is None else flex):
+    if not (idx.is_cuda and torch.compiler.is_compiling() if flex is None else flex):
         return same_document(doc)
     # The BlockMask from the segment ids of each 128-token block (create_block_mask compiled with B > 1 read out of
     # bounds on CUDA, torch 2.11). Ids rise by 0 or 1 per token, so kv block j < q block i shares a segment with it iff

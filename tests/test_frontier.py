@@ -321,6 +321,21 @@ def test_flex_attention_block_mask_equals_the_dense_mask(monkeypatch):
             torch._dynamo.reset()
 
 
+def test_cuda_builds_the_block_mask_only_where_the_forward_is_compiled(monkeypatch):
+    """Eager flex_attention computes every score unfused (slower than SDPA's masked kernel by far), and GPTQ
+    calibration and the LoRA TTT's global SGD run eager: on CUDA an eager forward gets the dense mask, a compiled one
+    the BlockMask. (A CPU tensor that says it is on CUDA stands in for one.)"""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+
+    class OnCuda(torch.Tensor):
+        is_cuda = True
+    row = doc_row().as_subclass(OnCuda)
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        assert isinstance(train_gpt.document_mask(row), torch.Tensor) != compiling
+    assert isinstance(train_gpt.document_mask(doc_row()), torch.Tensor)  # CPU: always dense
+
+
 def block_sets(bm):
     """Per (row, q block): the kv blocks run with the mask and the kv blocks run without it (full)."""
     B, _, n = bm.kv_num_blocks.shape
