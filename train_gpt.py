@@ -2547,11 +2547,11 @@ def global_sgd(base, params, val_d, hi: int, args, rt):
 
 
 def prime_lora(base, adapters, luts, args, rt):
-    """Compiles lora_nats on random tokens: a batch whose first row outlasts the others by 2 chunks (so both graphs,
-    rows >= 2 and one row, are built) with windows up to the TTT context. Only the adapters train; lora_batch resets
-    them."""
+    """Compiles lora_nats on random tokens: a batch of one document of the TTT context plus 2 chunks and n - 1 of 2
+    targets (at most 2 chunks of any size), so both graphs, rows >= 2 and one row, are built, the latter with windows
+    up to the TTT context. Only the adapters train; lora_batch resets them."""
     C, n = args.ttt_chunk_size, args.ttt_batch_size
-    lens = torch.tensor([args.ttt_window() + 2 * C] + [C + 1] * (n - 1))
+    lens = torch.tensor([args.ttt_window() + 2 * C] + [2] * (n - 1))
     ends = lens.cumsum(0)
     tokens = torch.randint(args.vocab_size, (int(ends[-1]) + 1,), generator=torch.Generator().manual_seed(0))
     lora_batch(base, adapters, torch.arange(n), torch.stack((ends - lens, ends), 1),
