@@ -531,6 +531,10 @@ class Runtime:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def put(self, t: Tensor) -> Tensor:
+        """A host tensor on the device without a host sync: pinned and copied without blocking on CUDA."""
+        return (t.pin_memory() if self.device.type == "cuda" else t).to(self.device, non_blocking=True)
+
 
 def setup_runtime() -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -2468,8 +2472,9 @@ def lora_step(base, adapters, opt, val_d, luts_d, idx: Tensor, lo: Tensor, hi: T
               rt, sums: Tensor, hints=None):
     """Scores the targets [lo, hi) of each row's window idx (positions) into sums by document (rows), then one AdamW
     step on the mean nats of that chunk for the rows marked train. Rows never mix, so each gradient reaches only its
-    own document's adapters. Padding past the stream's last target reads that target's tokens but is never scored:
-    `scored` comes from the positions themselves, before they are clamped."""
+    own document's adapters (train: host flags, None where no row trains). Padding past the stream's last target
+    reads that target's tokens but is never scored: `scored` comes from the positions themselves, before they are
+    clamped. Nothing here reads back from the device."""
     scored = (idx >= lo[:, None]) & (idx < hi[:, None])
     idx = idx.clamp(max=val_d.numel() - 2)
     x, y = val_d[idx], val_d[idx + 1]
@@ -2478,10 +2483,10 @@ def lora_step(base, adapters, opt, val_d, luts_d, idx: Tensor, lo: Tensor, hi: T
                             None if hints is None else hints[idx])
     nll, score = (nll, nll) if hints is None else nll
     add_scores(sums, rows[:, None].expand_as(idx), score, idx, x, y, luts_d, scored)
-    if train.any():
+    if train is not None:
         per_doc = (nll * scored).sum(1) / scored.sum(1)
         opt.zero_grad(set_to_none=True)
-        per_doc[train].sum().backward()
+        (per_doc * rt.put(train)).sum().backward()
         opt.step()
 
 
@@ -2492,8 +2497,8 @@ def lora_batch(base, adapters, rows: Tensor, spans: Tensor, val_d, luts_d, args,
     never lets a scored target see."""
     opt = torch.optim.AdamW(adapters.parameters(), lr=args.ttt_lora_lr * args.ttt_local_lr_mult,
                             betas=(args.ttt_beta1, args.ttt_beta2), eps=1e-10, weight_decay=args.ttt_weight_decay)
-    first, end = spans[rows].unbind(1)  # index math on the host, one transfer per chunk
-    C, L, rows_d = chunk_sizes(args, end - first), args.ttt_window(), rows.to(rt.device)
+    first, end = spans[rows].unbind(1)  # index math on the host, copied without blocking
+    C, L, rows_d = chunk_sizes(args, end - first), args.ttt_window(), rt.put(rows)
     adapters.reset()
     for c in range(-int(((first - end) // C).min())):
         m = int((end - first > c * C).sum())  # documents with a chunk c: the first m (sorted by chunk count)
@@ -2501,8 +2506,9 @@ def lora_batch(base, adapters, rows: Tensor, spans: Tensor, val_d, luts_d, args,
         hi = torch.minimum(lo + C[:m], end[:m])
         start = torch.maximum(first[:m], hi - L)
         idx = start[:, None] + torch.arange(max(2, int((hi - start).max())))
-        lo, hi, idx, train = (t.to(rt.device) for t in (lo, hi, idx, hi < end[:m]))
-        lora_step(base, adapters, opt, val_d, luts_d, idx, lo, hi, train, rows_d[:m], rt, sums, hints)
+        train = hi < end[:m]
+        lora_step(base, adapters, opt, val_d, luts_d, *map(rt.put, (idx, lo, hi)), train if train.any() else None,
+                  rows_d[:m], rt, sums, hints)
 
 
 def short_steps(args) -> list[tuple[int, int]]:

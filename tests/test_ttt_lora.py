@@ -84,7 +84,7 @@ def recorded(monkeypatch, args, val, leak=False):
         scored = (idx >= lo[:, None]) & (idx < hi[:, None])
         for i, d in enumerate(rows.tolist()):
             events.append(("score", d, set(idx[i][scored[i]].tolist())))
-        for i in torch.nonzero(train).flatten().tolist():
+        for i in [] if train is None else torch.nonzero(train).flatten().tolist():  # None: no row trains
             events.append(("adapt", int(rows[i]), set(idx[i][scored[i]].tolist())))
         return step(base, head, opt, val_d, luts_d, idx, lo, hi, train, rows, rt, sums, *more)
 
@@ -418,3 +418,53 @@ def test_the_global_sgd_trains_the_model_without_the_adapters(monkeypatch):
     monkeypatch.setattr(train_gpt, "global_sgd", checking)
     lora_scores(noisy_model(args), streams()["a"], args, cpu_runtime())
     assert seen == [(8, True), (8, True)]
+
+
+def test_a_chunk_never_waits_on_the_device(monkeypatch):
+    """On CUDA a read back from the device (.item(), .tolist(), bool(), float(), int(), .cpu(), .nonzero(), boolean
+    mask indexing) or a blocking host-to-device copy stalls the host until every queued kernel has run, so the GPU
+    idles while the next chunk is launched. A chunk's device work (lora_step) reads nothing back, and a batch
+    (lora_batch, whose index math runs on host tensors) makes no blocking copy. Exempt: CPU AdamW reads its step
+    counters on the host (_get_value), as CUDA's does."""
+    import sys
+    calls, state = [], {"lora_step": False, "lora_batch": False}
+
+    def counting(name, real):
+        def method(self, *a, **k):
+            frame = sys._getframe(1)
+            if state["lora_step"] and frame.f_code.co_name != "_get_value":
+                calls.append(f"{name} in {frame.f_code.co_name}:{frame.f_lineno}")
+            return real(self, *a, **k)
+        return method
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    getitem, to = torch.Tensor.__getitem__, torch.Tensor.to
+
+    def masked(self, key):
+        if state["lora_step"] and any(isinstance(k, torch.Tensor) and k.dtype == torch.bool
+                                      for k in (key if isinstance(key, tuple) else (key,))):
+            calls.append("boolean mask indexing")
+        return getitem(self, key)
+
+    def copy(self, *a, **k):
+        if state["lora_batch"] and any(isinstance(v, (torch.device, str)) for v in (*a, k.get("device"))) \
+                and not k.get("non_blocking"):
+            calls.append("blocking copy to the device")
+        return to(self, *a, **k)
+    monkeypatch.setattr(torch.Tensor, "__getitem__", masked)
+    monkeypatch.setattr(torch.Tensor, "to", copy)
+    ran = []
+    for name in list(state):
+        def flagged(*a, real=getattr(train_gpt, name), name=name, **k):
+            state[name] = True
+            ran.append(name)
+            try:
+                return real(*a, **k)
+            finally:
+                state[name] = False
+        monkeypatch.setattr(train_gpt, name, flagged)
+    args = lora_args(TTT_SHORT_SCORE_FIRST_ENABLED=1, TTT_SHORT_SCORE_FIRST_STEPS="8:2", NGRAM_TILT_ENABLED=1,
+                     TOKEN_ORDER=4)
+    val = mixed_docs(np.random.default_rng(2), [30, 3, 12, 0, 25, 7])
+    train_gpt.evaluate_ttt_lora(noisy_model(args), val, varied_luts(), args, cpu_runtime(), lambda m: None)
+    assert ran.count("lora_batch") >= 2 and ran.count("lora_step") > ran.count("lora_batch") and calls == []
