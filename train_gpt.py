@@ -2226,7 +2226,7 @@ def ttt_train(model, params, opt, val_d, lo: int, hi: int, args, rt):
     pos = torch.arange(L, device=val_d.device)
     for _ in range(args.ttt_epochs):
         for batch in starts.split(args.ttt_batch_seqs):
-            idx = batch.tensor_split(rt.world_size)[rt.rank].to(val_d.device)[:, None] + pos
+            idx = rt.put(batch.tensor_split(rt.world_size)[rt.rank])[:, None] + pos
             ttt_step(model, params, opt, val_d[idx], val_d[idx + 1], batch.numel() * L, args, rt)
 
 
