@@ -1079,9 +1079,9 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
 def document_mask(idx: Tensor, flex: bool | None = None, split: int = 0):
     """Causal attention within documents (a BOS starts one): a flex_attention BlockMask (default on CUDA under
     torch.compile), else a dense [B, 1, T, T] boolean mask for SDPA (eager flex_attention computes every score
-    unfused, so eager CUDA forwards, GPTQ calibration and the LoRA TTT's global SGD, take SDPA's fused masked kernel). Both allow exactly the pairs (q, k) with k <= q in one segment. With
-    split > 0 a segment also ends every `split` tokens from its document's start (from the row's start before the
-    row's first BOS): the SOTA's cu_seqlens for packed rows. Rows of at most `split` tokens are never cut."""
+    unfused, so eager CUDA forwards, as the LoRA TTT's global SGD, take SDPA's fused masked kernel). Both allow exactly the pairs (q, k) with k <= q in one segment. With split > 0 a segment also ends
+    every `split` tokens from its document's start (from the row's start before the row's first BOS): the SOTA's
+    cu_seqlens for packed rows. Rows of at most `split` tokens are never cut."""
     new = idx == BOS_ID
     if split:
         t = torch.arange(idx.size(1), device=idx.device)
@@ -1509,7 +1509,7 @@ class GPT(nn.Module):
         segments: those pieces as FlashAttention's cu_seqlens."""
         ctx = self.final_ctx if ctx is None else ctx
         if per_token:
-            h = self.hidden(idx, Ctx(qat=False, looping=ctx.looping))[:, -targets.size(1):]
+            h = self.hidden(idx, Ctx(qat=False, looping=ctx.looping), split)[:, -targets.size(1):]
             return tilted(self.logits(h), targets, hint, self.args.token_boost)
         h = self.hidden(idx, ctx, split, segments)
         loss = self.mean_nats(h, targets, ctx)
@@ -2451,8 +2451,9 @@ class DocAdapters(nn.Module):
         act while self.on (the global SGD turns them off). Yields the head's adapter."""
         modules, self.on = dict(base.named_modules()), True
         self.reset()
-        hooks = [modules[name].register_forward_hook(lambda m, inp, out, lora=lora: out + lora(inp[0]) if self.on else out)
-                 for name, lora in zip(self.names[:-1], self.loras)]
+        hooks = [modules[name].register_forward_hook(
+            lambda m, inp, out, lora=lora: out + lora(inp[0]) if self.on else out)
+            for name, lora in zip(self.names[:-1], self.loras)]
         try:
             yield self.loras[-1]
         finally:
@@ -2584,6 +2585,7 @@ def evaluate_ttt_lora(base, val: Tensor, luts, args, rt, log, docs: Tensor | Non
 
 
 def phased_lora(base, adapters, params, val: Tensor, luts, args, rt, log, docs, spent_s) -> dict:
+    """evaluate_ttt_lora's eval proper, on its clock, with the adapters hooked in (and compiled, if so)."""
     t0 = time.perf_counter()
     _, starts = document_ids(val)
     spans = torch.stack((starts, torch.cat((starts[1:], torch.tensor([val.numel() - 1])))), 1)
@@ -2846,7 +2848,7 @@ def collect_hessians(model, batches, args, rt) -> dict[str, Tensor]:
     """H = mean of x^T x over every input row x of each quantized matrix (a looped block's rows once per pass), over
     the micro-batches of `batches` (training data), summed in float64 and all-reduced, so every rank holds the same
     H. Inputs shared by several matrices (q, k, v read one tensor) are multiplied once. Evaluation forward (per-token
-    loss: no MTP heads)."""
+    loss: no MTP heads) with plain causal attention, documents unmasked, as the records calibrate."""
     sums, rows, seen = {}, {}, {}
 
     def record(name, x):
@@ -2863,7 +2865,7 @@ def collect_hessians(model, batches, args, rt) -> dict[str, Tensor]:
         for batch in batches:
             for x, y in batch:
                 with rt.autocast():
-                    model(x, y, per_token=True)
+                    model(x, y, per_token=True, split=-1)
                 seen.clear()
     names = sorted(sums)
     n = torch.tensor([rows[k] for k in names], dtype=torch.float64, device=rt.device)

@@ -510,7 +510,8 @@ def eval_stage(smoke):
         finally:
             tg.phased_lora = phased
         out["ttt"] = dict(mode=args.ttt_mode, prefix_docs=args.phased_ttt_prefix_docs, chunks=r["chunks"],
-                          chunk_s=round(r["chunk_time_s"], 3), projected_full_val_8gpu_s=round(r["projected_full_val_s"], 1),
+                          chunk_s=round(r["chunk_time_s"], 3),
+                          projected_full_val_8gpu_s=round(r["projected_full_val_s"], 1),
                           graphs_after_priming=counters["stats"]["unique_graphs"] - graphs.get("primed", 0), log=lines)
     return out
 

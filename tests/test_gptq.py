@@ -157,6 +157,26 @@ def test_hessians_cover_every_quantized_matrix_and_match_a_hand_computation():
                        H["tok_emb.weight"])  # deterministic
 
 
+def test_calibration_attends_plainly_causally_as_the_records():
+    """#1855's and #2135's calibration (forward_logits without cu_seqlens) attends across documents; ours too, with
+    DOC_MASK=1 (the default's): the Hessians equal those of the same weights without the mask, although the mask
+    moves this row's hidden states."""
+    rows = torch.randint(4, 1024, (2, 32), generator=torch.Generator().manual_seed(5))
+    rows[:, 12] = train_gpt.BOS_ID
+    H = {}
+    for mask in (0, 1):
+        args = hessian_args(DOC_MASK=mask, TRAIN_LOADER="shuffled")
+        torch.manual_seed(0)
+        model = train_gpt.GPT(args)
+        with torch.no_grad():  # the zero-initialised projections would keep attention out of every output
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        H[mask] = train_gpt.collect_hessians(model, [[(rows, rows)]], args, cpu_runtime())
+    assert H[0].keys() == H[1].keys() and all(torch.equal(H[0][k], H[1][k]) for k in H[0])
+    with torch.no_grad():
+        assert not torch.allclose(model.hidden(rows, model.final_ctx), model.hidden(rows, model.final_ctx, -1))
+
+
 def _two_ranks(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)

@@ -73,7 +73,8 @@ def test_values_outside_each_range_are_rejected(name):
     ({"MLP_MULT": "0"}, "MLP_MULT"), ({"MLP_MULT": "-2"}, "MLP_MULT"), ({"MODEL_DIM": "64", "MLP_MULT": "0.001"}, "MLP_MULT"),
     ({"WARMUP_STEPS": "-1"}, "WARMUP_STEPS"), ({"WARMDOWN_FRAC": "1.5"}, "WARMDOWN_FRAC"),
     ({"WARMDOWN_FRAC": "-0.1"}, "WARMDOWN_FRAC"), ({"QAT": "1", "QAT_START_FRAC": "1.2"}, "QAT_START_FRAC"),
-    ({"QAT": "1", "QAT_START_FRAC": "-0.5"}, "QAT_START_FRAC"), ({"TRAIN_SEQ_LEN": "32", "EVAL_SEQ_LEN": "0", "EVAL_STRIDE": "64"}, "EVAL_STRIDE"),
+    ({"QAT": "1", "QAT_START_FRAC": "-0.5"}, "QAT_START_FRAC"),
+    ({"TRAIN_SEQ_LEN": "32", "EVAL_SEQ_LEN": "0", "EVAL_STRIDE": "64"}, "EVAL_STRIDE"),
     ({"EVAL_SEQ_LEN": "16", "EVAL_STRIDE": "32"}, "EVAL_STRIDE"), ({"RUN_ID": "../escape"}, "RUN_ID"),
     ({"SEED": "-1"}, "SEED"), ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE"), ({"COMPILE": "2"}, "COMPILE"),
 ])
