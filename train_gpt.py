@@ -763,7 +763,7 @@ class TrainLoader:
     def next_batch(self) -> list[tuple[Tensor, ...]]:
         while len(self.queue) < 3:
             self.queue.append(self.pool.submit(self.prepared))
-        return [tuple(t.to(self.rt.device, non_blocking=True) for t in b) for b in self.queue.pop(0).result()]
+        return [tuple(map(self.rt.put, b)) for b in self.queue.pop(0).result()]  # pinned already: put only copies
 
     def prepared(self):
         """host_batch() (in the loader's thread), pinned on CUDA."""
@@ -1079,9 +1079,10 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
 def document_mask(idx: Tensor, flex: bool | None = None, split: int = 0):
     """Causal attention within documents (a BOS starts one): a flex_attention BlockMask (default on CUDA under
     torch.compile), else a dense [B, 1, T, T] boolean mask for SDPA (eager flex_attention computes every score
-    unfused, so eager CUDA forwards, as the LoRA TTT's global SGD, take SDPA's fused masked kernel). Both allow exactly the pairs (q, k) with k <= q in one segment. With split > 0 a segment also ends
-    every `split` tokens from its document's start (from the row's start before the row's first BOS): the SOTA's
-    cu_seqlens for packed rows. Rows of at most `split` tokens are never cut."""
+    unfused, so eager CUDA forwards, as the LoRA TTT's global SGD, take SDPA's fused masked kernel). Both allow
+    exactly the pairs (q, k) with k <= q in one segment. With split > 0 a segment also ends every `split` tokens from
+    its document's start (from the row's start before the row's first BOS): the SOTA's cu_seqlens for packed rows.
+    Rows of at most `split` tokens are never cut."""
     new = idx == BOS_ID
     if split:
         t = torch.arange(idx.size(1), device=idx.device)
@@ -1098,7 +1099,8 @@ def document_mask(idx: Tensor, flex: bool | None = None, split: int = 0):
     first, last, i = d[:, ::128], d[:, 127::128], torch.arange(n, device=idx.device)
     full = (i[:, None] > i) & (first[:, None] == last[..., None])
     part = ((i[:, None] > i) & (last[:, None] == first[..., None]) | (i[:, None] == i)) & ~full
-    blocks = lambda m: (m.sum(-1, dtype=torch.int32)[:, None], m.int().argsort(stable=True, descending=True).int()[:, None])
+    blocks = lambda m: (m.sum(-1, dtype=torch.int32)[:, None],
+                        m.int().argsort(stable=True, descending=True).int()[:, None])
     return BlockMask.from_kv_blocks(*blocks(part), *blocks(full), mask_mod=lambda b, h, q, k: (k <= q) & (
         d[b, q] == d[b, k]), seq_lengths=(T, T))
 
@@ -2469,8 +2471,8 @@ def lora_nats(base, head, x: Tensor, y: Tensor, ctx: Ctx, hint: Tensor | None = 
     return nll if hint is None else (nll, tilted(z.detach(), y, hint, base.args.token_boost))
 
 
-def lora_step(base, adapters, opt, val_d, luts_d, idx: Tensor, lo: Tensor, hi: Tensor, train: Tensor, rows: Tensor,
-              rt, sums: Tensor, hints=None):
+def lora_step(base, adapters, opt, val_d, luts_d, idx: Tensor, lo: Tensor, hi: Tensor, train: Tensor | None,
+              rows: Tensor, rt, sums: Tensor, hints=None):
     """Scores the targets [lo, hi) of each row's window idx (positions) into sums by document (rows), then one AdamW
     step on the mean nats of that chunk for the rows marked train. Rows never mix, so each gradient reaches only its
     own document's adapters (train: host flags, None where no row trains). Padding past the stream's last target

@@ -129,3 +129,20 @@ def scores_on_two_ranks(tmp_path, score_fn):
     mp.start_processes(gloo_scores_worker, args=(str(tmp_path / "store"), str(out), score_fn), nprocs=2,
                        start_method="spawn")
     return torch.load(out)
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu")  # each a host sync on CUDA
+
+
+def record_host_reads(monkeypatch, active, calls: list, names=HOST_READS):
+    """Patches the tensor methods `names` to append "name from file:line" to calls while active() is true. Exempt:
+    AdamW's foreach step reads its step counters (host tensors) through _get_value."""
+    def counting(name, real):
+        def method(self, *a, **k):
+            frame = sys._getframe(1)
+            if active() and frame.f_code.co_name != "_get_value":
+                calls.append(f"{name} from {frame.f_code.co_filename}:{frame.f_lineno}")
+            return real(self, *a, **k)
+        return method
+    for name in names:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))

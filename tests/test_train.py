@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, cpu_runtime, tiny_env, write_markov_data
+from conftest import ROOT, cpu_runtime, record_host_reads, tiny_env, write_markov_data
 import train_gpt
 
 
@@ -158,16 +158,7 @@ def test_training_steps_never_read_back_from_the_device(markov_data, monkeypatch
     the fused kernel, which does not."""
     import torch
     calls, state = [], {"steps": 0, "on": False}
-
-    def counting(name, real):
-        def method(self, *a, **k):
-            frame = sys._getframe(1)
-            if state["on"] and frame.f_code.co_name != "_get_value":
-                calls.append(f"{name} from {frame.f_code.co_filename}:{frame.f_lineno}")
-            return real(self, *a, **k)
-        return method
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu"):
-        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    record_host_reads(monkeypatch, lambda: state["on"], calls)
     real_step = train_gpt.train_step
 
     def step(*a, **k):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cpu_runtime, scores_on_two_ranks, tiny_args
+from conftest import HOST_READS, cpu_runtime, record_host_reads, scores_on_two_ranks, tiny_args
 from test_ttt import noisy_model, ones_luts, random_docs
 import train_gpt
 
@@ -426,18 +426,8 @@ def test_a_chunk_never_waits_on_the_device(monkeypatch):
     idles while the next chunk is launched. A chunk's device work (lora_step) reads nothing back, and a batch
     (lora_batch, whose index math runs on host tensors) makes no blocking copy. Exempt: CPU AdamW reads its step
     counters on the host (_get_value), as CUDA's does."""
-    import sys
     calls, state = [], {"lora_step": False, "lora_batch": False}
-
-    def counting(name, real):
-        def method(self, *a, **k):
-            frame = sys._getframe(1)
-            if state["lora_step"] and frame.f_code.co_name != "_get_value":
-                calls.append(f"{name} in {frame.f_code.co_name}:{frame.f_lineno}")
-            return real(self, *a, **k)
-        return method
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "nonzero"):
-        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    record_host_reads(monkeypatch, lambda: state["lora_step"], calls, HOST_READS + ("nonzero",))
     getitem, to = torch.Tensor.__getitem__, torch.Tensor.to
 
     def masked(self, key):
