@@ -2499,7 +2499,8 @@ def lora_batch(base, adapters, rows: Tensor, spans: Tensor, val_d, luts_d, args,
     shorter windows (and one of 1 position, to 2: no graph for size 1) are padded on the right, which causal attention
     never lets a scored target see."""
     opt = torch.optim.AdamW(adapters.parameters(), lr=args.ttt_lora_lr * args.ttt_local_lr_mult,
-                            betas=(args.ttt_beta1, args.ttt_beta2), eps=1e-10, weight_decay=args.ttt_weight_decay)
+                            betas=(args.ttt_beta1, args.ttt_beta2), eps=1e-10, weight_decay=args.ttt_weight_decay,
+                            fused=rt.device.type == "cuda")
     first, end = spans[rows].unbind(1)  # index math on the host, copied without blocking
     C, L, rows_d = chunk_sizes(args, end - first), args.ttt_window(), rt.put(rows)
     adapters.reset()
