@@ -32,8 +32,9 @@ def first_module(*names):
 
 
 triton, tl = first_module("triton"), first_module("triton.language")  # FUSED_KERNELS; else the plain PyTorch paths
-# FlashAttention's interface: FA3 (the Hopper wheels the records install), else FA4 (pip install flash-attn-4)
-FLASH = first_module("flash_attn_interface", "flash_attn.cute.interface")
+# FlashAttention 3's interface (the Hopper wheels the records install): torch custom ops, which torch.compile's full
+# graph takes. Not FA4's flash_attn.cute.interface: an autograd.Function that dynamo refuses (4.0.0b36)
+FLASH = first_module("flash_attn_interface")
 
 ARTIFACT_CAP_BYTES = 16_000_000  # decimal: code bytes + compressed model bytes
 BOS_ID = 1  # every document starts with BOS (upstream export rule)
@@ -84,7 +85,7 @@ class Hyperparameters:
     compile: int = -1  # -1 = on for CUDA, off for CPU
     train_loader: str = "stream"  # stream (baseline), shuffled (record 2026-04-09), packed (SOTA #1855, needs DOC_MASK=1)
     fused_kernels: int = -1  # Triton softcapped CE: 1 on, 0 off, -1 on for CUDA when triton imports
-    attn_backend: str = "auto"  # auto, fa (FlashAttention 3/4), cudnn (SDPA, cuDNN first), sdpa (torch's own order)
+    attn_backend: str = "auto"  # auto, fa (FlashAttention 3), cudnn (SDPA, cuDNN first), sdpa (torch's own order)
     # model
     vocab_size: int = 1024
     num_layers: int = 9
@@ -1132,7 +1133,7 @@ class Segments(NamedTuple):
 
 def attend(q, k, v, mask, flash=False) -> Tensor:
     """Causal attention [B, H, T, hd]; GQA when k, v have fewer heads. mask: None, a dense boolean mask (SDPA), a
-    flex BlockMask, or Segments. flash (ATTN_BACKEND auto or fa): FlashAttention 3/4 on CUDA for the plain causal and
+    flex BlockMask, or Segments. flash (ATTN_BACKEND auto or fa): FlashAttention 3 on CUDA for the plain causal and
     Segments cases. SDPA otherwise: on CUDA in the backend order set_attention chose; on CPU the reference math."""
     B, H, T, _ = q.shape
     gqa = k.size(1) != H

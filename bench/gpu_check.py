@@ -17,11 +17,11 @@ and --stages picks a subset for a rerun:
  3. gptq: Hessians from calibration batches (ms per batch, so the reserve GPTQ_RESERVE_SECONDS=-1 would measure),
     the GPTQ quantization of every matrix, then the TARGET_BYTES size fit (the whole export).
  4. attention: one micro-batch (B=48, 8 q / 4 kv heads, T=2048, hd=64, bf16, causal) forward+backward, median ms,
-    for SDPA flash, SDPA cuDNN (GQA, and with K/V expanded; train_gpt.py's set_kernels picks FlashAttention 3/4
-    when importable, else SDPA cuDNN-first on Hopper: the step stage logs its choice), FlashAttention causal and
-    varlen (document cu_seqlens, as the packed loader's rows) when importable, flex_attention causal and
-    document-masked; each checked against float32 math attention on the first two sequences (relative error of the
-    output and the three gradients).
+    for SDPA flash, SDPA cuDNN (GQA, and with K/V expanded; train_gpt.py's set_kernels picks FlashAttention 3
+    when importable, else SDPA cuDNN-first on Hopper: the step stage logs its choice), FlashAttention 3 causal and
+    varlen (document cu_seqlens, as the packed loader's rows) when importable, the same for FA4 run eager (where
+    bench/fa4_carry.sh's wheels are installed), flex_attention causal and document-masked; each checked against
+    float32 math attention on the first two sequences (relative error of the output and the three gradients).
 Random tokens and random weights: speed only, no scores. The SOTA's figures are in the JSON for comparison.
 """
 import argparse, contextlib, dataclasses, json, os, statistics, sys, time, traceback
@@ -149,13 +149,28 @@ def attention_stage(dev, B, Hq, Hkv, T, D):
         variants["sdpa_cudnn_expanded_kv"] = sdpa(SDPBackend.CUDNN_ATTENTION, expand=True), False
     else:
         variants["sdpa_math_gqa"] = sdpa(SDPBackend.MATH), False
+    new = torch.ones_like(docs, dtype=torch.bool)  # each document's start: FlashAttention's varlen cu_seqlens
+    new[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    cu = torch.cat([torch.nonzero(new.flatten())[:, 0], torch.tensor([B * T], device=dev)]).int()
     if dev.type == "cuda" and tg.FLASH is not None:  # train_gpt.attend's FlashAttention paths (what the default runs)
-        new = torch.ones_like(docs, dtype=torch.bool)
-        new[:, 1:] = docs[:, 1:] != docs[:, :-1]
-        cu = torch.cat([torch.nonzero(new.flatten())[:, 0], torch.tensor([B * T], device=dev)]).int()
         seg = tg.Segments(cu, T)
         variants[f"{tg.FLASH.__name__}_causal"] = (lambda q, k, v: tg.attend(q, k, v, None, True)), False
         variants[f"{tg.FLASH.__name__}_varlen_doc (fewer FLOPs)"] = (lambda q, k, v: tg.attend(q, k, v, seg, True)), True
+    fa4 = tg.first_module("flash_attn.cute.interface") if dev.type == "cuda" else None
+    if fa4 is not None:  # eager only: train_gpt.py does not import FA4 (dynamo refuses it inside a full graph)
+        def fa4_call(q, k, v, cu=None):
+            t = [x.transpose(1, 2) for x in (q, k, v)]
+            y = fa4.flash_attn_func(*t, causal=True) if cu is None else fa4.flash_attn_varlen_func(
+                *(x.flatten(0, 1) for x in t), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T,
+                causal=True)
+            return (y[0] if isinstance(y, tuple) else y).view_as(t[0]).transpose(1, 2)
+        variants["fa4_causal_eager"] = fa4_call, False
+        variants["fa4_varlen_doc_eager (fewer FLOPs)"] = (lambda q, k, v: fa4_call(q, k, v, cu)), True
+        try:  # what keeps it out of train_gpt.py: "ok" here would mean a newer FA4 compiles in a full graph
+            torch.compile(fa4_call, fullgraph=True)(q, k, v)
+            out["fa4_fullgraph"] = "ok"
+        except Exception as e:  # noqa: BLE001
+            out["fa4_fullgraph"] = "error: " + repr(e)[:200]
     out = {"shape": dict(B=B, Hq=Hq, Hkv=Hkv, T=T, D=D, dtype=str(dt))}
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
