@@ -547,7 +547,14 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gpu_check")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VAL",
                    help="a train_gpt.py variable for every stage's model, e.g. FUSED_KERNELS=0 (repeatable)")
+    p.add_argument("--flash", choices=("fa4",), help="fa4: FA4 wrapped as custom ops (bench/fa4_ops.py) as "
+                   "train_gpt.FLASH, so the compiled step and evals run it where FA3 would (needs fa4_carry.sh's packages)")
     opts = p.parse_args()
+    if opts.flash:
+        from bench import fa4_ops
+        if not fa4_ops.AVAILABLE:
+            p.error("--flash fa4: flash_attn.cute.interface does not import (bench/fa4_carry.sh packs it)")
+        tg.FLASH = fa4_ops
     EXTRA_ENV.update(kv.split("=", 1) for kv in opts.env)
     smoke = opts.cpu_smoke or not torch.cuda.is_available()
     DEV = torch.device("cpu" if smoke else "cuda")
@@ -558,7 +565,7 @@ def main():
     with contextlib.suppress(ImportError):
         import triton
         env["triton"] = triton.__version__
-    env["extra_env"] = EXTRA_ENV
+    env["extra_env"], env["flash"] = EXTRA_ENV, getattr(tg.FLASH, "__name__", None)
     CHECK.result["env"] = env
     CHECK.save()
     if not smoke:
