@@ -316,7 +316,7 @@ class Hyperparameters:
         need(awq or self.model_dim % g == 0 == int(self.mlp_mult * self.model_dim) % g, "AWQ_LITE_GROUP_SIZE",
              "must divide MODEL_DIM and MLP_MULT*MODEL_DIM")
         need(self.fused_kernels < 1 or triton, "FUSED_KERNELS", "needs triton")
-        need(self.attn_backend != "fa" or FLASH, "ATTN_BACKEND", "needs FlashAttention 3 or 4")
+        need(self.attn_backend != "fa" or FLASH, "ATTN_BACKEND", "needs FlashAttention 3 (flash_attn_interface)")
         st, n = seq_stages(self), self.iterations
         steps = short_steps(self) if self.ttt_short_score_first_enabled else [(1, 1)]
         # stage i gets the steps s with s / ITERATIONS in (FRAC_{i-1}, FRAC_i], the last floor(FRAC_i * ITERATIONS):
@@ -1134,7 +1134,7 @@ class Segments(NamedTuple):
 def attend(q, k, v, mask, flash=False) -> Tensor:
     """Causal attention [B, H, T, hd]; GQA when k, v have fewer heads. mask: None, a dense boolean mask (SDPA), a
     flex BlockMask, or Segments. flash (ATTN_BACKEND auto or fa): FlashAttention 3 on CUDA for the plain causal and
-    Segments cases. SDPA otherwise: on CUDA in the backend order set_attention chose; on CPU the reference math."""
+    Segments cases. SDPA otherwise: on CUDA in the backend order set_kernels chose; on CPU the reference math."""
     B, H, T, _ = q.shape
     gqa = k.size(1) != H
     if flash and FLASH and q.is_cuda and (mask is None or isinstance(mask, Segments)):
