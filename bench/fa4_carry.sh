@@ -6,8 +6,8 @@
 #
 #   bash bench/fa4_carry.sh                        # writes .fa4/site.tar.xz (.gitignore has .fa4/)
 #   then a device call with carry [".fa4"], its command starting
-#   python3 -c "import tarfile; tarfile.open('.fa4/site.tar.xz').extractall('/tmp/fa4', filter='data')" &&
-#   export PYTHONPATH=/tmp/fa4:/tmp/fa4/nvidia_cutlass_dsl/dsl_packages || exit;
+#   python3 -c "import tarfile; tarfile.open('.fa4/site.tar.xz').extractall('.fa4/site', filter='data')" &&
+#   export PYTHONPATH=$PWD/.fa4/site:$PWD/.fa4/site/nvidia_cutlass_dsl/dsl_packages || exit;
 # (Python's tarfile decodes the x86 filter through liblzma: 3.5 s here, and needs no xz binary there.)
 #
 # The second PYTHONPATH entry stands in for nvidia-cutlass-dsl's .pth file, which Python reads only in site folders.
