@@ -5,13 +5,14 @@ train_gpt.py imports only FA3's `flash_attn_interface`, whose functions are cust
 so a compiled step cannot call them. This module wraps FA4's forward and backward (its `_flash_attn_fwd` and
 `_flash_attn_bwd`, the functions its own autograd.Function calls) as two opaque ops with shape-only fake kernels and
 an autograd formula, and offers the two calls train_gpt.attend makes (`flash_attn_func`, `flash_attn_varlen_func`),
-so gpu_check.py's `step_fa4` stage can time the default's compiled step with a FlashAttention-class kernel on a
-machine without FA3. Bench code, not counted: if it pays, the same wrapper would have to move into train_gpt.py.
+so gpu_check.py's `step` stage with `--flash fa4` can time the default's compiled step with a FlashAttention-class
+kernel on a machine without FA3. Bench code, not counted: if it pays, the same wrapper would have to move into
+train_gpt.py.
 
-KERNELS holds the two functions the ops run. On CUDA with FA4 importable they are FA4's; tests/test_speed.py puts
-float32 reference math in their place on CPU, so the op plumbing (schemas, fakes, autograd, a full graph) is checked
-without a GPU. Layouts are FlashAttention's: q [B, T, H, hd] (or [total, H, hd] with cu_seqlens), k and v with H or
-fewer heads (GQA), the log-sum-exp [B, H, T] (or [H, total]).
+FA4 is flash-attn-4's interface module, or None. KERNELS holds the two functions the ops run: FA4's, which need
+CUDA; tests/test_fa4_ops.py puts float32 reference math in their place on CPU, so the op plumbing (schemas, fakes,
+autograd, a full graph) is checked without a GPU. Layouts are FlashAttention's: q [B, T, H, hd] (or [total, H, hd]
+with cu_seqlens), k and v with H or fewer heads (GQA), the log-sum-exp [B, H, T] (or [H, total]).
 """
 from typing import Optional
 
@@ -19,25 +20,24 @@ import torch
 from torch import Tensor
 
 try:
-    from flash_attn.cute import interface as _fa4
+    from flash_attn.cute import interface as FA4
 except (ImportError, OSError, RuntimeError):  # none, or a broken install (bench/fa4_carry.sh packs it for the device)
-    _fa4 = None
+    FA4 = None
 
 
 def _fa4_forward(q, k, v, cu, max_len):
-    out, lse, *_ = _fa4._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+    out, lse, *_ = FA4._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
                                         max_seqlen_k=max_len, causal=True, return_lse=True)
     return out, lse
 
 
 def _fa4_backward(dout, q, k, v, out, lse, cu, max_len):
-    dq, dk, dv, *_ = _fa4._flash_attn_bwd(q, k, v, out, dout, lse, None, True, cu_seqlens_q=cu, cu_seqlens_k=cu,
+    dq, dk, dv, *_ = FA4._flash_attn_bwd(q, k, v, out, dout, lse, None, True, cu_seqlens_q=cu, cu_seqlens_k=cu,
                                           max_seqlen_q=max_len, max_seqlen_k=max_len)
     return dq, dk, dv
 
 
 KERNELS = {"forward": _fa4_forward, "backward": _fa4_backward}
-AVAILABLE = _fa4 is not None
 
 
 @torch.library.custom_op("fa4_bench::forward", mutates_args=())

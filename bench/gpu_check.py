@@ -33,6 +33,7 @@ from torch._dynamo.utils import counters
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_gpt as tg  # noqa: E402
+from bench import fa4_ops  # noqa: E402  (FA4 as custom ops; FA4 itself where flash-attn-4 imports)
 
 SOTA = {"ms_per_step_8xH100": {"#1855 (mean)": 121.7, "#2135 before looping": 95.0, "#2135 looped": 140.0},
         "steps_in_600s": {"#1855": 4930}}
@@ -149,29 +150,31 @@ def attention_stage(dev, B, Hq, Hkv, T, D):
         variants["sdpa_cudnn_expanded_kv"] = sdpa(SDPBackend.CUDNN_ATTENTION, expand=True), False
     else:
         variants["sdpa_math_gqa"] = sdpa(SDPBackend.MATH), False
+    out = {"shape": dict(B=B, Hq=Hq, Hkv=Hkv, T=T, D=D, dtype=str(dt))}
     new = torch.ones_like(docs, dtype=torch.bool)  # each document's start: FlashAttention's varlen cu_seqlens
     new[:, 1:] = docs[:, 1:] != docs[:, :-1]
-    cu = torch.cat([torch.nonzero(new.flatten())[:, 0], torch.tensor([B * T], device=dev)]).int()
+    seg = tg.Segments(torch.cat([torch.nonzero(new.flatten())[:, 0], torch.tensor([B * T], device=dev)]).int(), T)
     if dev.type == "cuda" and tg.FLASH is not None:  # train_gpt.attend's FlashAttention paths (what the default runs)
-        seg = tg.Segments(cu, T)
         variants[f"{tg.FLASH.__name__}_causal"] = (lambda q, k, v: tg.attend(q, k, v, None, True)), False
         variants[f"{tg.FLASH.__name__}_varlen_doc (fewer FLOPs)"] = (lambda q, k, v: tg.attend(q, k, v, seg, True)), True
-    fa4 = tg.first_module("flash_attn.cute.interface") if dev.type == "cuda" else None
-    if fa4 is not None:  # eager only: train_gpt.py does not import FA4 (dynamo refuses it inside a full graph)
-        def fa4_call(q, k, v, cu=None):
-            t = [x.transpose(1, 2) for x in (q, k, v)]
-            y = fa4.flash_attn_func(*t, causal=True) if cu is None else fa4.flash_attn_varlen_func(
-                *(x.flatten(0, 1) for x in t), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T,
-                causal=True)
-            return (y[0] if isinstance(y, tuple) else y).view_as(t[0]).transpose(1, 2)
-        variants["fa4_causal_eager"] = fa4_call, False
-        variants["fa4_varlen_doc_eager (fewer FLOPs)"] = (lambda q, k, v: fa4_call(q, k, v, cu)), True
+    fa4 = fa4_ops.FA4 if dev.type == "cuda" else None
+    if fa4 is not None:  # FA4's own functions, eager, through attend's FlashAttention calls (FLASH swapped for each)
+        def as_flash(mask):
+            def f(q, k, v):
+                flash, tg.FLASH = tg.FLASH, fa4
+                try:
+                    return tg.attend(q, k, v, mask, True)
+                finally:
+                    tg.FLASH = flash
+            return f
+        variants["fa4_causal_eager"] = as_flash(None), False
+        variants["fa4_varlen_doc_eager (fewer FLOPs)"] = as_flash(seg), True
         try:  # what keeps it out of train_gpt.py: "ok" here would mean a newer FA4 compiles in a full graph
-            torch.compile(fa4_call, fullgraph=True)(q, k, v)
+            torch.compile(lambda q, k, v: fa4.flash_attn_func(q, k, v, causal=True), fullgraph=True)(
+                *(x.transpose(1, 2) for x in (q, k, v)))
             out["fa4_fullgraph"] = "ok"
         except Exception as e:  # noqa: BLE001
             out["fa4_fullgraph"] = "error: " + repr(e)[:200]
-    out = {"shape": dict(B=B, Hq=Hq, Hkv=Hkv, T=T, D=D, dtype=str(dt))}
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         flex = torch.compile(flex_attention, dynamic=False) if dev.type == "cuda" else flex_attention
@@ -548,11 +551,11 @@ def main():
     p.add_argument("--env", action="append", default=[], metavar="KEY=VAL",
                    help="a train_gpt.py variable for every stage's model, e.g. FUSED_KERNELS=0 (repeatable)")
     p.add_argument("--flash", choices=("fa4",), help="fa4: FA4 wrapped as custom ops (bench/fa4_ops.py) as "
-                   "train_gpt.FLASH, so the compiled step and evals run it where FA3 would (needs fa4_carry.sh's packages)")
+                   "train_gpt.FLASH, so the compiled step and evals run it where FA3 would (needs fa4_carry.sh's "
+                   "packages)")
     opts = p.parse_args()
     if opts.flash:
-        from bench import fa4_ops
-        if not fa4_ops.AVAILABLE:
+        if fa4_ops.FA4 is None:
             p.error("--flash fa4: flash_attn.cute.interface does not import (bench/fa4_carry.sh packs it)")
         tg.FLASH = fa4_ops
     EXTRA_ENV.update(kv.split("=", 1) for kv in opts.env)
