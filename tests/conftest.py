@@ -146,3 +146,9 @@ def record_host_reads(monkeypatch, active, calls: list, names=HOST_READS):
         return method
     for name in names:
         monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+
+
+def qkv(B=2, H=4, H_kv=2, T=12, hd=8, seed=0):
+    """Random q, k, v [B, heads, T, hd]: H query heads, H_kv key/value heads (GQA when fewer)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, h, T, hd, generator=g) for h in (H, H_kv, H_kv))

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-import train_gpt
 from bench import fa4_ops
+from conftest import qkv
+import train_gpt
 
 
 def segment_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
@@ -57,11 +58,6 @@ def reference_kernels(monkeypatch):
     monkeypatch.setitem(fa4_ops.KERNELS, "backward", reference_backward)
 
 
-def bhtd(B=2, H=4, H_kv=2, T=24, hd=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, h, T, hd, generator=g, requires_grad=True) for h in (H, H_kv, H_kv)]
-
-
 def with_grads(f, q, k, v, g):
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     y = f(q, k, v)
@@ -71,7 +67,7 @@ def with_grads(f, q, k, v, g):
 
 def test_the_ops_pass_torchs_custom_op_checks(reference_kernels):
     """opcheck: schema, fake kernels against the real ones' shapes, autograd registration, AOT dispatch."""
-    q, k, v = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in bhtd())
+    q, k, v = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in qkv(T=24))
     torch.library.opcheck(fa4_ops.forward_op, (q, k, v, None, 0))
     cu = torch.tensor([0, 5, 24, 30, 48, 48], dtype=torch.int32)
     flat = [t.detach().flatten(0, 1).requires_grad_(True) for t in (q, k, v)]
@@ -83,7 +79,7 @@ def test_compiled_full_graph_equals_attend_on_the_dense_mask(reference_kernels, 
     """train_gpt.attend's FlashAttention calls (its layout changes and arguments) through the ops, compiled as one
     graph (aot_eager: AOT autograd traces the fakes, no inductor), against attend's SDPA path: outputs and the three
     gradients."""
-    q, k, v = bhtd(seed=int(varlen))
+    q, k, v = qkv(T=24, seed=int(varlen))
     B, T = q.size(0), q.size(2)
     idx = torch.randint(2, 50, (B, T), generator=torch.Generator().manual_seed(3))
     idx[0, [5, 17]], idx[1, 11] = train_gpt.BOS_ID, train_gpt.BOS_ID

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import train_gpt
-from conftest import cpu_runtime, tiny_args
+from conftest import cpu_runtime, qkv, tiny_args
 
 needs_triton = pytest.mark.skipif(train_gpt.triton is None, reason="triton is not installed (CI installs it)")
 
@@ -20,11 +20,6 @@ def reference_attention(q, k, v, allowed):
     k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
     scores = (q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))).masked_fill(~allowed, float("-inf"))
     return scores.softmax(-1) @ v
-
-
-def qkv(B=2, H=4, H_kv=2, T=12, hd=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, h, T, hd, generator=g) for h in (H, H_kv, H_kv))
 
 
 def test_attend_on_cpu_is_the_reference_math_whatever_the_backend_flag():
