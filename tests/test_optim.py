@@ -132,11 +132,12 @@ def test_batched_shapes_equal_stepping_each_alone(normuon):
 # ----------------------------------------------------------------------------------------------------------------------
 # Communication: Muon's gradients reduce-scattered to their owners, Adam's all-reduced; W gloo ranks == 1 rank
 
-# 3 layers: shapes with 1, 3 and 6 matrices, so 2 and 4 ranks own unequal shares (some none of a shape); every
+# 3 layers: shapes with 1, 3 and 6 matrices, so 2 and 4 ranks own unequal shares (some none of a shape) and 2 of 8
+# ranks own none at all; every
 # Muon option on; a clipping norm far below the gradients' (~1), so every step clips
 COMM = dict(NUM_LAYERS=3, GRAD_CLIP_NORM=1e-3, GRAD_CLIP_LOCAL=0, NORMUON=1, MUON_WD=0.1, MUON_ROW_NORMALIZE=1, MUON_NS="polar",
             ADAM_WD=0.05, TIE_EMBEDDINGS=0, MATRIX_LR=0.05)
-MICRO, STEPS = 8, 3  # micro-batches per global batch: 8 accumulated on 1 rank, 4 on each of 2, 2 on each of 4
+MICRO, STEPS = 8, 3  # micro-batches per global batch: 8 accumulated on 1 rank, 4 on each of 2, 2 on each of 4, 1 on 8
 
 
 def comm_run(rank, world, store, out_dir, local=0):
@@ -197,11 +198,12 @@ def test_one_rank_step_is_clip_grad_norm_then_the_optimizers():
     assert all(torch.equal(v, runs[1][k]) for k, v in runs[0].items())
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4, 8])
 def test_ranks_with_reduce_scattered_gradients_match_one_rank(tmp_path, world):
-    """W ranks (gradient accumulation on each) end with 1 rank's weights; each receives the averaged, clipped
-    gradients of its own matrices, the momentum buffers are split between the owners, and the clipping norm is
-    the global one: the clipped gradients gathered from all ranks have norm GRAD_CLIP_NORM."""
+    """W ranks (gradient accumulation on each but 8, the records' world size) end with 1 rank's weights; each
+    receives the averaged, clipped gradients of its own matrices, the momentum buffers are split between the owners,
+    and the clipping norm is the global one: the clipped gradients gathered from all ranks have norm GRAD_CLIP_NORM.
+    With 8 ranks two own no matrix: they reduce, clip and gather with an empty share."""
     comm_run(0, 1, None, tmp_path)
     mp.start_processes(comm_run, args=(world, str(tmp_path / "store"), tmp_path), nprocs=world, start_method="spawn")
     one, *ranks = (torch.load(tmp_path / f"rank{r}_of{w}.pt") for r, w in [(0, 1)] + [(r, world) for r in range(world)])
@@ -210,7 +212,7 @@ def test_ranks_with_reduce_scattered_gradients_match_one_rank(tmp_path, world):
             torch.testing.assert_close(many["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
     owned = [set(many["momentum"]) for many in ranks]
     assert set().union(*owned) == set(one["momentum"]) and sum(map(len, owned)) == len(one["momentum"])
-    assert all(owned) and len(set(map(len, owned))) > 1  # every rank owns some matrices, not all as many
+    assert len(set(map(len, owned))) > 1 and all(owned) == (world < 8)  # unequal shares; at 8 some rank owns none
     for many in ranks:
         for k, v in many["momentum"].items():
             torch.testing.assert_close(v, one["momentum"][k], rtol=1e-4, atol=1e-6, msg=k)
