@@ -133,8 +133,7 @@ def test_batched_shapes_equal_stepping_each_alone(normuon):
 # Communication: Muon's gradients reduce-scattered to their owners, Adam's all-reduced; W gloo ranks == 1 rank
 
 # 3 layers: shapes with 1, 3 and 6 matrices, so 2 and 4 ranks own unequal shares (some none of a shape) and 2 of 8
-# ranks own none at all; every
-# Muon option on; a clipping norm far below the gradients' (~1), so every step clips
+# ranks own none at all; every Muon option on; a clipping norm far below the gradients' (~1), so every step clips
 COMM = dict(NUM_LAYERS=3, GRAD_CLIP_NORM=1e-3, GRAD_CLIP_LOCAL=0, NORMUON=1, MUON_WD=0.1, MUON_ROW_NORMALIZE=1, MUON_NS="polar",
             ADAM_WD=0.05, TIE_EMBEDDINGS=0, MATRIX_LR=0.05)
 MICRO, STEPS = 8, 3  # micro-batches per global batch: 8 accumulated on 1 rank, 4 on each of 2, 2 on each of 4, 1 on 8

@@ -411,9 +411,9 @@ def test_the_global_sgd_trains_the_model_without_the_adapters(monkeypatch):
         x, y = val_d[None, :SEQ], val_d[None, 1:SEQ + 1]
         bare = train_gpt.GPT(args)
         bare.load_state_dict(base.state_dict())
-        moved = [h for m in base.modules() for h in m._forward_hooks.values()]
+        hooks = [h for m in base.modules() for h in m._forward_hooks.values()]
         with torch.no_grad():
-            seen.append((len(moved), torch.equal(base(x, y, per_token=True), bare(x, y, per_token=True))))
+            seen.append((len(hooks), torch.equal(base(x, y, per_token=True), bare(x, y, per_token=True))))
         return sgd(base, params, val_d, hi, a, rt)
     monkeypatch.setattr(train_gpt, "global_sgd", checking)
     lora_scores(noisy_model(args), streams()["a"], args, cpu_runtime())
